@@ -1,0 +1,40 @@
+"""Write a pipeline's components as one single-file checkpoint in the original LDM layout.
+
+A1111 and ComfyUI read this layout; our toy and test models are written with it so that they are
+loaded by exactly the code that loads a user's v1-5-pruned.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_save_safetensors
+from .families.loading import ARCHITECTURE_KEY
+from .formats.ldm import clip_to_ldm, unet_to_ldm, vae_to_ldm
+
+
+def ldm_state_dict(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    layers_per_block = unet.config.layers_per_block
+    state = unet_to_ldm(unet.state_dict(), layers_per_block)
+    state.update(vae_to_ldm(vae.state_dict()))
+    state.update(clip_to_ldm(text_encoder.state_dict()))
+    return state
+
+
+def save_ldm_checkpoint(
+    path: Path,
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    configs: dict[str, dict[str, Any]] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """``configs`` (unet/vae/text_encoder/scheduler) are stored in the metadata for non-standard sizes."""
+    state = {k: v.detach().to(dtype).contiguous() for k, v in ldm_state_dict(unet, vae, text_encoder).items()}
+    metadata = {ARCHITECTURE_KEY: json.dumps(configs)} if configs else {}
+    return atomic_save_safetensors(state, path, metadata)

@@ -1,0 +1,1 @@
+"""Pure key maps between LoRA/checkpoint formats. No I/O here."""

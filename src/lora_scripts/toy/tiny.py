@@ -1,0 +1,56 @@
+"""A tiny SD1.x-architecture pipeline (same classes and key layout as SD1.5, ~2 M parameters).
+
+Randomly initialised from a seed: it proves the whole path (single-file loading, LoRA, export) in
+seconds on a CPU. It cannot draw anything; the pretrained toy base model is built separately.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..checkpoint_io import save_ldm_checkpoint
+from ..families import FAMILIES
+
+# Widths are multiples of 32 because LDM configs hard-code 32 GroupNorm groups.
+_UNET = dict(
+    block_out_channels=[32, 64], layers_per_block=2, sample_size=32, cross_attention_dim=32, attention_head_dim=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    norm_num_groups=32,
+)
+_VAE = dict(
+    block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=64,
+    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+)
+_CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+    vocab_size=49408, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+
+
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """SD1.5's configs with the sizes shrunk; everything else (scheduler, activations) stays SD1.5's."""
+    configs = copy.deepcopy(FAMILIES["sd15"].embedded_configs())
+    configs["unet"].update(_UNET)
+    configs["vae"].update(_VAE)
+    configs["text_encoder"].update(_CLIP)
+    return configs
+
+
+def build_tiny_models(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, dict[str, Any]]:
+    configs = tiny_configs()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k != "architectures"}))
+    return unet, vae, text_encoder, configs
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    unet, vae, text_encoder, configs = build_tiny_models(seed)
+    return save_ldm_checkpoint(Path(path), unet, vae, text_encoder, configs, dtype)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny SD1.x single-file checkpoint and small image sets, all built on the fly."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from lora_scripts.toy.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-sd15.safetensors", seed=0)
+
+
+def make_images(folder: Path, n: int, size=(32, 32), seed: int = 0, captions: bool = True) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        w, h = size
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[:] = rng.integers(0, 255, 3)
+        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3)
+        name = f"img_{i:03d}.png"
+        Image.fromarray(arr).save(folder / name)
+        names.append(name)
+    return names
+
+
+def write_metadata(path: Path, rows: list[tuple[str, str]], text_col: str = "text") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", text_col])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """8 images of 32 px with a metadata.csv, in tmp_path/data/sci_lab_train."""
+    folder = tmp_path / "data" / "sci_lab_train"
+    names = make_images(folder, 8)
+    write_metadata(folder / "metadata.csv",
+                   [(n, f"sci lab {i}, glowing consoles, neon lighting, digital art") for i, n in enumerate(names)])
+    return folder
+
+
+def seed_config(tmp_path: Path, base: Path, **overrides) -> Path:
+    """The issue's sci_lab.yaml with its nine keys, pointed at test data; small sizes for a CPU."""
+    cfg = {
+        "train_data_dir": "./data/sci_lab_train",
+        "metadata_path": "./data/sci_lab_train/metadata.csv",
+        "base_model": str(base),
+        "lora_rank": 16,
+        "batch_size": 4,
+        "epochs": 15,
+        "learning_rate": "2e-4",
+        "output_dir": "./output/sci_lab_lora",
+        "save_steps": 100,
+        "resolution": 32,
+        "bucket_reso_steps": 32,
+    }
+    cfg.update(overrides)
+    path = tmp_path / "sci_lab.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
