@@ -1,0 +1,234 @@
+"""The one typed training config: loaded from YAML, validated at the edge, frozen afterwards."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+TargetPreset = Literal["kohya", "attn", "qv"]
+SCHEMA_VERSION = 1
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir")
+
+
+def _f(default: Any, help: str, typical: str | None = None, **kw: Any) -> Any:
+    """A field whose one-line help is shown by `init`, the docs and error messages."""
+    extra = {"typical": typical} if typical else None
+    return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- the nine keys every config has -------------------------------------------------------
+    train_data_dir: Path = _f(..., "folder of training images (kohya-style 'N_name' sub-folders repeat N times)")
+    metadata_path: Path | None = _f(None, "metadata.csv with file_name,text columns; empty = .txt caption beside each image")
+    base_model: Path = _f(..., "SD1.x checkpoint (.safetensors/.ckpt, e.g. v1-5-pruned.safetensors) or diffusers folder")
+    lora_rank: int = _f(16, "LoRA rank (network dim): 8 for a simple style, 16 for complex scenes; file size grows linearly", "8-32", ge=1, le=1024)
+    batch_size: int = _f(1, "images per step; lower it first if you run out of GPU memory", "1-8", ge=1)
+    epochs: int = _f(10, "passes over the dataset; 10-15 for 50-100 images", "10-15", ge=1)
+    learning_rate: float = _f(1e-4, "UNet LoRA learning rate; too high -> loss jumps around or NaN", "1e-4 to 2e-4", gt=0, le=1)
+    output_dir: Path = _f(..., "where the LoRA, checkpoints, logs and loss curve go (use one folder per config version)")
+    save_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps (0 = only at the end)", "100-500", ge=0)
+
+    # --- LoRA ------------------------------------------------------------------------------------
+    output_name: str | None = _f(None, "file name of the LoRA, used as <lora:NAME:0.8>; default = basename of output_dir")
+    lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default = rank (scale 1.0)", "rank or rank/2", gt=0)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA path during training", "0-0.1", ge=0, lt=1)
+    lora_targets: TargetPreset | list[str] = _f(
+        "kohya",
+        "which layers get LoRA: kohya = every linear/1x1 conv in the transformer blocks, as sd-scripts (192 UNet modules, "
+        "13.6 MB at rank 16 in SD1.5), attn = to_q/k/v/out (128, 6.4 MB), qv = to_q/to_v (64, 3.2 MB), or module names",
+    )
+    save_precision: Literal["fp16", "bf16", "fp32"] = _f("fp16", "dtype of the saved LoRA (fp16 as kohya writes; halves the file)")
+    save_format: Literal["kohya", "diffusers"] = _f("kohya", "kohya = A1111/ComfyUI file; diffusers = also write pytorch_lora_weights.safetensors")
+    train_text_encoder: bool = _f(False, "also train LoRA on the CLIP text encoder (stronger trigger words, more overfitting risk)")
+    text_encoder_lr: float | None = _f(None, "text-encoder LoRA learning rate; default = learning_rate", "5e-5", gt=0, le=1)
+
+    # --- data --------------------------------------------------------------------------------------
+    resolution: int = _f(512, "training resolution in pixels (512 for SD1.x); images are resized and cropped to it", "512", ge=32, le=4096)
+    enable_bucket: bool = _f(True, "aspect-ratio bucketing: non-square images keep their shape instead of being centre-cropped")
+    min_bucket_reso: int | None = _f(None, "smallest bucket side; default = resolution / 2", ge=32)
+    max_bucket_reso: int | None = _f(None, "largest bucket side; default = resolution * 2", ge=32)
+    bucket_reso_steps: int = _f(64, "bucket sides are multiples of this (64 for SD; must be a multiple of 8)", "64", ge=8)
+    flip_aug: bool = _f(False, "randomly mirror images left-right (doubles variety; avoid for text or asymmetric subjects)")
+    random_crop: bool = _f(False, "random instead of centre crop when an image is larger than its bucket")
+    caption_dropout: float = _f(0.0, "probability of training on an empty caption (helps the LoRA generalise)", "0-0.1", ge=0, le=1)
+    shuffle_caption: bool = _f(False, "shuffle comma-separated tags each step (for tag-style captions)")
+    keep_tokens: int = _f(0, "with shuffle_caption: keep the first N tags (e.g. the trigger word) in place", ge=0)
+    caption_extension: str = _f(".txt", "extension of sidecar caption files when metadata_path is empty")
+    skip_bad_images: bool = _f(False, "skip unreadable images / empty captions instead of stopping with the list")
+    dataloader_workers: int = _f(0, "background processes that decode images (0 = in the training process)", ge=0)
+
+    # --- optimisation --------------------------------------------------------------------------
+    seed: int = _f(42, "random seed; the same seed and config give the same LoRA")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "bf16 on recent NVIDIA GPUs (RTX 30xx+), fp16 on older ones, no on CPU")
+    gradient_checkpointing: bool = _f(False, "trade ~30% speed for much less GPU memory")
+    gradient_accumulation_steps: int = _f(1, "accumulate N batches per optimizer step (effective batch = batch_size * N)", ge=1)
+    max_train_steps: int | None = _f(None, "stop after N optimizer steps (overrides epochs)", ge=1)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = _f(
+        "constant", "learning-rate schedule over the run")
+    lr_warmup_steps: int = _f(0, "steps of linear warm-up at the start", ge=0)
+    optimizer: Literal["adamw"] = _f("adamw", "optimizer (AdamW, fused/foreach kernels where available)")
+    weight_decay: float = _f(0.01, "AdamW weight decay", ge=0)
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
+    noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)
+    min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting (Hang et al. 2023); faster convergence", "5", gt=0)
+    save_every_n_epochs: int | None = _f(None, "also write the LoRA after every N epochs (NAME-000004.safetensors)", ge=1)
+    logging_dir: Path | None = _f(None, "TensorBoard log folder; default = output_dir/logs")
+    schema_version: int = _f(SCHEMA_VERSION, "config format version (for migrations of old files)", ge=1, le=SCHEMA_VERSION)
+
+    @field_validator("train_data_dir")
+    @classmethod
+    def _data_dir_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError("folder does not exist; point it at your training images")
+        return v
+
+    @field_validator("metadata_path")
+    @classmethod
+    def _metadata_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("file does not exist; run `lora-scripts label` to create it, or remove the key to use .txt captions")
+        return v
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_exists(cls, v: Path) -> Path:
+        if not v.exists():
+            raise ValueError("file does not exist; download an SD1.x checkpoint (e.g. v1-5-pruned.safetensors) and point base_model at it")
+        return v
+
+    @field_validator("bucket_reso_steps", "resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list trains nothing; use a preset (kohya, attn, qv) or module names like to_q")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TrainConfig":
+        if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
+        return self
+
+    # --- derived values (never written back) ---------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.output_name or self.output_dir.name
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def te_lr(self) -> float:
+        return self.text_encoder_lr or self.learning_rate
+
+    @property
+    def bucket_range(self) -> tuple[int, int]:
+        lo = self.min_bucket_reso or max(self.bucket_reso_steps, self.resolution // 2)
+        hi = self.max_bucket_reso or self.resolution * 2
+        return lo, hi
+
+    @property
+    def log_dir(self) -> Path:
+        return self.logging_dir or self.output_dir / "logs"
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` from --set; the value is read as YAML so numbers, booleans and lists get their type."""
+    if "=" not in item:
+        raise ConfigError("--set", [f"{item!r}: expected key=value, e.g. --set lora_rank=8"])
+    key, _, raw = item.partition("=")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _unknown_key_problems(raw: dict[str, Any]) -> list[str]:
+    known = list(TrainConfig.model_fields)
+    problems = []
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else " See `lora-scripts init` for every key."
+            problems.append(f"{key}: unknown key.{hint}")
+    return problems
+
+
+def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    field = TrainConfig.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{key}: required key is missing ({field.description if field else ''})"
+    value = raw.get(str(err["loc"][0]), err.get("input")) if err["loc"] else err.get("input")
+    extra = (field.json_schema_extra or {}) if field else {}
+    typical = f" (typical: {extra['typical']})" if isinstance(extra, dict) and "typical" in extra else ""
+    return f"{key} = {value!r}: {msg}{typical}"
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    problems = _unknown_key_problems(raw)
+    known = {k: v for k, v in raw.items() if k in TrainConfig.model_fields}
+    try:
+        config = TrainConfig.model_validate(known)
+    except ValidationError as exc:
+        problems += [_format_error(e, raw) for e in exc.errors()]
+        config = None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(raw)
+    for key in PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key]:
+            p = Path(out[key]).expanduser()
+            out[key] = p if p.is_absolute() else (base / p)
+        elif out.get(key) == "":
+            out[key] = None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Read YAML, apply --set overrides, resolve relative paths, validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(source, [f"config file {path} does not exist"])
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(source, [f"expected 'key: value' lines, got a {type(loaded).__name__}"])
+        # Paths in a config file are relative to that file, so a config works from any working directory.
+        raw = _resolve_paths(loaded or {}, path.resolve().parent)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    # Paths given on the command line are relative to where the command runs, as in any shell tool.
+    raw.update(_resolve_paths(dict(items), Path.cwd()))
+    return validate_config(raw, source)
+
+
+def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
+    return max(1, math.ceil(n_batches / grad_accum))
