@@ -1,0 +1,112 @@
+"""Batches of same-sized images. Every random choice (order, flip, crop, caption shuffle/dropout) is drawn
+from (seed, epoch, position), so a run is reproducible and a resumed run sees exactly the same data."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..config import TrainConfig
+from .buckets import make_buckets, nearest_bucket
+from .images import fit_to_bucket, open_rgb, to_tensor
+from .scan import Sample
+
+
+@dataclass(frozen=True)
+class Item:
+    sample: Sample
+    bucket: tuple[int, int]
+
+
+def build_items(samples: list[Sample], config: TrainConfig) -> list[Item]:
+    """One Item per repeat, each assigned its aspect-ratio bucket (or the square one)."""
+    if config.enable_bucket:
+        lo, hi = config.bucket_range
+        buckets = make_buckets(config.resolution, lo, hi, config.bucket_reso_steps)
+    else:
+        buckets = [(config.resolution, config.resolution)]
+    return [Item(s, nearest_bucket(*s.size, buckets)) for s in samples for _ in range(s.repeats)]
+
+
+def process_caption(caption: str, config: TrainConfig, rng: random.Random) -> str:
+    if config.caption_dropout and rng.random() < config.caption_dropout:
+        return ""
+    if config.shuffle_caption:
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        head, tail = tags[: config.keep_tokens], tags[config.keep_tokens :]
+        rng.shuffle(tail)
+        caption = ", ".join(head + tail)
+    return caption
+
+
+class LoraDataset(Dataset):
+    """Indexed by (item index, epoch) so augmentation randomness does not depend on worker processes."""
+
+    def __init__(self, items: list[Item], config: TrainConfig):
+        self.items = items
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        rng = random.Random(f"{self.config.seed}/{epoch}/{index}")
+        item = self.items[index]
+        im = fit_to_bucket(open_rgb(item.sample.path), item.bucket, rng if self.config.random_crop else None)
+        flip = self.config.flip_aug and rng.random() < 0.5
+        return {"pixel_values": to_tensor(im, flip), "caption": process_caption(item.sample.caption, self.config, rng)}
+
+
+class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffled batches that never mix buckets. Call set_epoch() before iterating each epoch."""
+
+    def __init__(self, items: list[Item], batch_size: int, seed: int, drop_last: bool = False):
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.drop_last = drop_last
+        self.by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            self.by_bucket[item.bucket].append(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/order/{epoch}")
+        out = []
+        for bucket in sorted(self.by_bucket):
+            idx = self.by_bucket[bucket][:]
+            rng.shuffle(idx)
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    out.append(chunk)
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches(self.epoch):
+            yield [(i, self.epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
+class Collate:
+    """Stack images and tokenize captions (a class, not a closure, so worker processes can pickle it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids = self.tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": ids,
+                "captions": [e["caption"] for e in examples]}
