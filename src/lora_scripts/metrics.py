@@ -1,0 +1,102 @@
+"""Loss logging a person can read: loss.csv, TensorBoard scalars and a loss.png curve, plus warnings when
+the loss is non-finite or drifts upwards (usually a learning rate that is too high, or inconsistent captions)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+
+from .atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected EMA, as TensorBoard's smoothing slider: diffusion loss per step is very noisy."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def plot_loss(path: Path, steps: list[int], losses: list[float], title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss per step")
+    if len(losses) > 1:
+        ax.plot(steps, smooth(losses), color="#08519c", linewidth=2, label="smoothed (EMA 0.9)")
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+class MetricsLogger:
+    """Main-process only. Appends to loss.csv at every step so a crash loses nothing already logged."""
+
+    def __init__(self, output_dir: Path, log_dir: Path, title: str, resume_step: int = 0):
+        self.csv_path = output_dir / "loss.csv"
+        self.png_path = output_dir / "loss.png"
+        self.title = title
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self._warned_divergence = False
+        self._read_existing(resume_step)
+        new = not self.csv_path.exists()
+        self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._csv)
+        if new:
+            self._writer.writerow(["step", "epoch", "loss", "lr", "seconds"])
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(log_dir))
+
+    def _read_existing(self, resume_step: int) -> None:
+        if not self.csv_path.exists() or resume_step == 0:
+            self.csv_path.unlink(missing_ok=True)
+            return
+        with open(self.csv_path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.steps = [int(r["step"]) for r in rows]
+        self.losses = [float(r["loss"]) for r in rows]
+
+    def log(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self._writer.writerow([step, epoch, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.2f}"])
+        self._csv.flush()
+        self._tb.add_scalar("loss", loss, step)
+        self._tb.add_scalar("lr", lr, step)
+        self._check_divergence()
+
+    def _check_divergence(self) -> None:
+        if self._warned_divergence or len(self.losses) < 60:
+            return
+        sm = smooth(self.losses, beta=0.95)
+        best, now = min(sm[20:]), sm[-1]
+        if math.isfinite(now) and now > 2.0 * best:
+            self._warned_divergence = True
+            log.warning(
+                "loss is climbing (smoothed %.4f, best so far %.4f): the learning rate is probably too high, or the "
+                "captions contradict each other. Try halving learning_rate.", now, best)
+
+    def plot(self) -> Path | None:
+        self._tb.flush()
+        return plot_loss(self.png_path, self.steps, self.losses, self.title) if self.steps else None
+
+    def close(self) -> None:
+        self.plot()
+        self._csv.close()
+        self._tb.close()
