@@ -1,0 +1,99 @@
+"""Command line: parse arguments, call the library, print errors. The only module that exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import LoraScriptsError
+
+
+def _quiet_libraries() -> None:
+    # Keep the terminal for our progress bar and messages: transformers notes that torchvision is missing
+    # (nothing here needs it) and diffusers logs every skipped EMA key of a pruned checkpoint.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for name in ("matplotlib", "PIL", "accelerate", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    result = train(load_config(args.config, args.set))
+    print(f"\nLoRA written: {result.lora_path}  ({result.steps} steps, final loss {result.final_loss:.4f})")
+    print(f"Use it in A1111/ComfyUI as <lora:{result.lora_path.stem}:0.8>; loss curve: {result.output_dir / 'loss.png'}")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .atomic import atomic_write_text
+    from .init_config import starter_yaml
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise LoraScriptsError(f"{data_dir} is not a folder; give the folder that holds your training images")
+    text = starter_yaml(data_dir, args.base)
+    if args.output == "-":
+        print(text, end="")
+        return 0
+    out = Path(args.output or f"{data_dir.name}.yaml")
+    if out.exists() and not args.force:
+        raise LoraScriptsError(f"{out} already exists; choose another --output or add --force to replace it")
+    atomic_write_text(out, text)
+    print(f"wrote {out}; edit base_model if needed, then: lora-scripts train --config {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .toy.demo import run_demo
+
+    result = run_demo(Path(args.out), args.set)
+    print(f"\nDemo LoRA: {result.lora_path}")
+    print(f"Loss curve: {result.output_dir / 'loss.png'}   Log: {result.output_dir / 'loss.csv'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-scripts", description="Train Stable Diffusion LoRAs from a YAML config.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a LoRA from a YAML config")
+    p.add_argument("--config", required=True, help="YAML file (see `lora-scripts init`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("init", help="write a starter YAML for a folder of images")
+    p.add_argument("data_dir")
+    p.add_argument("--base", help="base model checkpoint (default: ./models/Stable-diffusion/v1-5-pruned.safetensors)")
+    p.add_argument("--output", "-o", help="YAML to write (default: DATA_DIR_NAME.yaml; '-' prints it)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_init)
+    p = sub.add_parser("demo", help="train the toy 'neon lab' LoRA offline (no downloads)")
+    p.add_argument("--out", default="demo_output", help="folder for the demo model, data and results")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except LoraScriptsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
