@@ -103,3 +103,9 @@ def test_example_yamls_validate(tmp_path):
         unknown = set(raw) - set(TrainConfig.model_fields)
         assert not unknown, f"{path.name}: {unknown}"
         assert path.read_text().startswith("#"), f"{path.name} should open with its run command"
+
+
+def test_config_reference_doc_is_up_to_date():
+    from lora_scripts.config_docs import config_reference
+
+    assert (REPO / "docs" / "config.md").read_text() == config_reference(), "run: python -m lora_scripts.config_docs > docs/config.md"

@@ -41,11 +41,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         raise LoraScriptsError(f"{data_dir} is not a folder; give the folder that holds your training images")
-    text = starter_yaml(data_dir, args.base)
+    out = Path(args.output or f"{data_dir.name}.yaml")
+    text = starter_yaml(data_dir, args.base, Path.cwd() if args.output == "-" else out.parent)
     if args.output == "-":
         print(text, end="")
         return 0
-    out = Path(args.output or f"{data_dir.name}.yaml")
     if out.exists() and not args.force:
         raise LoraScriptsError(f"{out} already exists; choose another --output or add --force to replace it")
     atomic_write_text(out, text)

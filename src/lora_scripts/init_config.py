@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,13 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def suggest(data_dir: Path, base: str | None) -> dict[str, Any]:
+def _rel(path: Path, start: Path) -> str:
+    """Paths in a config are relative to the config file; anything outside its folder is written absolute."""
+    rel = os.path.relpath(path.resolve(), start.resolve())
+    return str(path.resolve()) if rel.startswith("..") else f"./{rel}"
+
+
+def suggest(data_dir: Path, base: str | None, yaml_dir: Path) -> dict[str, Any]:
     """Values for this folder: ~1500 image views in total (the article's 10-15 epochs for 50-100 images),
     and 512 px unless the images are smaller."""
     images = _images(data_dir)
@@ -45,9 +52,9 @@ def suggest(data_dir: Path, base: str | None) -> dict[str, Any]:
     resolution = 512 if median >= 512 else max(64, int(median) // 64 * 64)
     metadata = data_dir / "metadata.csv"
     return {
-        "train_data_dir": f"./{data_dir.name}" if data_dir.is_absolute() is False else str(data_dir),
-        "metadata_path": str(metadata) if metadata.exists() else None,
-        "base_model": base or DEFAULT_BASE,
+        "train_data_dir": _rel(data_dir, yaml_dir),
+        "metadata_path": _rel(metadata, yaml_dir) if metadata.exists() else None,
+        "base_model": _rel(Path(base), yaml_dir) if base else DEFAULT_BASE,
         "lora_rank": 16,
         "batch_size": 4,
         "epochs": int(min(30, max(5, math.ceil(1500 / n)))),
@@ -67,12 +74,12 @@ def _line(key: str, value: Any) -> str:
     return f"{dumped:<58} # {field.description}{typical}"
 
 
-def starter_yaml(data_dir: Path, base: str | None = None) -> str:
-    values = suggest(data_dir, base)
+def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path(".")) -> str:
+    values = suggest(data_dir, base, yaml_dir)
     count = values.pop("_image_count")
     lines = [
         f"# LoRA training config for {data_dir.name} ({count} images). Run: lora-scripts train --config THIS_FILE",
-        "# Paths are relative to this file. Check data and settings first: lora-scripts check --config THIS_FILE",
+        "# Paths are relative to this file. Every key has a one-line note; delete a line to use its default.",
         "",
     ]
     lines += [_line(k, values.get(k)) for k in CORE_KEYS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 
 from .config import TrainConfig
@@ -57,9 +58,13 @@ def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str]) -> Lo
         raise ValueError(f"lora_targets = {config.lora_targets!r} matches no layer of {type(model).__name__}")
     model.requires_grad_(False)
     cfg = lora_config(config, modules)
-    # inject_adapter_in_model works for both diffusers and transformers models with peft 0.21; transformers 5's
-    # CLIPTextModel.add_adapter demands a newer peft than the package index has.
-    inject_adapter_in_model(cfg, model, adapter_name="default")
+    if isinstance(model, ModelMixin):
+        # diffusers' own entry point: it also registers the adapter, so set_adapters()/disable_adapters() work.
+        model.add_adapter(cfg)
+    else:
+        # transformers 5's CLIPTextModel.add_adapter demands peft >= 0.22, newer than the package index has;
+        # peft's injector does the same job on any torch module.
+        inject_adapter_in_model(cfg, model, adapter_name="default")
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()

@@ -142,9 +142,11 @@ class Trainer:
             by_dir[d].append(s.caption)
             dirs.setdefault(d, {"n_repeats": s.repeats, "img_count": 0})["img_count"] += 1
         base = Path(cfg.base_model)
+        is_file = base.is_file()  # a diffusers folder has no file hash
         return RunFacts(
             family=model.family, base_model_name=base.stem,
-            base_model_hash=file_sha256(base) if base.is_file() else "", base_model_legacy_hash=legacy_model_hash(base) if base.is_file() else "",
+            base_model_hash=file_sha256(base) if is_file else "",
+            base_model_legacy_hash=legacy_model_hash(base) if is_file else "",
             num_train_images=len(self.items), num_batches_per_epoch=len(self.sampler),
             tag_frequency=tag_frequency(by_dir), dataset_dirs=dirs,
         )
@@ -215,7 +217,8 @@ class _Loop:
 def _fit(trainer: "Trainer") -> TrainResult:
     config, acc, out = trainer.config, trainer.accelerator, trainer.config.output_dir
     started = time.time()
-    facts = trainer.run_facts()
+    # Only the main process writes files, so only it hashes the base model (seconds for a 4 GB file).
+    facts = trainer.run_facts() if acc.is_main_process else None
     metrics = _start_outputs(trainer) if acc.is_main_process else None
     loop = _Loop()
     bar = tqdm(total=trainer.max_steps, disable=not acc.is_main_process, unit="step", dynamic_ncols=True)
@@ -250,7 +253,8 @@ def _start_outputs(trainer: "Trainer") -> MetricsLogger:
     return MetricsLogger(out, config.log_dir, f"{config.name}: rank {config.lora_rank}, lr {config.learning_rate:g}")
 
 
-def _run_epoch(trainer: "Trainer", loop: _Loop, facts: RunFacts, metrics: MetricsLogger | None, bar, started: float) -> None:
+def _run_epoch(trainer: "Trainer", loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None, bar,
+               started: float) -> None:
     config, acc = trainer.config, trainer.accelerator
     trainer.sampler.set_epoch(loop.epoch)
     trainer.unet.train()
@@ -305,7 +309,7 @@ def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
-def _save_checkpoint(trainer: Trainer, facts: RunFacts, metrics: MetricsLogger | None, step: int, epoch: int) -> None:
+def _save_checkpoint(trainer: Trainer, facts: RunFacts | None, metrics: MetricsLogger | None, step: int, epoch: int) -> None:
     acc = trainer.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -71,6 +71,11 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
         state = state.get("state_dict", state)
         return CheckpointInfo({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, {})
     except Exception as exc:  # safetensors/pickle raise many types for a damaged file
+        if path.suffix != ".safetensors" and "weights_only" in str(exc):
+            raise ModelLoadError(
+                f"{path} contains pickled Python objects besides the weights, which are not loaded for safety. "
+                "Use the .safetensors release of this model instead."
+            ) from exc
         raise ModelLoadError(
             f"cannot read {path}: {type(exc).__name__}: {exc}. The file is corrupt, truncated (an interrupted "
             "download?) or not a model checkpoint; download it again."

@@ -1,0 +1,111 @@
+"""Time one training step of `lora-scripts` on the CPU or GPU at hand.
+
+    python benchmarks/step_time.py --model tiny --resolution 64 --batch 4
+    python benchmarks/step_time.py --model sd15 --resolution 512 --batch 1
+
+`sd15` builds an SD1.5-sized model with random weights from the embedded real configs, writes it as an
+fp16 single-file LDM checkpoint (~2 GB, in a temp folder) and loads it through the same path as a user's
+v1-5-pruned.safetensors. A step is what the trainer does per optimizer step: VAE encode, text encoder,
+UNet forward + backward with LoRA (kohya preset, rank 16), AdamW. This is the absolute timing the
+training-core issue asks for; the side-by-side comparison with the diffusers reference loop is a
+separate benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def build_checkpoint(kind: str, folder: Path) -> Path:
+    from lora_scripts.toy.tiny import write_tiny_checkpoint
+
+    if kind == "tiny":
+        return write_tiny_checkpoint(folder / "tiny.safetensors")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_scripts.checkpoint_io import save_ldm_checkpoint
+    from lora_scripts.families import FAMILIES
+
+    configs = FAMILIES["sd15"].embedded_configs()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k != "architectures"}))
+    # No architecture metadata: it loads with the embedded SD1.5 configs, exactly like a real checkpoint.
+    return save_ldm_checkpoint(folder / "sd15-random.safetensors", unet, vae, te, None, torch.float16)
+
+
+def make_data(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["file_name,text"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,a benchmark image {i}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--mixed-precision", default="no")
+    args = p.parse_args()
+
+    from lora_scripts.config import load_config
+    from lora_scripts.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.time()
+        ckpt = build_checkpoint(args.model, tmp)
+        build_s = time.time() - t0
+        data = make_data(tmp / "data", args.batch * (args.steps + args.warmup), args.resolution)
+        cfg = {"train_data_dir": str(data), "metadata_path": str(data / "metadata.csv"), "base_model": str(ckpt),
+               "output_dir": str(tmp / "out"), "lora_rank": args.rank, "batch_size": args.batch,
+               "resolution": args.resolution, "mixed_precision": args.mixed_precision, "max_train_steps": 1000}
+        (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+        t0 = time.time()
+        tr = Trainer(load_config(tmp / "c.yaml")).setup()
+        setup_s = time.time() - t0
+        times = []
+        for i, batch in enumerate(tr.loader):
+            t0 = time.perf_counter()
+            loss = tr.compute_loss(batch, tr.generator(i, 0))
+            tr.accelerator.backward(loss)
+            tr.optimizer.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+            if tr.accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        timed = times[args.warmup :]
+        result = {
+            "model": args.model, "resolution": args.resolution, "batch": args.batch, "rank": args.rank,
+            "device": str(tr.accelerator.device), "threads": torch.get_num_threads(),
+            "s_per_step_mean": sum(timed) / len(timed), "s_per_step_min": min(timed), "steps_timed": len(timed),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "checkpoint_build_s": build_s, "load_and_setup_s": setup_s, "torch": torch.__version__,
+        }
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+import yaml
+
+from conftest import make_images
+from lora_scripts.cli import main
+from lora_scripts.config import TrainConfig, load_config
+from lora_scripts.init_config import CORE_KEYS
+
+
+def test_init_writes_a_commented_yaml_that_trains_as_is(tmp_path, tiny_ckpt, capsys):
+    data = tmp_path / "my_set"
+    make_images(data, 60, size=(600, 800))
+    out = tmp_path / "configs" / "my_set.yaml"  # not beside the data: paths must still resolve
+    assert main(["init", str(data), "--base", str(tiny_ckpt), "--output", str(out)]) == 0
+    text = out.read_text()
+    raw = yaml.safe_load(text)
+    assert list(raw)[: len(CORE_KEYS)] == list(CORE_KEYS)
+    assert raw["epochs"] == 25 and raw["resolution"] == 512 and raw["batch_size"] == 4  # 1500 views / 60 images
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert " # " in line, f"no help comment: {line}"
+    assert "13.6 MB" in text  # what the target presets cost
+    cfg = load_config(out)  # relative paths in it resolve against the YAML's folder
+    assert isinstance(cfg, TrainConfig) and cfg.train_data_dir == data
+    assert main(["init", str(data), "--output", str(out)]) == 2  # never overwrites silently
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_demo_runs_offline(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--set", "max_train_steps=2", "--set", "save_steps=0"]) == 0
+    out = tmp_path / "output" / "neon_lab"
+    assert (out / "neon_lab.safetensors").is_file() and (out / "loss.png").is_file()
+    assert len(list((tmp_path / "data" / "neon_lab").glob("*.png"))) == 24

@@ -1,0 +1,74 @@
+import logging
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lora_scripts.errors import TrainingError
+from lora_scripts.losses import diffusion_loss, sample_noise, snr, training_target
+from lora_scripts.metrics import MetricsLogger, smooth
+from lora_scripts.trainer import _guard_nonfinite, _Loop
+
+
+@pytest.fixture
+def sched():
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def test_noise_offset_shifts_channel_means():
+    latents = torch.zeros(64, 4, 8, 8)
+    plain = sample_noise(latents, 0.0, torch.Generator().manual_seed(0))
+    offset = sample_noise(latents, 1.0, torch.Generator().manual_seed(0))
+    # A per-(sample, channel) constant: the spread of channel means grows from ~1/8 to ~1.
+    assert plain.mean(dim=(2, 3)).std() < 0.3 < offset.mean(dim=(2, 3)).std()
+
+
+def test_targets(sched):
+    latents, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    assert torch.equal(training_target(sched, latents, noise, t), noise)
+    v_sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    a = v_sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - v_sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(training_target(v_sched, latents, noise, t), a * noise - s * latents, atol=1e-6)
+
+
+def test_min_snr_weights(sched):
+    t = torch.tensor([5, 999])
+    pred, target = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    plain = diffusion_loss(pred, target, sched, t, None)
+    weighted = diffusion_loss(pred, target, sched, t, 5.0)
+    s = snr(sched, t)
+    assert s[0] > 5 > s[1]  # low noise: SNR above gamma, gets down-weighted; high noise keeps weight 1
+    expected = ((5.0 / s[0]) + 1.0) / 2
+    assert plain.item() == 1.0 and math.isclose(weighted.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_nonfinite_loss_stops_after_three_steps():
+    loop = _Loop()
+    loop.last_loss = float("nan")
+    _guard_nonfinite(loop)
+    _guard_nonfinite(loop)
+    with pytest.raises(TrainingError, match="NaN/inf for 3 steps"):
+        _guard_nonfinite(loop)
+    loop.last_loss, loop.nonfinite = 0.1, 2
+    _guard_nonfinite(loop)
+    assert loop.nonfinite == 0
+
+
+def test_divergence_warning(tmp_path, caplog):
+    m = MetricsLogger(tmp_path, tmp_path / "logs", "t")
+    with caplog.at_level(logging.WARNING):
+        for i in range(60):
+            m.log(i + 1, 0, 0.1, 1e-4, 0.0)
+        assert "climbing" not in caplog.text
+        for i in range(60, 120):
+            m.log(i + 1, 0, 0.1 + 0.02 * (i - 60), 1e-4, 0.0)
+    m.close()
+    assert "loss is climbing" in caplog.text and "learning_rate" in caplog.text
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 121
+
+
+def test_smooth_is_bias_corrected():
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])

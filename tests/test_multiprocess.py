@@ -1,0 +1,55 @@
+"""Two CPU processes on gloo under accelerate train ONE synchronised run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import REPO, seed_config
+
+# `--cpu --num_processes 2` starts one process; `--multi_gpu` + CPU mode starts two that sync over gloo.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def _env():
+    return dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _load(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_weights(tmp_path, dataset, tiny_ckpt):
+    config = seed_config(tmp_path, tiny_ckpt, epochs=2, save_precision="fp32", train_text_encoder=True,
+                         learning_rate=1e-3)
+    proc = subprocess.run(LAUNCH + [str(REPO / "tests" / "helpers" / "dist_train.py"), str(config), str(tmp_path)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, m0 = _load(tmp_path / "rank0.safetensors")
+    r1, m1 = _load(tmp_path / "rank1.safetensors")
+    assert m0["world"] == m1["world"] == "2"
+    # 8 images, batch 4 -> 2 batches per epoch, one per process: 1 optimizer step per epoch.
+    assert m0["steps"] == m1["steps"] == "2"
+    assert set(r0) == set(r1)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().max() > 0 for k in r0 if "lora_B" in k)  # they did train
+    saved, _ = _load(tmp_path / "output" / "sci_lab_lora" / "sci_lab_lora.safetensors")
+    assert len(saved) == 3 * (len(r0) // 2)  # down, up, alpha per module, written once by the main process
+
+
+@pytest.mark.slow
+def test_train_py_under_accelerate_launch(tmp_path, dataset, tiny_ckpt):
+    """The README's multi-GPU command, on two CPU processes."""
+    config = seed_config(tmp_path, tiny_ckpt, epochs=2)
+    proc = subprocess.run(LAUNCH + [str(REPO / "train.py"), "--config", str(config)], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "output" / "sci_lab_lora"
+    assert (out / "sci_lab_lora.safetensors").is_file()
+    assert len((out / "loss.csv").read_text().splitlines()) == 1 + 2
