@@ -57,8 +57,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .toy.demo import run_demo
 
     result = run_demo(Path(args.out), args.set)
-    print(f"\nDemo LoRA: {result.lora_path}")
-    print(f"Loss curve: {result.output_dir / 'loss.png'}   Log: {result.output_dir / 'loss.csv'}")
+    s = result.stats
+    print(f"\nDemo LoRA:     {result.train.lora_path}")
+    print(f"Contact sheet: {result.sheet}")
+    print(f"Loss curve:    {result.train.output_dir / 'loss.png'}")
+    print("Neon pixel fraction: base {:.3f}, strength 0.5 {:.3f}, strength 1.0 {:.3f}, training set {:.3f}".format(
+        s["strength_0.0"]["neon_fraction"], s["strength_0.5"]["neon_fraction"], s["strength_1.0"]["neon_fraction"],
+        s["training_set"]["neon_fraction"]))
+    return 0
+
+
+def _cmd_toy_build_base(args: argparse.Namespace) -> int:
+    from .toy.assets import pack_toy_base
+    from .toy.pretrain import build_base
+
+    steps = {"vae_steps": 30, "unet_steps": 30, "n_latents": 512} if args.quick else {}
+    path = build_base(Path(args.out), seed=args.seed, **steps)
+    print(f"toy base model written: {path}")
+    if args.install:
+        packed = pack_toy_base(path, Path(__file__).parent / "assets" / "toy", {"seed": args.seed, **steps})
+        print(f"packed into {packed}")
+    return 0
+
+
+def _cmd_toy_sets(args: argparse.Namespace) -> int:
+    from .toy.scenes import write_arm_set, write_neon_set
+
+    out = Path(args.out)
+    print(write_neon_set(out / "neon_lab", args.count, args.size, args.seed))
+    print(write_arm_set(out / "robotic_arm", args.count, args.size, args.seed))
     return 0
 
 
@@ -79,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_output", help="folder for the demo model, data and results")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")
     p.set_defaults(func=_cmd_demo)
+    toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
+    p = toy.add_parser("build-base", help="pretrain the toy base model from scratch (~20 min on 2 CPU cores)")
+    p.add_argument("--out", default="toy-sd15.safetensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, draws nothing")
+    p.add_argument("--install", action="store_true", help="also pack it into the package as the shipped base")
+    p.set_defaults(func=_cmd_toy_build_base)
+    p = toy.add_parser("sets", help="write the two toy target sets (neon style, robotic-arm subject)")
+    p.add_argument("--out", default="toy_sets")
+    p.add_argument("--count", type=int, default=60)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_toy_sets)
     return parser
 
 

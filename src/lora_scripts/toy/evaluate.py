@@ -1,0 +1,59 @@
+"""Measure a LoRA on the toy world: sample grids at several strengths, the style/subject statistics, and a
+held-out denoising loss with and without the LoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..families.loading import load_base_model
+from ..generate import LoraSet, generate, make_pipeline
+
+
+@dataclass
+class Sampler:
+    """A toy pipeline with LoRAs loaded once; `images` renders every prompt x seed at the given strengths."""
+
+    pipe: object
+    loras: LoraSet
+
+    @classmethod
+    def open(cls, base: Path, loras: dict[str, Path] | None = None) -> "Sampler":
+        pipe = make_pipeline(load_base_model(base))
+        lora_set = LoraSet(pipe)
+        for name, path in (loras or {}).items():
+            lora_set.load(name, path)
+        return cls(pipe, lora_set)
+
+    def images(self, prompts: Sequence[str], seeds: Sequence[int], weights: dict[str, float],
+               steps: int = 25, cfg: float = 5.0) -> list[Image.Image]:
+        self.loras.apply(weights)
+        return [im for p in prompts for im in generate(self.pipe, p, seeds, steps=steps, cfg=cfg)]
+
+    @torch.no_grad()
+    def denoising_loss(self, images: Sequence[Image.Image], captions: Sequence[str], weights: dict[str, float],
+                       seed: int = 0, timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
+        """Mean epsilon-MSE over fixed noise and timesteps: the training loss on data the LoRA never saw."""
+        self.loras.apply(weights)
+        pipe = self.pipe
+        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images]) / 127.5 - 1)
+        latents = pipe.vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+        sched = pipe.scheduler
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=g)
+            tt = torch.full((len(images),), t, dtype=torch.long)
+            alphas = sched.alphas_cumprod[tt].view(-1, 1, 1, 1)
+            noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
+            losses.append(F.mse_loss(pipe.unet(noisy, tt, hidden).sample, noise).item())
+        return float(np.mean(losses))

@@ -1,0 +1,139 @@
+"""The toy world proves that LoRAs learn: measured on generated images, not just on the loss."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lora_scripts.config import load_config
+from lora_scripts.families.loading import load_base_model
+from lora_scripts.toy.assets import toy_base_path
+from lora_scripts.toy.demo import SHEET_PROMPTS
+from lora_scripts.toy.evaluate import Sampler
+from lora_scripts.toy.scenes import (
+    POSITIONS, Scene, arm_items, neon_caption, neon_items, random_scene, render, write_arm_set, write_neon_set)
+from lora_scripts.toy.stats import (
+    CLASSES, _labelled_example, arm_probability, class_probabilities, neon_fraction, progress, scene_attributes,
+    train_shape_classifier)
+from lora_scripts.trainer import train
+
+SEEDS = (1, 2, 3)
+ARM_PROMPTS = [Scene("robotic arm", c, b, p).caption for c, b, p in
+               (("red", "white", "in the center"), ("blue", "gray", "on the left"), ("yellow", "black", "on the right"))]
+# The combination prompt names both the new subject and the new style.
+COMBO_PROMPTS = [neon_caption("robotic arm", "cyan", "in the center"), neon_caption("robotic arm", "magenta", "on the left")]
+
+
+def _colour_noise(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return train_shape_classifier(seed=0)
+
+
+@pytest.fixture(scope="module")
+def toy_loras(tmp_path_factory):
+    """A style LoRA (neon lab) and a subject LoRA (robotic arm) trained on the shipped base, as users would."""
+    root = tmp_path_factory.mktemp("toy")
+    base = toy_base_path()
+    write_neon_set(root / "neon_lab", count=60, seed=0)
+    write_arm_set(root / "robotic_arm", count=60, seed=0)
+    out = {}
+    for name in ("neon_lab", "robotic_arm"):
+        cfg = load_config(None, {
+            "train_data_dir": str(root / name), "metadata_path": str(root / name / "metadata.csv"),
+            "base_model": str(base), "output_dir": str(root / "out" / name), "lora_rank": 8, "batch_size": 8,
+            "epochs": 75, "learning_rate": 1e-3, "resolution": 32, "bucket_reso_steps": 32, "save_steps": 0})
+        out[name] = train(cfg).lora_path
+    return base, out
+
+
+def test_shipped_base_loads_like_a_real_checkpoint():
+    model = load_base_model(toy_base_path())  # no architecture argument: the same path as v1-5-pruned.safetensors
+    assert model.family.name == "sd15" and model.vae.config.scaling_factor != 0.18215
+    assert model.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_style_statistic_separates_the_sets_and_ignores_noise():
+    rng = random.Random(0)
+    base_like = [render(random_scene(rng), 32, rng) for _ in range(60)]
+    neon = [im for im, _ in neon_items(60, 32, seed=1)]
+    noise = [Image.effect_noise((32, 32), 120).convert("RGB") for _ in range(10)]
+    colour_noise = [_colour_noise(i) for i in range(10)]
+    assert neon_fraction(base_like) == 0.0
+    assert neon_fraction(neon) > 0.15
+    assert neon_fraction(noise) < 0.01 and neon_fraction(colour_noise) < 0.01
+
+
+def test_subject_classifier_is_accurate_and_not_fooled_by_noise(classifier):
+    rng = random.Random("held-out")
+    examples = [_labelled_example(rng, 32) for _ in range(300)]
+    pred = class_probabilities(classifier, [e[0] for e in examples]).argmax(-1)
+    accuracy = (pred == torch.tensor([e[1] for e in examples])).float().mean().item()
+    assert accuracy > 0.9, accuracy
+    arms = [im for im, _ in arm_items(30, 32, seed=5)]
+    assert arm_probability(classifier, arms) > 0.9
+    others = [render(random_scene(rng), 32, rng) for _ in range(30)]
+    assert arm_probability(classifier, others) < 0.1
+    noise = [_colour_noise(i) for i in range(20)]
+    assert arm_probability(classifier, noise) < 0.1
+    assert CLASSES[-1] == "nothing"
+
+
+def test_base_follows_prompts(classifier):
+    """The base must draw what it is asked: held-out prompt combinations, judged by the shape classifier."""
+    sampler = Sampler.open(toy_base_path())
+    rng = random.Random("prompts")
+    scenes = [random_scene(rng) for _ in range(12)]
+    images = [sampler.images([s.caption], (7,), {})[0] for s in scenes]
+    pred = class_probabilities(classifier, images).argmax(-1).tolist()
+    shape_acc = sum(CLASSES[p] == s.shape for p, s in zip(pred, scenes)) / len(scenes)
+    attrs = [scene_attributes(im) for im in images]
+    colour_acc = sum(a[0] == s.colour for a, s in zip(attrs, scenes)) / len(scenes)
+    bg_acc = sum(a[1] == s.background for a, s in zip(attrs, scenes)) / len(scenes)
+    # chance: shape 1/3, colour 1/4, background 1/3
+    assert shape_acc >= 0.6 and colour_acc >= 0.6 and bg_acc >= 0.6, (shape_acc, colour_acc, bg_acc)
+
+
+def test_style_lora_moves_the_style_statistic(toy_loras):
+    base, loras = toy_loras
+    sampler = Sampler.open(base, {"neon_lab": loras["neon_lab"]})
+    plain = Sampler.open(base)
+    values = {w: neon_fraction(sampler.images(SHEET_PROMPTS, SEEDS, {"neon_lab": w})) for w in (0.0, 0.5, 1.0)}
+    target = neon_fraction([im for im, _ in neon_items(60, 32, seed=0)])
+    assert values[0.0] < values[0.5] < values[1.0]  # monotonic in strength
+    assert progress(values[1.0], values[0.0], target) >= 0.7, (values, target)
+    # Strength 0 is the base model, pixel for pixel.
+    same = sampler.images(SHEET_PROMPTS[:1], SEEDS[:1], {"neon_lab": 0.0})[0]
+    assert list(same.getdata()) == list(plain.images(SHEET_PROMPTS[:1], SEEDS[:1], {})[0].getdata())
+
+
+def test_style_lora_lowers_held_out_loss(toy_loras):
+    base, loras = toy_loras
+    sampler = Sampler.open(base, {"neon_lab": loras["neon_lab"]})
+    held_out = neon_items(24, 32, seed=99)  # images the LoRA never saw
+    images, captions = [i for i, _ in held_out], [c for _, c in held_out]
+    before = sampler.denoising_loss(images, captions, {"neon_lab": 0.0})
+    after = sampler.denoising_loss(images, captions, {"neon_lab": 1.0})
+    assert after <= 0.8 * before, (before, after)
+
+
+def test_style_and_subject_combine(toy_loras, classifier):
+    base, loras = toy_loras
+    sampler = Sampler.open(base, loras)
+
+    def measure(weights):
+        ims = sampler.images(COMBO_PROMPTS, SEEDS, weights)
+        return neon_fraction(ims), arm_probability(classifier, ims)
+
+    base_style, base_arm = measure({"neon_lab": 0.0, "robotic_arm": 0.0})
+    style_only = measure({"neon_lab": 1.0, "robotic_arm": 0.0})
+    arm_only = measure({"neon_lab": 0.0, "robotic_arm": 1.0})
+    both = measure({"neon_lab": 1.0, "robotic_arm": 1.0})
+    assert both[0] > base_style + 0.05 and both[1] > base_arm + 0.2, (base_style, base_arm, both)
+    assert style_only[0] - base_style > 2 * abs(style_only[1] - base_arm) * 0.1  # style LoRA: mainly style
+    assert arm_only[1] - base_arm > 0.2 and abs(arm_only[0] - base_style) < 0.5 * (style_only[0] - base_style)
