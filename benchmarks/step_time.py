@@ -89,7 +89,7 @@ def main() -> None:
         times = []
         for i, batch in enumerate(tr.loader):
             t0 = time.perf_counter()
-            loss = tr.compute_loss(batch, tr.generator(i, 0))
+            loss = tr.compute_loss(batch, tr.step_rng(i, 0))
             tr.accelerator.backward(loss)
             tr.optimizer.step()
             tr.optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from lora_scripts.errors import TrainingError
 from lora_scripts.losses import diffusion_loss, sample_noise, snr, training_target
 from lora_scripts.metrics import MetricsLogger, smooth
-from lora_scripts.trainer import _guard_nonfinite, _Loop
+from lora_scripts.loop import _guard_nonfinite, _Loop
 
 
 @pytest.fixture

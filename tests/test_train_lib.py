@@ -23,7 +23,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, dataset, tiny_ckpt):
     losses = []
     for _ in range(30):
         # Same batch, same noise and timesteps every step: only the LoRA weights change.
-        loss = tr.compute_loss(batch, tr.generator(0, 0))
+        loss = tr.compute_loss(batch, tr.step_rng(0, 0))
         tr.accelerator.backward(loss)
         tr.optimizer.step()
         tr.optimizer.zero_grad()

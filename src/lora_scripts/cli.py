@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import LoraScriptsError
+from .errors import LoraScriptsError, TrainingInterrupted
 
 
 def _quiet_libraries() -> None:
@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import train
 
-    result = train(load_config(args.config, args.set))
+    result = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(f"\nLoRA written: {result.lora_path}  ({result.steps} steps, final loss {result.final_loss:.4f})")
     print(f"Use it in A1111/ComfyUI as <lora:{result.lora_path.stem}:0.8>; loss curve: {result.output_dir / 'loss.png'}")
     return 0
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a LoRA from a YAML config")
     p.add_argument("--config", required=True, help="YAML file (see `lora-scripts init`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("init", help="write a starter YAML for a folder of images")
     p.add_argument("data_dir")
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
     except LoraScriptsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -81,6 +81,7 @@ class TrainConfig(BaseModel):
     noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting (Hang et al. 2023); faster convergence", "5", gt=0)
     save_every_n_epochs: int | None = _f(None, "also write the LoRA after every N epochs (NAME-000004.safetensors)", ge=1)
+    save_last_n: int | None = _f(None, "keep only the newest N checkpoints (bounds disk use); empty = keep all", ge=1)
     logging_dir: Path | None = _f(None, "TensorBoard log folder; default = output_dir/logs")
     schema_version: int = _f(SCHEMA_VERSION, "config format version (for migrations of old files)", ge=1, le=SCHEMA_VERSION)
 
@@ -193,7 +194,23 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
         config = None
     if problems:
         raise ConfigError(source, problems)
-    return config
+    return _fill_output_dir(config, source)
+
+
+def _fill_output_dir(config: TrainConfig, source: str) -> TrainConfig:
+    """output_dir: ./output/sci_lab_r{lora_rank}_e{epochs} -> one folder per config version."""
+    text = str(config.output_dir)
+    if "{" not in text:
+        return config
+    values = config.model_dump()
+    values["output_name"] = config.output_name or ""
+    try:
+        filled = Path(text.format_map(values))
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ConfigError(source, [f"output_dir = {text!r}: cannot fill in {exc}; use config keys in braces, "
+                                   "e.g. ./output/sci_lab_r{lora_rank}_e{epochs}"]) from None
+    name = config.output_name or filled.name
+    return config.model_copy(update={"output_dir": filled, "output_name": name})
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -29,3 +29,11 @@ class ModelLoadError(LoraScriptsError):
 
 class TrainingError(LoraScriptsError):
     pass
+
+
+class TrainingInterrupted(LoraScriptsError):
+    """Ctrl-C: a checkpoint was saved; the message says how to continue."""
+
+
+class OutputDirError(LoraScriptsError):
+    pass

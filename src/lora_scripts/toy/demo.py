@@ -69,7 +69,7 @@ def style_report(base: Path, lora: Path, name: str) -> tuple[list[list], dict]:
 
 def run_demo(folder: Path, overrides: list[str] | None = None) -> DemoResult:
     config = load_config(prepare_demo(folder), overrides)
-    result = train(config)
+    result = train(config, overwrite=True)  # the demo's own folder: a re-run replaces it
     grid, stats = style_report(config.base_model, result.lora_path, config.name)
     rows = [f"{p} (seed {s})" for p in SHEET_PROMPTS for s in SHEET_SEEDS]
     cols = ["base model"] + [f"<lora:{config.name}:{w}>" for w in STRENGTHS[1:]]

@@ -1,0 +1,258 @@
+"""The fit loop: epochs, steps, logging, checkpoints, resume and Ctrl-C. Runs a set-up Trainer."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write_text
+from .checkpoints import Position, checkpoint_dir, load_state, prune_checkpoints, restore_rng, save_state
+from .errors import TrainingError, TrainingInterrupted
+from .export import RunFacts, save_diffusers
+from .metrics import MetricsLogger
+from .runs import config_hash
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+# Consecutive non-finite losses tolerated (each step skipped) before the run stops.
+MAX_NONFINITE = 3
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    diffusers_path: Path | None
+    output_dir: Path
+    steps: int
+    epochs: int
+    final_loss: float
+    losses: list[float]
+    seconds: float
+    num_images: int
+
+
+class _Loop:
+    """Mutable progress of one run (the config stays frozen)."""
+
+    def __init__(self, step: int = 0, epoch: int = 0, skip: int = 0) -> None:
+        self.step = step
+        self.epoch = epoch
+        self.skip = skip  # batches of the current epoch already consumed before a resume
+        self.consumed = skip
+        self.last_loss = float("nan")
+        self.nonfinite = 0
+        self.stop_requested = False
+
+
+class _CtrlC:
+    """First Ctrl-C: finish the step, save a checkpoint, exit cleanly. Second: stop at once."""
+
+    def __init__(self, loop: _Loop):
+        self.loop = loop
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.loop.stop_requested:
+            raise KeyboardInterrupt
+        self.loop.stop_requested = True
+        log.warning("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def fit(trainer: Trainer, resume: Path | None = None) -> TrainResult:
+    config, acc, out = trainer.config, trainer.accelerator, trainer.config.output_dir
+    started = time.time()
+    loop = _resume(trainer, resume) if resume else _Loop()
+    # Only the main process writes files, so only it hashes the base model (seconds for a 4 GB file).
+    facts = trainer.run_facts() if acc.is_main_process else None
+    metrics = _start_outputs(trainer, loop.step) if acc.is_main_process else None
+    bar = tqdm(total=trainer.max_steps, initial=loop.step, disable=not acc.is_main_process, unit="step",
+               dynamic_ncols=True)
+    with _CtrlC(loop):
+        while loop.step < trainer.max_steps:
+            _run_epoch(trainer, loop, facts, metrics, bar, started)
+            if loop.stop_requested:
+                bar.close()
+                _interrupt(trainer, loop, facts, metrics)
+            if loop.step >= trainer.max_steps and loop.consumed < len(trainer.loader):
+                break
+            _end_epoch(trainer, loop, facts)
+    bar.close()
+    lora_path, diffusers_path = _save_final(trainer, loop, facts, metrics)
+    return TrainResult(lora_path, diffusers_path, out, loop.step, loop.epoch, loop.last_loss,
+                       metrics.losses if metrics else [], time.time() - started, len(trainer.samples))
+
+
+def _resume(trainer: Trainer, folder: Path) -> _Loop:
+    state = load_state(folder / "training_state.pt")
+    n = trainer.accelerator.num_processes
+    if state["world_size"] != n:
+        raise TrainingError(f"{folder} was saved by {state['world_size']} process(es); resume it with the same "
+                            f"number (now {n}) so the data order matches.")
+    trainer.restore(state)
+    restore_rng(state["rng"])
+    pos = Position(**state["position"])
+    log.info("resuming from %s: step %d, epoch %d", folder, pos.step, pos.epoch + 1)
+    return _Loop(pos.step, pos.epoch, pos.batches_in_epoch)
+
+
+def _start_outputs(trainer: Trainer, resume_step: int) -> MetricsLogger:
+    config = trainer.config
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    log.info("%d images (%d with repeats), %d steps per epoch, %d steps, %d UNet + %d text-encoder LoRA modules",
+             len(trainer.samples), len(trainer.items), trainer.steps_per_epoch, trainer.max_steps,
+             len(trainer.unet_modules), len(trainer.te_modules))
+    return MetricsLogger(out, config.log_dir, f"{config.name}: rank {config.lora_rank}, lr {config.learning_rate:g}",
+                         resume_step)
+
+
+def _batches(trainer: Trainer, loop: _Loop):
+    # accelerate's loader re-sets its batch sampler's epoch from its own iteration counter at every pass, so it
+    # must be told the epoch too, or a resumed run would replay epoch 0's order.
+    trainer.sampler.set_epoch(loop.epoch)
+    trainer.loader.set_epoch(loop.epoch)
+    if not loop.skip:
+        loop.consumed = 0
+        return trainer.loader
+    # Resuming mid-epoch: the same batches in the same order, minus those already trained on.
+    skip, loop.skip = loop.skip, 0
+    loader = trainer.accelerator.skip_first_batches(trainer.loader, skip)
+    loader.set_epoch(loop.epoch)
+    return loader
+
+
+def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None, bar,
+               started: float) -> None:
+    config, acc = trainer.config, trainer.accelerator
+    trainer.unet.train()
+    trainer.text_encoder.train(config.train_text_encoder)
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    accum_loss, micro = 0.0, 0
+    for batch in _batches(trainer, loop):
+        loop.consumed += 1
+        with acc.accumulate(trainer.unet):
+            loss = trainer.compute_loss(batch, trainer.step_rng(loop.step, micro))
+            micro += 1
+            acc.backward(loss)
+            # Gradients are checked after DDP averaged them, so every process takes the same decision.
+            if acc.sync_gradients and _grads_finite(params):
+                if config.max_grad_norm:
+                    acc.clip_grad_norm_(params, config.max_grad_norm)
+                trainer.optimizer.step()
+                trainer.lr_scheduler.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            accum_loss += loss.detach().float().item() / config.gradient_accumulation_steps
+        if not acc.sync_gradients:
+            continue
+        loop.step += 1
+        # The mean over processes decides, so every process stops (or carries on) together.
+        loop.last_loss = acc.gather(torch.tensor([accum_loss], device=acc.device)).mean().item()
+        accum_loss, micro = 0.0, 0
+        _guard_nonfinite(loop)
+        lr = trainer.lr_scheduler.get_last_lr()[0]
+        if metrics:
+            metrics.log(loop.step, loop.epoch, loop.last_loss, lr, time.time() - started)
+        bar.update(1)
+        bar.set_postfix(epoch=f"{loop.epoch + 1}/{trainer.num_epochs}", loss=f"{loop.last_loss:.4f}", lr=f"{lr:.2e}")
+        if config.save_steps and loop.step % config.save_steps == 0 and loop.step < trainer.max_steps:
+            save_checkpoint(trainer, loop, facts, metrics)
+        if loop.step >= trainer.max_steps or _stop_requested(trainer, loop):
+            return
+
+
+def _stop_requested(trainer: Trainer, loop: _Loop) -> bool:
+    # Every process must leave the epoch at the same step, so the main process's Ctrl-C decides for all.
+    flag = torch.tensor([1.0 if loop.stop_requested else 0.0], device=trainer.accelerator.device)
+    loop.stop_requested = bool(trainer.accelerator.reduce(flag, "max").item())
+    return loop.stop_requested
+
+
+def _end_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None) -> None:
+    config = trainer.config
+    loop.epoch += 1
+    loop.consumed = 0
+    n = config.save_every_n_epochs
+    if n and loop.epoch % n == 0 and loop.step < trainer.max_steps and trainer.accelerator.is_main_process:
+        path = config.output_dir / f"{config.name}-{loop.epoch:06d}.safetensors"
+        trainer.save_lora(path, facts, loop.step, loop.epoch)
+
+
+def _interrupt(trainer: Trainer, loop: _Loop, facts, metrics) -> None:
+    folder = save_checkpoint(trainer, loop, facts, metrics)
+    if metrics:
+        metrics.close()
+    raise TrainingInterrupted(
+        f"stopped at step {loop.step}; checkpoint saved in {folder}. Continue with the same command plus --resume.")
+
+
+def _guard_nonfinite(loop: _Loop) -> None:
+    if math.isfinite(loop.last_loss):
+        loop.nonfinite = 0
+        return
+    loop.nonfinite += 1
+    log.warning("step %d: loss is %s; step skipped. Usual causes: learning_rate too high, or fp16 overflow "
+                "(use mixed_precision: bf16).", loop.step, loop.last_loss)
+    if loop.nonfinite >= MAX_NONFINITE:
+        raise TrainingError(
+            f"loss was NaN/inf for {MAX_NONFINITE} steps in a row (at step {loop.step}); stopped without saving NaN "
+            "weights. Lower learning_rate (e.g. halve it) or switch mixed_precision to bf16.")
+
+
+def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def save_checkpoint(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None) -> Path:
+    """The LoRA file first, the training state last: a folder is resumable only once both are complete."""
+    acc, config = trainer.accelerator, trainer.config
+    folder = checkpoint_dir(config.output_dir, loop.step)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        trainer.save_lora(folder / f"{config.name}.safetensors", facts, loop.step, loop.epoch)
+        lora = {c: {k: v.detach().cpu().clone() for k, v in s.items()} for c, s in trainer.lora_states().items()}
+        save_state(folder, Position(loop.step, loop.epoch, loop.consumed), lora, trainer.optimizer.state_dict(),
+                   trainer.lr_scheduler.state_dict(), config_hash(config), acc.num_processes)
+        prune_checkpoints(config.output_dir, config.save_last_n)
+        if metrics:
+            metrics.plot()
+    acc.wait_for_everyone()
+    return folder
+
+
+def _save_final(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None):
+    from .trainer import lora_config_dicts
+
+    acc, config, out = trainer.accelerator, trainer.config, trainer.config.output_dir
+    acc.wait_for_everyone()
+    lora_path, diffusers_path = out / f"{config.name}.safetensors", None
+    if acc.is_main_process:
+        trainer.save_lora(lora_path, facts, loop.step, loop.epoch)
+        if config.save_format == "diffusers":
+            diffusers_path = save_diffusers(out / "pytorch_lora_weights.safetensors", config, trainer.lora_states(),
+                                            lora_config_dicts(trainer))
+        metrics.close()
+    acc.wait_for_everyone()
+    return lora_path, diffusers_path
