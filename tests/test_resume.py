@@ -18,7 +18,7 @@ from lora_scripts.errors import OutputDirError
 from lora_scripts.trainer import train
 
 # Everything random in a step is exercised: LoRA dropout, flips, random crops, caption shuffle and dropout.
-RUN = dict(max_train_steps=12, save_steps=3, save_precision="fp32", batch_size=2, lora_rank=4, lora_dropout=0.2,
+RUN = dict(max_train_steps=24, save_steps=3, save_precision="fp32", batch_size=2, lora_rank=4, lora_dropout=0.2,
            flip_aug=True, random_crop=True, shuffle_caption=True, caption_dropout=0.2, learning_rate=1e-3,
            train_text_encoder=True)
 
@@ -59,7 +59,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, dataset, tiny_ckpt):
     assert set(got) == set(reference)
     assert all(torch.equal(got[k], reference[k]) for k in reference), "resumed run differs from the unbroken one"
     steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(1, 13))  # every step logged once, none repeated after the resume
+    assert steps == list(range(1, 25))  # every step logged once, none repeated after the resume
 
 
 @pytest.mark.slow

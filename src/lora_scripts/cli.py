@@ -61,21 +61,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nDemo LoRA:     {result.train.lora_path}")
     print(f"Contact sheet: {result.sheet}")
     print(f"Loss curve:    {result.train.output_dir / 'loss.png'}")
-    print("Neon pixel fraction: base {:.3f}, strength 0.5 {:.3f}, strength 1.0 {:.3f}, training set {:.3f}".format(
-        s["strength_0.0"]["neon_fraction"], s["strength_0.5"]["neon_fraction"], s["strength_1.0"]["neon_fraction"],
-        s["training_set"]["neon_fraction"]))
+    print("Style distance to the training set (0 = same palette): base {:.2f}, <lora:0.5> {:.2f}, <lora:1.0> {:.2f}"
+          .format(s["strength_0.0"]["style_distance"], s["strength_0.5"]["style_distance"],
+                  s["strength_1.0"]["style_distance"]))
     return 0
 
 
 def _cmd_toy_build_base(args: argparse.Namespace) -> int:
     from .toy.assets import pack_toy_base
-    from .toy.pretrain import build_base
+    from .toy.pretrain import QUICK_BUILD, build_base
 
-    steps = {"vae_steps": 30, "unet_steps": 30, "n_latents": 512} if args.quick else {}
-    path = build_base(Path(args.out), seed=args.seed, **steps)
+    steps = QUICK_BUILD if args.quick else {}
+    path = build_base(Path(args.out), seed=args.seed, reuse_vae=args.reuse_vae, **steps)
     print(f"toy base model written: {path}")
     if args.install:
-        packed = pack_toy_base(path, Path(__file__).parent / "assets" / "toy", {"seed": args.seed, **steps})
+        build = {"seed": args.seed, **steps, "reuse_vae": str(args.reuse_vae) if args.reuse_vae else None}
+        packed = pack_toy_base(path, Path(__file__).parent / "assets" / "toy", build)
         print(f"packed into {packed}")
     return 0
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, draws nothing")
     p.add_argument("--install", action="store_true", help="also pack it into the package as the shipped base")
+    p.add_argument("--reuse-vae", type=Path, help="take the VAE from an earlier toy checkpoint instead of training one")
     p.set_defaults(func=_cmd_toy_build_base)
     p = toy.add_parser("sets", help="write the two toy target sets (neon style, robotic-arm subject)")
     p.add_argument("--out", default="toy_sets")

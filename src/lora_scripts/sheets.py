@@ -22,14 +22,17 @@ def contact_sheet(grid: Sequence[Sequence[Image.Image]], row_labels: Sequence[st
     rows, cols = len(grid), len(grid[0])
     font, small = _font(14), _font(12)
     label_w, head_h, title_h = 230, 36, 30 if title else 0
+    width = label_w + cols * (cell + 4) + 4
+    footer = [part for line in footer for part in textwrap.wrap(line, max(20, width // 7))]
     foot_h = 18 * len(footer) + (8 if footer else 0)
-    sheet = Image.new("RGB", (label_w + cols * (cell + 4) + 4, title_h + head_h + rows * (cell + 4) + foot_h + 4), "white")
+    sheet = Image.new("RGB", (width, title_h + head_h + rows * (cell + 4) + foot_h + 4), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((8, 6), title, fill="black", font=font)
     for c, label in enumerate(col_labels):
         x = label_w + c * (cell + 4) + 4
-        draw.multiline_text((x, title_h + 4), "\n".join(textwrap.wrap(label, 18)[:2]), fill="black", font=small)
+        lines = textwrap.wrap(label, max(6, cell // 7), break_on_hyphens=False)[:2]
+        draw.multiline_text((x, title_h + 4), "\n".join(lines), fill="black", font=small)
     for r, row in enumerate(grid):
         y = title_h + head_h + r * (cell + 4)
         draw.multiline_text((8, y + 4), "\n".join(textwrap.wrap(row_labels[r], 30)[:7]), fill="black", font=small)

@@ -20,7 +20,7 @@ from ..trainer import TrainResult, train
 from .assets import toy_base_path
 from .evaluate import Sampler
 from .scenes import neon_caption, neon_items, write_neon_set
-from .stats import darkness, neon_fraction, progress
+from .stats import darkness, neon_fraction, progress, style_distance
 
 DEMO_CONFIG = "demo_neon_lab.yaml"
 SHEET_PROMPTS = [neon_caption("circle", "cyan", "in the center"), neon_caption("square", "magenta", "on the left"),
@@ -56,12 +56,15 @@ def style_report(base: Path, lora: Path, name: str) -> tuple[list[list], dict]:
     sampler = Sampler.open(base, {name: lora})
     columns = [sampler.images(SHEET_PROMPTS, SHEET_SEEDS, {name: w}) for w in STRENGTHS]
     train_set = [im for im, _ in neon_items(60, 32, seed=0)]
-    stats = {"training_set": {"neon_fraction": neon_fraction(train_set), "darkness": darkness(train_set)}}
+    stats = {"training_set": {"neon_fraction": neon_fraction(train_set), "darkness": darkness(train_set),
+                              "style_distance": 0.0}}
     for w, ims in zip(STRENGTHS, columns):
-        stats[f"strength_{w}"] = {"neon_fraction": neon_fraction(ims), "darkness": darkness(ims)}
-    start, target = stats["strength_0.0"]["neon_fraction"], stats["training_set"]["neon_fraction"]
+        stats[f"strength_{w}"] = {"neon_fraction": neon_fraction(ims), "darkness": darkness(ims),
+                                  "style_distance": style_distance(ims, train_set)}
+    start = stats["strength_0.0"]["style_distance"]
     for w in STRENGTHS[1:]:
-        stats[f"strength_{w}"]["progress"] = progress(stats[f"strength_{w}"]["neon_fraction"], start, target)
+        # progress towards the training set's palette: 1 - remaining distance / the base model's distance
+        stats[f"strength_{w}"]["progress"] = progress(stats[f"strength_{w}"]["style_distance"], start, 0.0)
     n = len(SHEET_SEEDS)
     grid = [[columns[c][r] for c in range(len(STRENGTHS))] for r in range(len(SHEET_PROMPTS) * n)]
     return grid, stats
@@ -73,8 +76,10 @@ def run_demo(folder: Path, overrides: list[str] | None = None) -> DemoResult:
     grid, stats = style_report(config.base_model, result.lora_path, config.name)
     rows = [f"{p} (seed {s})" for p in SHEET_PROMPTS for s in SHEET_SEEDS]
     cols = ["base model"] + [f"<lora:{config.name}:{w}>" for w in STRENGTHS[1:]]
-    footer = [f"neon pixel fraction - training set {stats['training_set']['neon_fraction']:.3f}, "
-              + ", ".join(f"{c}: {stats[f'strength_{w}']['neon_fraction']:.3f}" for c, w in zip(cols, STRENGTHS))]
+    footer = ["colour-histogram distance to the training set (0 = same palette): "
+              + ", ".join(f"{c} {stats[f'strength_{w}']['style_distance']:.2f}" for c, w in zip(cols, STRENGTHS)),
+              "neon pixel fraction: training set {:.3f}, ".format(stats["training_set"]["neon_fraction"])
+              + ", ".join(f"{c} {stats[f'strength_{w}']['neon_fraction']:.3f}" for c, w in zip(cols, STRENGTHS))]
     sheet = contact_sheet(grid, rows, cols, title=f"{config.name}: same prompts and seeds, three strengths",
                           footer=footer)
     sheet_path = result.output_dir / "contact_sheet.png"

@@ -29,6 +29,8 @@ from .scenes import COLOURS, NEON, POSITIONS, SHAPES, Scene, arm_items, generic_
 
 log = logging.getLogger(__name__)
 SIZE = 32  # pixels; the VAE halves it to 16x16 latents
+# `toy build-base --quick`: checks the whole build in seconds (what CI can afford); draws nothing.
+QUICK_BUILD = {"vae_steps": 4, "unet_steps": 4, "n_latents": 64, "batch": 8}
 
 _UNET = dict(block_out_channels=[32, 64, 64], layers_per_block=1, sample_size=SIZE // 2, cross_attention_dim=64,
              attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -83,6 +85,17 @@ def encode_scenes(vae: AutoencoderKL, n: int, seed: int) -> tuple[torch.Tensor, 
         chunk = scenes[i : i + 256]
         latents.append(vae.encode(_to_tensor([render(s, SIZE, rng) for s in chunk])).latent_dist.mean)
     return torch.cat(latents), [s.caption for s in scenes]
+
+
+@torch.no_grad()
+def center_latents(vae: AutoencoderKL, mean: torch.Tensor) -> None:
+    """Shift the latent space to zero mean per channel without changing what the VAE does: subtract the mean
+    in quant_conv's bias (the encoder's last layer) and add it back through post_quant_conv's bias (the
+    decoder's first). Latents with large channel means (here up to -1.5) are what SD's noise schedule handles
+    worst: the base then cannot reach black or white backgrounds and tints everything."""
+    c = mean.numel()
+    vae.quant_conv.bias[:c] -= mean
+    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mean
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -142,18 +155,27 @@ def _all_scene_kinds() -> list[Scene]:
 
 
 def build_base(out: Path, seed: int = 0, vae_steps: int = 1100, unet_steps: int = 2200, n_latents: int = 12000,
-               batch: int = 32) -> Path:
+               batch: int = 32, reuse_vae: Path | None = None) -> Path:
+    """reuse_vae: take the VAE of an earlier toy checkpoint instead of training one (saves ~10 minutes)."""
     started = time.time()
     torch.manual_seed(seed)
     configs = toy_configs()
-    vae = AutoencoderKL.from_config(configs["vae"])
-    train_vae(vae, vae_steps, batch, seed)
+    if reuse_vae:
+        from ..families.loading import load_base_model
+
+        vae = load_base_model(reuse_vae).vae
+    else:
+        vae = AutoencoderKL.from_config(configs["vae"])
+        train_vae(vae, vae_steps, batch, seed)
     vae.eval().requires_grad_(False)
+    latents, _ = encode_scenes(vae, min(n_latents, 2048), seed)
+    center_latents(vae, latents.mean(dim=(0, 2, 3)))
     latents, captions = encode_scenes(vae, n_latents, seed)
     # SD's convention: scale latents to unit variance so the noise schedule means the same thing.
     scaling = float(1.0 / latents.std())
     configs = toy_configs(scaling)
-    log.info("latent std %.3f -> scaling_factor %.4f", 1 / scaling, scaling)
+    log.info("latent channel means %s, std %.3f -> scaling_factor %.4f",
+             [round(v, 3) for v in latents.mean(dim=(0, 2, 3)).tolist()], 1 / scaling, scaling)
     unet = UNet2DConditionModel.from_config(configs["unet"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k != "architectures"}))
     unet, text_encoder = train_unet(unet, text_encoder, latents * scaling, captions, unet_steps, batch, seed)

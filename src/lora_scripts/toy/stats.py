@@ -3,7 +3,8 @@
 * style - `neon_fraction`: the share of pixels that are saturated, bright cyan or magenta *after a 3x3 box
   blur*. The base model's palette (red, green, blue, yellow on white/gray/black) has no such pixels, the
   neon set has many. The blur is what makes it hard to fool: per-pixel noise averages to grey (low
-  saturation) under a 3x3 mean, while a drawn stroke keeps its colour. Uniform noise scores < 1 %.
+  saturation) under a 3x3 mean, while a drawn stroke keeps its colour. Uniform colour noise scores 0.019, grey
+  noise 0, the neon set 0.19.
 * subject - `arm_probability`: a small CNN trained on the generator's own labels (circle, square, triangle,
   robotic arm, and "nothing": blank or noise), on both the flat and the neon rendering in every colour, so
   it judges the outline and not the colour. Its score is the mean softmax probability of "robotic arm".
@@ -36,6 +37,20 @@ def neon_fraction(images: Sequence[Image.Image]) -> float:
     hue, sat, val = hsv[..., 0] * 360, hsv[..., 1], hsv[..., 2]
     near = (np.abs(hue - 180) < 25) | (np.abs(hue - 300) < 25)
     return float((near & (sat > 0.5) & (val > 0.5)).mean())
+
+
+def colour_histogram(images: Sequence[Image.Image], bins: int = 4) -> np.ndarray:
+    """Normalised joint RGB histogram (bins^3 cells) over all pixels of a set of images."""
+    arr = np.concatenate([np.asarray(im.convert("RGB"), np.uint8).reshape(-1, 3) for im in images]) // (256 // bins)
+    counts = np.bincount((arr[:, 0] * bins + arr[:, 1]) * bins + arr[:, 2], minlength=bins**3).astype(np.float64)
+    return counts / counts.sum()
+
+
+def style_distance(images: Sequence[Image.Image], reference: Sequence[Image.Image]) -> float:
+    """Total-variation distance (0..1) between the colour histograms of two image sets: 0 = same palette and
+    brightness. It sees both halves of the neon style (dark rooms and cyan/magenta light) and cannot be
+    approached by noise, whose histogram is flat."""
+    return float(0.5 * np.abs(colour_histogram(images) - colour_histogram(reference)).sum())
 
 
 def darkness(images: Sequence[Image.Image]) -> float:
@@ -77,8 +92,8 @@ def _labelled_example(rng: random.Random, size: int) -> tuple[Image.Image, int]:
     return render(scene, size, rng), label
 
 
-def train_shape_classifier(seed: int = 0, steps: int = 400, batch: int = 64, size: int = 32) -> ShapeNet:
-    """~20 s on 2 CPU cores. Deterministic for a seed."""
+def train_shape_classifier(seed: int = 0, steps: int = 800, batch: int = 64, size: int = 32) -> ShapeNet:
+    """~30 s on 2 CPU cores; held-out accuracy 1.0 on 300 fresh examples (0.86 at 400 steps). Deterministic."""
     torch.manual_seed(seed)
     rng = random.Random(f"classifier/{seed}")
     net = ShapeNet()
@@ -121,5 +136,5 @@ def progress(value: float, start: float, target: float) -> float:
     return (value - start) / (target - start) if target != start else float("nan")
 
 
-__all__ = ["CLASSES", "arm_probability", "class_probabilities", "darkness", "neon_fraction", "progress",
-           "scene_attributes", "train_shape_classifier"]
+__all__ = ["CLASSES", "arm_probability", "class_probabilities", "colour_histogram", "darkness", "neon_fraction",
+           "progress", "scene_attributes", "style_distance", "train_shape_classifier"]
