@@ -88,3 +88,13 @@ def test_incomplete_checkpoint_is_refused(tmp_path, tiny_ckpt):
     save_file(state, str(path), metadata=meta)
     with pytest.raises(ModelLoadError):
         load_base_model(path)
+
+
+def test_legacy_format_ckpt_is_read(tmp_path):
+    """Old .ckpt files use torch's pre-zip format, which cannot be memory-mapped: read them anyway."""
+    from lora_scripts.families.loading import read_checkpoint_info
+
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}}, path,
+               _use_new_zipfile_serialization=False)
+    assert read_checkpoint_info(path).shapes == {"model.diffusion_model.input_blocks.0.0.weight": (2, 2)}

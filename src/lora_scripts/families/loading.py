@@ -67,7 +67,13 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
             with safe_open(str(path), framework="pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
                 return CheckpointInfo(shapes, dict(f.metadata() or {}))
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # Pre-2020 .ckpt files use the legacy (non-zip) format, which cannot be memory-mapped.
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         return CheckpointInfo({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, {})
     except Exception as exc:  # safetensors/pickle raise many types for a damaged file
