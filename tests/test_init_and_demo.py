@@ -29,4 +29,5 @@ def test_demo_runs_offline(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--set", "max_train_steps=2", "--set", "save_steps=0"]) == 0
     out = tmp_path / "output" / "neon_lab"
     assert (out / "neon_lab.safetensors").is_file() and (out / "loss.png").is_file()
-    assert len(list((tmp_path / "data" / "neon_lab").glob("*.png"))) == 24
+    assert len(list((tmp_path / "data" / "neon_lab").glob("*.png"))) == 60
+    assert (out / "contact_sheet.png").is_file() and (out / "stats.json").is_file()

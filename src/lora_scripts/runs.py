@@ -47,9 +47,13 @@ def _holds_results(out: Path, config: TrainConfig) -> bool:
     return any((out / p).exists() for p in (f"{config.name}.safetensors", "checkpoints", "loss.csv"))
 
 
-def prepare_output_dir(config: TrainConfig, resume: Path | bool | None, overwrite: bool) -> Path | None:
-    """Check output_dir, record this run, and return the checkpoint folder to resume from (or None)."""
+def prepare_output_dir(config: TrainConfig, resume: Path | bool | None, overwrite: bool,
+                       record: bool = True) -> Path | None:
+    """Check output_dir, record this run, and return the checkpoint folder to resume from (or None).
+    record=False (non-main processes): only find the checkpoint, touch nothing."""
     out = config.output_dir
+    if not record:
+        return (latest_checkpoint(out) if resume is True else Path(resume)) if resume else None
     previous = _previous_run(out)
     if resume:
         checkpoint = latest_checkpoint(out) if resume is True else Path(resume)

@@ -189,8 +189,13 @@ def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: boo
 
     resume: True = the latest checkpoint in output_dir, a path = that checkpoint folder. overwrite: allow
     starting over in an output_dir that holds another run (its checkpoints and logs are removed)."""
-    checkpoint = prepare_output_dir(config, resume, overwrite)
-    return Trainer(config).setup().fit(checkpoint)
+    trainer = Trainer(config)
+    acc = trainer.accelerator
+    # Only the main process judges and records output_dir; the others would otherwise see its fresh run.json
+    # as "another run". They only need to know which checkpoint to resume from.
+    checkpoint = prepare_output_dir(config, resume, overwrite, record=acc.is_main_process)
+    acc.wait_for_everyone()
+    return trainer.setup().fit(checkpoint)
 
 
 def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:
