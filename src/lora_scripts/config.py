@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,6 +245,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     raw.update(_resolve_paths(dict(items), Path.cwd()))
     return validate_config(raw, source)
 
-
-def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
-    return max(1, math.ceil(n_batches / grad_accum))
