@@ -49,3 +49,8 @@ def to_tensor(im: Image.Image, flip: bool) -> torch.Tensor:
     if flip:
         arr = arr[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def images_to_batch(images) -> torch.Tensor:
+    """A list of PIL images of one size -> an NCHW float batch in [-1, 1]."""
+    return torch.stack([to_tensor(im.convert("RGB"), flip=False) for im in images])

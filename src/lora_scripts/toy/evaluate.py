@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..data.images import images_to_batch
 from ..families.loading import load_base_model
 from ..generate import LoraSet, generate, make_pipeline
 
@@ -42,8 +43,7 @@ class Sampler:
         """Mean epsilon-MSE over fixed noise and timesteps: the training loss on data the LoRA never saw."""
         self.loras.apply(weights)
         pipe = self.pipe
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images]) / 127.5 - 1)
-        latents = pipe.vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mean * pipe.vae.config.scaling_factor
+        latents = pipe.vae.encode(images_to_batch(images)).latent_dist.mean * pipe.vae.config.scaling_factor
         ids = pipe.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
         hidden = pipe.text_encoder(ids)[0]

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..checkpoint_io import save_ldm_checkpoint
+from ..data.images import images_to_batch
 from ..families import FAMILIES
 from ..losses import sample_noise
 from ..tokenizer import clip_tokenizer
@@ -50,11 +50,6 @@ def toy_configs(scaling_factor: float = 1.0) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def _to_tensor(images) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
 def train_vae(vae: AutoencoderKL, steps: int, batch: int, seed: int) -> None:
     """Half base scenes, half random generic shapes (neon colours, outlines, glow) so it can also draw what
     only the LoRAs will teach the UNet."""
@@ -63,7 +58,7 @@ def train_vae(vae: AutoencoderKL, steps: int, batch: int, seed: int) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
     for step in range(steps):
         ims = [render(random_scene(rng), SIZE, rng) if i % 2 else generic_image(rng, SIZE) for i in range(batch)]
-        x = _to_tensor(ims)
+        x = images_to_batch(ims)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
@@ -83,7 +78,7 @@ def encode_scenes(vae: AutoencoderKL, n: int, seed: int) -> tuple[torch.Tensor, 
     latents = []
     for i in range(0, n, 256):
         chunk = scenes[i : i + 256]
-        latents.append(vae.encode(_to_tensor([render(s, SIZE, rng) for s in chunk])).latent_dist.mean)
+        latents.append(vae.encode(images_to_batch([render(s, SIZE, rng) for s in chunk])).latent_dist.mean)
     return torch.cat(latents), [s.caption for s in scenes]
 
 

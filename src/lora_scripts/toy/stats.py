@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
+from ..data.images import images_to_batch
 from .scenes import BACKGROUNDS, COLOURS, NEON, POSITIONS, SHAPES, Scene, render, render_neon
 
 CLASSES = SHAPES + ("robotic arm", "nothing")
@@ -73,9 +74,7 @@ class ShapeNet(nn.Module):
 
 
 def _to_batch(images: Sequence[Image.Image], size: int = 32) -> torch.Tensor:
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32)
-                    for im in images]) / 127.5 - 1
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return images_to_batch([im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR) for im in images])
 
 
 def _labelled_example(rng: random.Random, size: int) -> tuple[Image.Image, int]:
