@@ -49,7 +49,7 @@ def test_nonfinite_loss_stops_after_three_steps():
     loop.last_loss = float("nan")
     _guard_nonfinite(loop)
     _guard_nonfinite(loop)
-    with pytest.raises(TrainingError, match="NaN/inf for 3 steps"):
+    with pytest.raises(TrainingError, match="for 3 steps in a row"):
         _guard_nonfinite(loop)
     loop.last_loss, loop.nonfinite = 0.1, 2
     _guard_nonfinite(loop)

@@ -53,3 +53,25 @@ def test_train_py_under_accelerate_launch(tmp_path, dataset, tiny_ckpt):
     out = tmp_path / "output" / "sci_lab_lora"
     assert (out / "sci_lab_lora.safetensors").is_file()
     assert len((out / "loss.csv").read_text().splitlines()) == 1 + 2
+
+
+@pytest.mark.slow
+def test_resume_under_two_processes_is_bit_identical(tmp_path, dataset, tiny_ckpt):
+    """A 2-process run resumed (with 2 processes) from its mid-epoch checkpoint ends where the unbroken run does."""
+    run = dict(batch_size=1, max_train_steps=6, save_steps=3, save_precision="fp32", lora_rank=4, learning_rate=1e-3,
+               flip_aug=True, lora_dropout=0.1)
+    whole = seed_config(tmp_path, tiny_ckpt, output_dir="./output/whole", **run)
+    proc = subprocess.run(LAUNCH + [str(REPO / "train.py"), "--config", str(whole)], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # 8 images, batch 1, 2 processes: 4 steps per epoch, so step 3 is mid-epoch.
+    checkpoint = tmp_path / "output" / "whole" / "checkpoints" / "step-3"
+    resumed = seed_config(tmp_path, tiny_ckpt, output_dir="./output/resumed", **run)
+    proc = subprocess.run(LAUNCH + [str(REPO / "train.py"), "--config", str(resumed), "--resume", str(checkpoint)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, _ = _load(tmp_path / "output" / "whole" / "whole.safetensors")
+    b, _ = _load(tmp_path / "output" / "resumed" / "resumed.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "output" / "resumed" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [4, 5, 6]  # written once (by the main process), starting after the checkpoint

@@ -6,13 +6,19 @@ under the final name.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .errors import DiskFullError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -29,10 +35,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise DiskFullError(disk_full_message(path)) from exc
         raise
     return path
+
+
+def disk_full_message(path: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"disk full while writing {path} ({free}); nothing under that name was changed and earlier "
+            "checkpoints are intact. Free some space (or set save_last_n to keep fewer checkpoints), then run the "
+            "same command with --resume.")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

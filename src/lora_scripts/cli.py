@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A full disk outside our atomic writers (logs, TensorBoard) still gets a plain answer, not a traceback.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full ({exc}); free some space, then run the same command with --resume", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

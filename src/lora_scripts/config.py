@@ -79,6 +79,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting (Hang et al. 2023); faster convergence", "5", gt=0)
+    on_nonfinite: Literal["skip", "stop"] = _f(
+        "skip", "on a NaN/inf loss or gradient: skip = drop that step (stop after 3 in a row), stop = stop at once; "
+        "no NaN weights are ever saved and the last checkpoint stays valid")
     save_every_n_epochs: int | None = _f(None, "also write the LoRA after every N epochs (NAME-000004.safetensors)", ge=1)
     save_last_n: int | None = _f(None, "keep only the newest N checkpoints (bounds disk use); empty = keep all", ge=1)
     logging_dir: Path | None = _f(None, "TensorBoard log folder; default = output_dir/logs")
@@ -178,6 +181,7 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{key}: required key is missing ({field.description if field else ''})"
     value = raw.get(str(err["loc"][0]), err.get("input")) if err["loc"] else err.get("input")
+    value = str(value) if isinstance(value, Path) else value  # show the path as typed, not PosixPath('...')
     extra = (field.json_schema_extra or {}) if field else {}
     typical = f" (typical: {extra['typical']})" if isinstance(extra, dict) and "typical" in extra else ""
     return f"{key} = {value!r}: {msg}{typical}"
@@ -223,6 +227,20 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """'line 10, column 13: expected ',' or ']'' with the line and a caret, instead of PyYAML's stream dump."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"not valid YAML: {exc}"
+    lines = text.splitlines()
+    shown = lines[mark.line] if mark.line < len(lines) else ""
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    where = f" ({context} at line {context_mark.line + 1})" if context and context_mark else ""
+    return (f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{where}\n"
+            f"    {shown}\n    {' ' * mark.column}^  (check brackets, quotes and the space after each ':')")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """Read YAML, apply --set overrides, resolve relative paths, validate. Raises ConfigError."""
     raw: dict[str, Any] = {}
@@ -233,9 +251,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not path.is_file():
             raise ConfigError(source, [f"config file {path} does not exist"])
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8-sig")
+            loaded = yaml.safe_load(text)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, [f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+                                       "re-save it as UTF-8"]) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+            raise ConfigError(source, [_yaml_problem(exc, text)]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(source, [f"expected 'key: value' lines, got a {type(loaded).__name__}"])
         # Paths in a config file are relative to that file, so a config works from any working directory.

@@ -37,3 +37,7 @@ class TrainingInterrupted(LoraScriptsError):
 
 class OutputDirError(LoraScriptsError):
     pass
+
+
+class DiskFullError(OutputDirError):
+    """A write ran out of space; the file under the final name (if any) is untouched."""

@@ -16,7 +16,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
-from .checkpoints import Position, checkpoint_dir, load_state, prune_checkpoints, restore_rng, save_state
+from .checkpoints import Position, checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, restore_rng, save_state
 from .errors import TrainingError, TrainingInterrupted
 from .export import RunFacts, save_diffusers
 from .metrics import MetricsLogger
@@ -52,7 +52,8 @@ class _Loop:
         self.skip = skip  # batches of the current epoch already consumed before a resume
         self.consumed = skip
         self.last_loss = float("nan")
-        self.nonfinite = 0
+        self.nonfinite = 0  # non-finite steps in a row
+        self.grads_finite = True
         self.stop_requested = False
 
 
@@ -157,12 +158,15 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
             loss = trainer.compute_loss(batch, trainer.step_rng(loop.step, micro))
             micro += 1
             acc.backward(loss)
-            # Gradients are checked after DDP averaged them, so every process takes the same decision.
-            if acc.sync_gradients and _grads_finite(params):
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(params, config.max_grad_norm)
-                trainer.optimizer.step()
-                trainer.lr_scheduler.step()
+            # Gradients are checked after DDP averaged them, so every process takes the same decision. A step
+            # with a NaN/inf gradient never reaches the weights.
+            if acc.sync_gradients:
+                loop.grads_finite = _grads_finite(params)
+                if loop.grads_finite:
+                    if config.max_grad_norm:
+                        acc.clip_grad_norm_(params, config.max_grad_norm)
+                    trainer.optimizer.step()
+                    trainer.lr_scheduler.step()
             trainer.optimizer.zero_grad(set_to_none=True)
             accum_loss += loss.detach().float().item() / config.gradient_accumulation_steps
         if not acc.sync_gradients:
@@ -171,7 +175,7 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
         # The mean over processes decides, so every process stops (or carries on) together.
         loop.last_loss = acc.gather(torch.tensor([accum_loss], device=acc.device)).mean().item()
         accum_loss, micro = 0.0, 0
-        _guard_nonfinite(loop)
+        _guard_nonfinite(loop, config.on_nonfinite, config.output_dir)
         lr = trainer.lr_scheduler.get_last_lr()[0]
         if metrics:
             metrics.log(loop.step, loop.epoch, loop.last_loss, lr, time.time() - started)
@@ -208,17 +212,23 @@ def _interrupt(trainer: Trainer, loop: _Loop, facts, metrics) -> None:
         f"stopped at step {loop.step}; checkpoint saved in {folder}. Continue with the same command plus --resume.")
 
 
-def _guard_nonfinite(loop: _Loop) -> None:
-    if math.isfinite(loop.last_loss):
+def _guard_nonfinite(loop: _Loop, policy: str = "skip", output_dir: Path | None = None) -> None:
+    """Called after each optimizer step: the update was already skipped if anything was NaN/inf; decide whether
+    to go on (on_nonfinite: skip, up to MAX_NONFINITE in a row) or stop (on_nonfinite: stop)."""
+    if math.isfinite(loop.last_loss) and loop.grads_finite:
         loop.nonfinite = 0
         return
     loop.nonfinite += 1
-    log.warning("step %d: loss is %s; step skipped. Usual causes: learning_rate too high, or fp16 overflow "
-                "(use mixed_precision: bf16).", loop.step, loop.last_loss)
-    if loop.nonfinite >= MAX_NONFINITE:
-        raise TrainingError(
-            f"loss was NaN/inf for {MAX_NONFINITE} steps in a row (at step {loop.step}); stopped without saving NaN "
-            "weights. Lower learning_rate (e.g. halve it) or switch mixed_precision to bf16.")
+    what = f"loss is {loop.last_loss}" if not math.isfinite(loop.last_loss) else "a gradient is NaN/inf"
+    causes = ("Usual causes: learning_rate too high (halve it), fp16 overflow (use mixed_precision: bf16, or no), "
+              "or an fp16 VAE (this trainer keeps it fp32 unless bf16).")
+    if policy == "skip" and loop.nonfinite < MAX_NONFINITE:
+        log.warning("step %d: %s; step skipped, weights unchanged. %s", loop.step, what, causes)
+        return
+    last = latest_checkpoint(output_dir) if output_dir else None
+    kept = f" The last good checkpoint is {last} (continue from it with --resume)." if last else ""
+    run = f"for {MAX_NONFINITE} steps in a row" if policy == "skip" else "(on_nonfinite: stop)"
+    raise TrainingError(f"step {loop.step}: {what} {run}; stopped without saving NaN weights.{kept} {causes}")
 
 
 def _grads_finite(params: list[torch.nn.Parameter]) -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,13 +49,11 @@ def _holds_results(out: Path, config: TrainConfig) -> bool:
     return any((out / p).exists() for p in (f"{config.name}.safetensors", "checkpoints", "loss.csv"))
 
 
-def prepare_output_dir(config: TrainConfig, resume: Path | bool | None, overwrite: bool,
-                       record: bool = True) -> Path | None:
-    """Check output_dir, record this run, and return the checkpoint folder to resume from (or None).
-    record=False (non-main processes): only find the checkpoint, touch nothing."""
+def check_output_dir(config: TrainConfig, resume: Path | bool | None, overwrite: bool) -> Path | None:
+    """Judge output_dir without touching it: the checkpoint folder to resume from (or None), or an error.
+    Runs before the dataset and model are loaded, so a wrong choice costs seconds, not a model load."""
     out = config.output_dir
-    if not record:
-        return (latest_checkpoint(out) if resume is True else Path(resume)) if resume else None
+    _check_writable(out)
     previous = _previous_run(out)
     if resume:
         checkpoint = latest_checkpoint(out) if resume is True else Path(resume)
@@ -62,20 +62,41 @@ def prepare_output_dir(config: TrainConfig, resume: Path | bool | None, overwrit
                                  if resume is True else f"{checkpoint} is not a checkpoint folder (no training_state.pt)")
         if previous and previous["config_hash"] != config_hash(config):
             log.warning("resuming with a changed config: %s", "; ".join(_differences(previous["config"], _hashed(config))))
-    elif previous or _holds_results(out, config):
-        if not overwrite:
-            raise OutputDirError(_occupied_message(out, config, previous))
+        return checkpoint
+    if (previous or _holds_results(out, config)) and not overwrite:
+        raise OutputDirError(_occupied_message(out, config, previous))
+    return None
+
+
+def record_run(config: TrainConfig, checkpoint: Path | None, overwrite: bool) -> None:
+    """Claim output_dir for this run (main process only, after every check passed): clear an overwritten run's
+    results, write run.json with the config hash."""
+    out = config.output_dir
+    if overwrite and checkpoint is None:
         for p in ("checkpoints", "logs", "loss.csv", "loss.png", f"{config.name}.safetensors"):
             target = out / p
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        checkpoint = None
-    else:
-        checkpoint = None
     out.mkdir(parents=True, exist_ok=True)
     record = {"config_hash": config_hash(config), "config": _hashed(config), "started_at": time.time(),
               "resumed_from": str(checkpoint) if checkpoint else None}
     atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2, default=str))
-    return checkpoint
+
+
+def _check_writable(out: Path) -> None:
+    """The nearest existing folder on the way to output_dir must take a file, or every save would fail later.
+    A real probe file, not os.access: that says yes to root on a read-only mount."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"output_dir {out}: {existing} is a file, not a folder; choose another output_dir")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+    except OSError as exc:
+        raise OutputDirError(f"output_dir {out}: cannot write in {existing} ({exc.strerror}); choose a folder you "
+                             "own, e.g. output_dir: ./output/NAME, or fix its permissions") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _occupied_message(out: Path, config: TrainConfig, previous: dict | None) -> str:

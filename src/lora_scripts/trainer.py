@@ -20,13 +20,14 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
 from .data.scan import scan_dataset
+from .errors import DatasetError, TrainingError
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from .families.loading import BaseModel, load_base_model
 from .hashes import file_sha256, legacy_model_hash
 from .lora import inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 from .loop import TrainResult, fit
 from .losses import diffusion_loss, sample_noise, training_target
-from .runs import prepare_output_dir
+from .runs import check_output_dir, record_run
 
 log = logging.getLogger(__name__)
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,18 +54,26 @@ class Trainer:
 
     # --- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
+        self.check_data()  # seconds; before a base-model load that takes a minute on a real checkpoint
         self.model = self.setup_model()
-        self.setup_data(self.model)
+        self.setup_loader(self.model)
         self.setup_optimizer(self.model)
         return self
 
     def fit(self, resume: Path | None = None) -> TrainResult:
         return fit(self, resume)
 
-    def setup_data(self, model: BaseModel) -> None:
+    def check_data(self) -> None:
         cfg = self.config
         self.samples = scan_dataset(cfg)
         self.items = build_items(self.samples, cfg)
+        if cfg.batch_size > len(self.items):
+            raise DatasetError([f"batch_size {cfg.batch_size} is larger than the dataset ({len(self.items)} images "
+                                "counting repeats)"], f"Lower batch_size to {len(self.items)} or less, or add images "
+                               "(or repeats: a folder named 10_name repeats its images 10 times per epoch).")
+
+    def setup_loader(self, model: BaseModel) -> None:
+        cfg = self.config
         self.sampler = BucketBatchSampler(self.items, cfg.batch_size, cfg.seed)
         loader = DataLoader(LoraDataset(self.items, cfg), batch_sampler=self.sampler,
                             collate_fn=Collate(model.tokenizer), num_workers=cfg.dataloader_workers)
@@ -171,6 +180,9 @@ class Trainer:
         return states
 
     def save_lora(self, path: Path, facts: RunFacts, step: int, epoch: int) -> Path:
+        bad = [k for states in self.lora_states().values() for k, v in states.items() if not torch.isfinite(v).all()]
+        if bad:  # the step guard should make this impossible; a NaN file would load and silently break images
+            raise TrainingError(f"refusing to write {path.name}: {len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]})")
         state, meta = kohya_file_contents(self.config, facts, self.lora_states(), step, epoch, self.max_steps)
         return save_kohya(path, state, meta)
 
@@ -191,11 +203,15 @@ def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: boo
     starting over in an output_dir that holds another run (its checkpoints and logs are removed)."""
     trainer = Trainer(config)
     acc = trainer.accelerator
-    # Only the main process judges and records output_dir; the others would otherwise see its fresh run.json
-    # as "another run". They only need to know which checkpoint to resume from.
-    checkpoint = prepare_output_dir(config, resume, overwrite, record=acc.is_main_process)
+    # Order matters: every check (output_dir, dataset, base model) runs before the first file is written, so a
+    # bad input leaves nothing behind. Judged before the others could see the main process's fresh run.json.
+    checkpoint = check_output_dir(config, resume, overwrite)
     acc.wait_for_everyone()
-    return trainer.setup().fit(checkpoint)
+    trainer.setup()
+    if acc.is_main_process:
+        record_run(config, checkpoint, overwrite)
+    acc.wait_for_everyone()
+    return trainer.fit(checkpoint)
 
 
 def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:

@@ -19,6 +19,8 @@ from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS, open_rgb
 
 log = logging.getLogger(__name__)
+# An image upscaled more than this teaches the LoRA blur; smaller ones are refused (or skipped).
+MAX_UPSCALE = 4
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -41,6 +43,22 @@ def _repeats_for(path: Path, root: Path) -> int:
 
 
 def _read_metadata(csv_path: Path) -> list[tuple[str, str]]:
+    try:
+        return _parse_metadata(csv_path)
+    except UnicodeDecodeError as exc:
+        raise DatasetError([f"{csv_path}: not UTF-8 text ({_decode_problem(exc)})"],
+                           "Re-save it as UTF-8 (in Excel: Save As > CSV UTF-8).") from None
+    except csv.Error as exc:
+        raise DatasetError([f"{csv_path}: not a valid CSV file ({exc})"],
+                           "metadata.csv needs a header line file_name,text and one row per image.") from None
+
+
+def _decode_problem(exc: UnicodeDecodeError) -> str:
+    return f"byte 0x{exc.object[exc.start]:02x} at position {exc.start}"
+
+
+def _parse_metadata(csv_path: Path) -> list[tuple[str, str]]:
+    # utf-8-sig: Excel writes a byte-order mark that would otherwise become part of the first column name.
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
@@ -66,12 +84,17 @@ def _from_metadata(config: TrainConfig, problems: list[str]) -> list[Sample]:
     return samples
 
 
-def _from_sidecars(config: TrainConfig) -> list[Sample]:
+def _from_sidecars(config: TrainConfig, problems: list[str]) -> list[Sample]:
     root = config.train_data_dir
     samples = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         sidecar = path.with_suffix(config.caption_extension)
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        try:
+            caption = sidecar.read_text(encoding="utf-8-sig").strip() if sidecar.is_file() else ""
+        except UnicodeDecodeError as exc:
+            # Guessing a legacy code page would silently garble accented words into the captions.
+            problems.append(f"{sidecar}: caption file is not UTF-8 ({_decode_problem(exc)}); re-save it as UTF-8")
+            continue
         samples.append(Sample(path, caption, _repeats_for(path, root)))
     return samples
 
@@ -89,16 +112,25 @@ def _check(sample: Sample, config: TrainConfig) -> tuple[Sample | None, str | No
         if frames > 1:
             log.warning("%s is animated (%d frames); only the first frame is used", where, frames)
         im = open_rgb(sample.path)  # full decode: catches truncated files that Image.verify() lets through
+    except Image.DecompressionBombError as exc:
+        return None, f"{where}: image too large ({exc}); downscale it first"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         kind = "not an image or unsupported format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        if "truncated" in kind.lower():  # PIL words it differently per format
+            kind = "file is truncated: an interrupted copy or download?"
         return None, f"{where}: unreadable image ({kind})"
+    shortest = min(im.size)
+    if shortest * MAX_UPSCALE < config.resolution:
+        return None, (f"{where}: too small ({im.width}x{im.height}); it would be upscaled "
+                      f"{config.resolution / shortest:.0f}x to {config.resolution} px and teach blur. Use images of at "
+                      f"least {config.resolution // MAX_UPSCALE} px, ideally {config.resolution} px or more")
     return Sample(sample.path, sample.caption, sample.repeats, im.size), None
 
 
 def scan_dataset(config: TrainConfig) -> list[Sample]:
     """Checked samples, each with its size. Raises DatasetError listing every problem (unless skip_bad_images)."""
     problems: list[str] = []
-    raw = _from_metadata(config, problems) if config.metadata_path else _from_sidecars(config)
+    raw = _from_metadata(config, problems) if config.metadata_path else _from_sidecars(config, problems)
     samples = []
     for sample in raw:
         ok, problem = _check(sample, config)
@@ -110,6 +142,10 @@ def scan_dataset(config: TrainConfig) -> list[Sample]:
         raise DatasetError(problems, "Fix or remove these files, or set skip_bad_images: true to train without them.")
     for p in problems:
         log.warning("skipped: %s", p)
+    small = [s for s in samples if min(s.size) < config.resolution]
+    if small:
+        log.warning("%d of %d images are smaller than resolution %d and will be upscaled (e.g. %s, %dx%d)",
+                    len(small), len(samples), config.resolution, small[0].path.name, *small[0].size)
     if not samples:
         where = config.metadata_path or config.train_data_dir
         raise DatasetError([f"no usable images found in {where}"],

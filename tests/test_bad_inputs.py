@@ -1,0 +1,42 @@
+"""The bad-input catalogue (docs/bad_inputs.md): one test per row."""
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from helpers.bad_inputs import ACCEPTED, REFUSED, printable, run_refused, scan_accepted
+
+DOC = (REPO / "docs" / "bad_inputs.md").read_text()
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c.id for c in REFUSED])
+def test_refused_with_a_specific_message_and_nothing_written(case, tmp_path, tiny_ckpt):
+    if case.id == "output_unwritable" and not Path("/sys").is_dir():
+        pytest.skip("needs Linux's read-only /sys")
+    code, message = run_refused(case, tmp_path, tiny_ckpt)
+    assert code == 2, message
+    assert re.search(case.expect, message, re.S), message
+    assert "Traceback" not in message
+    out = tmp_path / "output"
+    assert not out.exists() or out.is_file(), sorted(out.rglob("*"))  # output_is_file: the file we put there
+    row = f"| {case.case} | {printable(message, tmp_path)} |"
+    assert row in DOC, f"docs/bad_inputs.md is stale; regenerate it (see its header). Expected row:\n{row}"
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=[c.id for c in ACCEPTED])
+def test_accepted_and_read_as_a_viewer_shows_it(case, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        samples = scan_accepted(case, tmp_path)
+    assert samples
+    case.check(samples)
+    if case.id == "animated_gif":
+        assert "anim.gif is animated (3 frames); only the first frame is used" in caplog.text
+    assert f"| {case.case} | {case.behaviour} |" in DOC
+
+
+def test_every_case_has_a_row_and_no_row_is_orphaned():
+    rows = [ln.split("|")[1].strip() for ln in DOC.splitlines() if ln.startswith("| ") and not ln.startswith("| Case")]
+    assert rows == [c.case for c in REFUSED] + [c.case for c in ACCEPTED]
