@@ -72,3 +72,14 @@ def test_divergence_warning(tmp_path, caplog):
 
 def test_smooth_is_bias_corrected():
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_second_ctrl_c_stops_at_once():
+    from lora_scripts.loop import _CtrlC
+
+    loop = _Loop()
+    with _CtrlC(loop) as handler:
+        handler._handle(2, None)  # first: finish the step, then save and exit
+        assert loop.stop_requested
+        with pytest.raises(KeyboardInterrupt):
+            handler._handle(2, None)
