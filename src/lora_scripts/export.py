@@ -36,6 +36,7 @@ class RunFacts:
     dataset_dirs: dict[str, dict[str, int]]
     started_at: float = field(default_factory=time.time)
     session_id: int = 0
+    prediction_type: str = "epsilon"  # the base's; "v_prediction" for v-models (SD2-768, zero-terminal-SNR bases)
 
 
 def tag_frequency(captions_by_dir: dict[str, list[str]]) -> dict[str, dict[str, int]]:
@@ -69,7 +70,7 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
         "ss_shuffle_caption": config.shuffle_caption, "ss_keep_tokens": config.keep_tokens,
         "ss_caption_dropout_rate": config.caption_dropout, "ss_noise_offset": config.noise_offset or None,
         "ss_min_snr_gamma": config.min_snr_gamma, "ss_gradient_checkpointing": config.gradient_checkpointing,
-        "ss_clip_skip": None, "ss_v_parameterization": False, "ss_cache_latents": False,
+        "ss_clip_skip": None, "ss_v_parameterization": facts.prediction_type == "v_prediction", "ss_cache_latents": False,
         "ss_tag_frequency": json.dumps(facts.tag_frequency), "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
     }
     return {k: str(v) for k, v in ss.items()}
@@ -83,7 +84,7 @@ def modelspec_metadata(config: TrainConfig, facts: RunFacts, state: dict[str, Te
         "modelspec.title": config.name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(facts.started_at)),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": facts.prediction_type,
         "modelspec.hash_sha256": modelspec_hash(state),
     }
 

@@ -140,7 +140,7 @@ class Trainer:
             base_model_hash=file_sha256(base) if is_file else "",
             base_model_legacy_hash=legacy_model_hash(base) if is_file else "",
             num_train_images=len(self.items), num_batches_per_epoch=len(self.sampler),
-            tag_frequency=tag_frequency(by_dir), dataset_dirs=dirs,
+            tag_frequency=tag_frequency(by_dir), dataset_dirs=dirs, prediction_type=model.prediction_type,
         )
 
     # --- one step ------------------------------------------------------------------------------------------
