@@ -31,6 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(f"\nLoRA written: {result.lora_path}  ({result.steps} steps, final loss {result.final_loss:.4f})")
+    if result.verified:
+        print(f"Self-test: {result.verified}")
     print(f"Use it in A1111/ComfyUI as <lora:{result.lora_path.stem}:0.8>; loss curve: {result.output_dir / 'loss.png'}")
     return 0
 
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_toy_sets)
+    from .interop.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

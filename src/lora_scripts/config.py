@@ -82,6 +82,9 @@ class TrainConfig(BaseModel):
     on_nonfinite: Literal["skip", "stop"] = _f(
         "skip", "on a NaN/inf loss or gradient: skip = drop that step (stop after 3 in a row), stop = stop at once; "
         "no NaN weights are ever saved and the last checkpoint stays valid")
+    verify_after_training: bool = _f(
+        True, "after saving, reload the LoRA as diffusers and A1111/ComfyUI do and check every key is applied "
+        "(seconds; the base model is read once more)")
     save_every_n_epochs: int | None = _f(None, "also write the LoRA after every N epochs (NAME-000004.safetensors)", ge=1)
     save_last_n: int | None = _f(None, "keep only the newest N checkpoints (bounds disk use); empty = keep all", ge=1)
     logging_dir: Path | None = _f(None, "TensorBoard log folder; default = output_dir/logs")

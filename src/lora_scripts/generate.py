@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from .families.loading import BaseModel
+from .families.loading import BaseModel, quiet_loading
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler}
 
@@ -39,7 +39,8 @@ class LoraSet:
         if name in self.loaded:
             return
         logging.getLogger("diffusers").setLevel(logging.ERROR)
-        self.pipe.load_lora_weights(str(path), adapter_name=name)
+        with quiet_loading():
+            self.pipe.load_lora_weights(str(path), adapter_name=name)
         self.loaded[name] = Path(path)
 
     def apply(self, weights: dict[str, float]) -> None:

@@ -41,6 +41,7 @@ class TrainResult:
     losses: list[float]
     seconds: float
     num_images: int
+    verified: str | None = None  # the post-training self-test's summary (None: not run)
 
 
 class _Loop:
@@ -101,8 +102,26 @@ def fit(trainer: Trainer, resume: Path | None = None) -> TrainResult:
             _end_epoch(trainer, loop, facts)
     bar.close()
     lora_path, diffusers_path = _save_final(trainer, loop, facts, metrics)
+    verified = _self_test(config, lora_path) if acc.is_main_process else None
     return TrainResult(lora_path, diffusers_path, out, loop.step, loop.epoch, loop.last_loss,
-                       metrics.losses if metrics else [], time.time() - started, len(trainer.samples))
+                       metrics.losses if metrics else [], time.time() - started, len(trainer.samples), verified)
+
+
+def _self_test(config, lora_path: Path) -> str | None:
+    """Reload the saved file the way diffusers and A1111/ComfyUI do; a file that loses keys fails the run."""
+    if not config.verify_after_training:
+        return None
+    if not Path(config.base_model).is_file():
+        log.info("self-test skipped: it checks names against a single-file base, and base_model is a folder")
+        return None
+    from .interop.verify import verify
+
+    report = verify(lora_path, config.base_model)
+    if not report.ok:
+        raise TrainingError(f"the LoRA was written but failed its self-test; please report this as a bug.\n"
+                            f"{report.summary()}")
+    log.info("self-test passed: %s", report.summary())
+    return report.summary()
 
 
 def _resume(trainer: Trainer, folder: Path) -> _Loop:

@@ -8,6 +8,7 @@ models), so nothing is fetched from a hub.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -125,8 +126,30 @@ def _load_single_file(path: Path, family: Family, configs: dict[str, dict[str, A
     return pipe
 
 
+@contextmanager
+def quiet_loading():
+    """Loading takes seconds; per-component bars from diffusers and transformers would bury our own output."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    was = d_logging.is_progress_bar_enabled(), t_logging.is_progress_bar_enabled()
+    d_logging.disable_progress_bar()
+    t_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            d_logging.enable_progress_bar()
+        if was[1]:
+            t_logging.enable_progress_bar()
+
+
 def load_base_model(path: str | Path) -> BaseModel:
-    path = Path(path)
+    with quiet_loading():
+        return _load_base_model(Path(path))
+
+
+def _load_base_model(path: Path) -> BaseModel:
     if not path.exists():
         raise ModelLoadError(f"base_model {path} does not exist. Point base_model at a .safetensors/.ckpt file or a diffusers folder.")
     if path.is_dir():

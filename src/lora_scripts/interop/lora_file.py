@@ -1,0 +1,206 @@
+"""Read any common SD LoRA file into one in-memory form keyed by kohya module names, and write it back as
+kohya (A1111/ComfyUI/sd-scripts) or diffusers/peft.
+
+Formats read: kohya (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`) and diffusers/peft
+(`unet.<path>.lora_A.weight`, `text_encoder.<path>.lora_B.weight`, alphas in `lora_adapter_metadata`).
+Anything else (LyCORIS LoHa/LoKr, DoRA scales, old attn-processor files) is kept aside as `unknown` so the
+tools can say what a loader would drop instead of dropping it silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from ..atomic import atomic_save_safetensors
+from ..errors import LoraScriptsError
+from ..formats.diffusers import ADAPTER_METADATA_KEY
+from ..formats.kohya import TE_PREFIX, UNET_PREFIX, kohya_module_name
+from .table import Entry
+
+KOHYA = "kohya"
+DIFFUSERS = "diffusers"
+_KOHYA_PARAMS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+
+
+class LoraFileError(LoraScriptsError):
+    pass
+
+
+@dataclass
+class LoraModule:
+    down: Tensor  # [rank, in] or [rank, in, kh, kw]
+    up: Tensor  # [out, rank] or [out, rank, 1, 1]
+    alpha: float | None = None  # None: the file has no alpha and every loader uses alpha = rank
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def delta(self) -> Tensor:
+        """The weight change at strength 1, in fp32, shaped like the base layer's weight."""
+        d = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        if self.down.dim() == 4:
+            d = d.reshape(self.up.shape[0], *self.down.shape[1:])
+        return d * self.scale
+
+
+@dataclass
+class LoraFile:
+    modules: dict[str, LoraModule]  # kohya module name -> weights
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = KOHYA
+    unknown: list[str] = field(default_factory=list)  # keys no SD LoRA loader would apply as plain LoRA
+    dtype: torch.dtype = torch.float16
+
+    def components(self) -> Counter:
+        return Counter("text_encoder" if n.startswith(TE_PREFIX) else "unet" if n.startswith(UNET_PREFIX) else "other"
+                       for n in self.modules)
+
+
+def read_lora(path: Path) -> LoraFile:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise LoraFileError(f"cannot read {path}: {exc}. Is it a complete .safetensors file?") from exc
+    if any(_PEFT_KEY.match(k) for k in state):
+        lora = _from_peft(state, metadata)
+    else:
+        lora = _from_kohya(state, metadata)
+    if not lora.modules:
+        raise LoraFileError(f"{path} holds no LoRA weights this tool understands "
+                            f"({len(state)} keys, e.g. {sorted(state)[:2]})")
+    floats = [v.dtype for m in lora.modules.values() for v in (m.down, m.up)]
+    lora.dtype = Counter(floats).most_common(1)[0][0]
+    return lora
+
+
+def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
+    parts: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        name, _, param = key.partition(".")
+        if param in _KOHYA_PARAMS and name.startswith(("lora_unet_", "lora_te")):
+            parts.setdefault(name, {})[_KOHYA_PARAMS[param]] = value
+        else:
+            unknown.append(key)
+    modules = {}
+    for name, p in parts.items():
+        if "down" in p and "up" in p:
+            modules[name] = LoraModule(p["down"], p["up"], float(p["alpha"]) if "alpha" in p else None)
+        else:
+            unknown += [f"{name}.{k} (its partner is missing)" for k in p]
+    return LoraFile(modules, metadata, KOHYA, sorted(unknown))
+
+
+def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
+    """Per component: lora_alpha, r, alpha_pattern as diffusers' save_lora_weights stores them."""
+    if ADAPTER_METADATA_KEY not in metadata:
+        return {}
+    packed = json.loads(metadata[ADAPTER_METADATA_KEY])
+    out: dict[str, dict] = {}
+    for key, value in packed.items():
+        component, _, field_name = key.partition(".")
+        out.setdefault(component, {})[field_name] = value
+    return out
+
+
+def _from_peft(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
+    configs = _peft_alphas(metadata)
+    parts: dict[tuple[str, str], dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        m = _PEFT_KEY.match(key)
+        if m:
+            parts.setdefault((m[1], m[2]), {})[m[3]] = value
+        else:
+            unknown.append(key)
+    modules = {}
+    for (component, path), p in parts.items():
+        if "A" not in p or "B" not in p:
+            unknown += [f"{component}.{path}.lora_{k}.weight (its partner is missing)" for k in p]
+            continue
+        cfg = configs.get(component, {})
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha"))
+        modules[kohya_module_name(component, path)] = LoraModule(p["A"], p["B"], None if alpha is None else float(alpha))
+    return LoraFile(modules, metadata, DIFFUSERS, sorted(unknown))
+
+
+def _pattern_value(patterns: dict[str, float], path: str, default):
+    """peft's rule: a pattern applies to a module whose path equals it or ends with '.' + it."""
+    for pattern, value in patterns.items():
+        if path == pattern or path.endswith("." + pattern):
+            return value
+    return default
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+def kohya_state(lora: LoraFile, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every module gets an explicit `.alpha` (= rank where the source had none: the same strength)."""
+    dtype = dtype or lora.dtype
+    out = {}
+    for name, m in sorted(lora.modules.items()):
+        out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank), dtype=dtype)
+    return out
+
+
+def write_kohya(lora: LoraFile, path: Path, metadata: dict[str, str] | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    return atomic_save_safetensors(kohya_state(lora, dtype), path, metadata if metadata is not None else lora.metadata)
+
+
+def diffusers_state(lora: LoraFile, table: dict[str, Entry], dtype: torch.dtype | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """peft keys, with each component's LoraConfig in `lora_adapter_metadata`: the most common rank and alpha,
+    plus rank_pattern/alpha_pattern for modules that differ, so every alpha survives exactly."""
+    dtype = dtype or lora.dtype
+    missing = sorted(n for n in lora.modules if n not in table)
+    if missing:
+        raise LoraFileError(f"{len(missing)} modules match no layer of the model (first: {missing[0]}); "
+                            "cannot name them in diffusers layout")
+    state: dict[str, Tensor] = {}
+    by_component: dict[str, dict[str, LoraModule]] = {}
+    for name, m in sorted(lora.modules.items()):
+        e = table[name]
+        state[f"{e.component}.{e.path}.lora_A.weight"] = m.down.to(dtype).contiguous()
+        state[f"{e.component}.{e.path}.lora_B.weight"] = m.up.to(dtype).contiguous()
+        by_component.setdefault(e.component, {})[e.path] = m
+    packed = {}
+    for component, mods in by_component.items():
+        alphas = {p: float(m.alpha if m.alpha is not None else m.rank) for p, m in mods.items()}
+        ranks = {p: m.rank for p, m in mods.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        alpha = Counter(alphas.values()).most_common(1)[0][0]
+        packed.update({
+            f"{component}.r": r, f"{component}.lora_alpha": alpha, f"{component}.target_modules": sorted(mods),
+            f"{component}.rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            f"{component}.alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+            f"{component}.lora_dropout": 0.0, f"{component}.use_dora": False, f"{component}.use_rslora": False,
+        })
+    return state, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(packed, sort_keys=True)}
+
+
+def write_diffusers(lora: LoraFile, path: Path, table: dict[str, Entry], dtype: torch.dtype | None = None,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
+    """extra_metadata (e.g. the source's ss_* training record) rides along; diffusers reads only its own key."""
+    state, metadata = diffusers_state(lora, table, dtype)
+    return atomic_save_safetensors(state, path, {**(extra_metadata or {}), **metadata})

@@ -1,0 +1,106 @@
+"""Arithmetic on LoRA files: resize by SVD, combine several into one, bake into a base checkpoint.
+
+All products are computed in fp32 and cast back once at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from ..atomic import atomic_save_safetensors
+from .lora_file import LoraFile, LoraFileError, LoraModule
+from .table import Entry
+
+
+@dataclass(frozen=True)
+class Kept:
+    """How much of a module's update survives a rank cut: the share of its squared singular values kept."""
+    name: str
+    rank_before: int
+    rank_after: int
+    energy: float  # in [0, 1]
+
+
+def factorize(delta: Tensor, rank: int, like: LoraModule | None = None) -> tuple[LoraModule, float]:
+    """Best rank-`rank` LoRA (Eckart-Young) for a weight change, with alpha = rank (scale 1); returns it and
+    the kept energy. The singular values are split evenly (sqrt on each side) so up and down stay balanced
+    for further training, as sd-scripts' resize does."""
+    shape = delta.shape
+    flat = delta.float().flatten(1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = max(1, min(rank, s.numel()))
+    total = float((s**2).sum())
+    kept = float((s[:rank] ** 2).sum()) / total if total > 0 else 1.0
+    root = s[:rank].sqrt()
+    up = u[:, :rank] * root
+    down = root[:, None] * vh[:rank]
+    if len(shape) == 4:
+        up = up.reshape(shape[0], rank, 1, 1)
+        down = down.reshape(rank, *shape[1:])
+    return LoraModule(down, up, float(rank)), kept
+
+
+def resize(lora: LoraFile, rank: int) -> tuple[LoraFile, list[Kept]]:
+    """Every module cut (or kept) to at most `rank`; modules already at or below it are refactorised exactly."""
+    modules, report = {}, []
+    for name, m in sorted(lora.modules.items()):
+        new, energy = factorize(m.delta(), min(rank, m.rank))
+        modules[name] = new
+        report.append(Kept(name, m.rank, new.rank, energy))
+    return LoraFile(modules, dict(lora.metadata), lora.format, list(lora.unknown), lora.dtype), report
+
+
+def combine(loras: list[tuple[LoraFile, float]], rank: int | None = None) -> tuple[LoraFile, list[Kept]]:
+    """Several LoRAs at their strengths as ONE file. rank None: exact, by stacking the ranks (down rows
+    concatenated, up columns scaled by strength x alpha/rank); a rank: the sum's best rank-R approximation."""
+    names = sorted({n for lora, _ in loras for n in lora.modules})
+    modules, report = {}, []
+    for name in names:
+        parts = [(lora.modules[name], w) for lora, w in loras if name in lora.modules]
+        if rank is None:
+            down = torch.cat([m.down.float() for m, _ in parts])
+            up = torch.cat([m.up.float() * (w * m.scale) for m, w in parts], dim=1)
+            modules[name] = LoraModule(down, up, float(down.shape[0]))
+            report.append(Kept(name, down.shape[0], down.shape[0], 1.0))
+        else:
+            delta = sum(m.delta() * w for m, w in parts)
+            modules[name], energy = factorize(delta, rank)
+            report.append(Kept(name, sum(m.rank for m, _ in parts), modules[name].rank, energy))
+    dtype = loras[0][0].dtype
+    return LoraFile(modules, {}, loras[0][0].format, [], dtype), report
+
+
+def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry], out: Path,
+         metadata: dict[str, str] | None = None) -> tuple[Path, int]:
+    """Write base + sum(strength x delta) as a single-file checkpoint in the base's own layout and dtype, every
+    other tensor and the base's metadata unchanged. Returns the path and how many weights changed."""
+    missing = sorted({n for lora, _ in loras for n in lora.modules if n not in table})
+    if missing:
+        raise LoraFileError(f"{len(missing)} LoRA modules match no layer of {base.name} (first: {missing[0]}); "
+                            "is the LoRA for another model family? Nothing was written.")
+    deltas: dict[str, Tensor] = {}
+    for lora, w in loras:
+        for name, m in lora.modules.items():
+            key = table[name].ldm_key
+            d = m.delta() * w
+            deltas[key] = deltas[key] + d if key in deltas else d
+    with safe_open(str(base), "pt") as f:
+        base_meta = dict(f.metadata() or {})
+        absent = sorted(k for k in deltas if k not in f.keys())
+        if absent:
+            raise LoraFileError(f"{base.name} has no weight {absent[0]} (and {len(absent) - 1} more); nothing was written")
+        state = {}
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key in deltas:
+                if deltas[key].shape != t.shape:
+                    raise LoraFileError(f"{key}: LoRA update {tuple(deltas[key].shape)} does not fit the base weight "
+                                        f"{tuple(t.shape)}; the LoRA was trained on a different model")
+                t = (t.float() + deltas[key]).to(t.dtype)
+            state[key] = t
+    return atomic_save_safetensors(state, out, {**base_meta, **(metadata or {})}), len(deltas)

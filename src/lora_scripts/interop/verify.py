@@ -1,0 +1,117 @@
+"""Self-test of a LoRA file against its base: is every key applied, by every loader, with the right strength?
+
+Two independent checks:
+* by name, the way A1111 and ComfyUI load: each kohya module name must resolve to a weight of the base
+  checkpoint's own (LDM) layout, with a matching shape;
+* by effect, the way diffusers loads: the file goes through `load_lora_weights` + `fuse_lora`, and each
+  layer's weight change must equal up @ down x alpha/rank computed here, and must not be zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..families.loading import quiet_loading, read_checkpoint_info
+from .lora_file import LoraFile, read_lora
+from .table import base_configs, module_table
+
+log = logging.getLogger(__name__)
+# fp16 LoRA weights against our fp32 product of the same values: only summation order differs.
+_RTOL = 1e-3
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    modules: int
+    unmatched: list[str] = field(default_factory=list)  # names no A1111/ComfyUI lookup finds
+    wrong_shape: list[str] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)  # keys a loader would drop
+    not_applied: list[str] = field(default_factory=list)  # diffusers left the layer unchanged
+    wrong_strength: list[str] = field(default_factory=list)  # applied, but not as alpha/rank says
+    zero: bool = False  # every update is zero: the LoRA does nothing
+    max_rel_error: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmatched or self.wrong_shape or self.unknown_keys or self.not_applied
+                    or self.wrong_strength or self.zero)
+
+    def problems(self) -> list[str]:
+        out = []
+        for label, items in (("match no layer of the base (A1111/ComfyUI would skip them)", self.unmatched),
+                             ("do not fit the base layer's shape", self.wrong_shape),
+                             ("are not LoRA weights any loader applies", self.unknown_keys),
+                             ("were not applied by diffusers", self.not_applied),
+                             ("were applied by diffusers at the wrong strength", self.wrong_strength)):
+            if items:
+                out.append(f"{len(items)} modules {label}, e.g. {items[0]}")
+        if self.zero:
+            out.append("every update is zero: the LoRA changes nothing (step 0 weights?)")
+        return out
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"{self.path.name}: {self.modules} modules, 0 unmatched keys; every layer applied by name "
+                    f"(A1111/ComfyUI) and by diffusers, max deviation {self.max_rel_error:.1e}")
+        return f"{self.path.name} FAILED verification:\n" + "\n".join(f"  - {p}" for p in self.problems())
+
+
+def verify(lora_path: Path, base_path: Path) -> VerifyReport:
+    lora = read_lora(lora_path)
+    report = VerifyReport(Path(lora_path), len(lora.modules), unknown_keys=list(lora.unknown))
+    _check_names(lora, Path(base_path), report)
+    report.zero = all(float(m.up.abs().max()) == 0.0 for m in lora.modules.values())
+    if not report.unmatched and not report.wrong_shape:
+        _check_diffusers(lora, Path(lora_path), Path(base_path), report)
+    return report
+
+
+def _check_names(lora: LoraFile, base: Path, report: VerifyReport) -> None:
+    table = module_table(base_configs(base))
+    shapes = read_checkpoint_info(base).shapes
+    for name, m in sorted(lora.modules.items()):
+        entry = table.get(name)
+        if entry is None or entry.ldm_key not in shapes:
+            report.unmatched.append(name)
+        elif tuple(m.delta().shape) != tuple(shapes[entry.ldm_key]):
+            report.wrong_shape.append(f"{name}: {tuple(m.delta().shape)} vs {tuple(shapes[entry.ldm_key])}")
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    return (module.base_layer if hasattr(module, "base_layer") else module).weight
+
+
+@torch.no_grad()
+def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: VerifyReport) -> None:
+    from ..families.loading import load_base_model
+    from ..generate import make_pipeline
+    from .table import module_table as table_for
+
+    model = load_base_model(base)
+    table = table_for(base_configs(base))
+    components = {"unet": model.unet, "text_encoder": model.text_encoder}
+    targets = {name: components[table[name].component].get_submodule(table[name].path) for name in lora.modules}
+    before = {name: _weight(mod).detach().float().clone() for name, mod in targets.items()}
+    pipe = make_pipeline(model)
+    with quiet_loading():
+        pipe.load_lora_weights(str(lora_path), adapter_name="verify")
+    pipe.fuse_lora(lora_scale=1.0, adapter_names=["verify"])
+    for name, m in sorted(lora.modules.items()):
+        expected = m.delta()
+        mod = components[table[name].component].get_submodule(table[name].path)
+        applied = _weight(mod).detach().float() - before[name]
+        norm = float(expected.norm())
+        if norm == 0.0:
+            continue
+        if float(applied.norm()) == 0.0:
+            report.not_applied.append(name)
+            continue
+        rel = float((applied - expected).norm()) / norm
+        report.max_rel_error = max(report.max_rel_error, rel)
+        if rel > _RTOL:
+            report.wrong_strength.append(f"{name} (off by {rel:.1%})")

@@ -1,0 +1,215 @@
+"""Interop: files we write or convert load everywhere with every key applied, and the LoRA arithmetic is exact."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import seed_config
+from lora_scripts.cli import main
+from lora_scripts.config import load_config
+from lora_scripts.families.loading import load_base_model
+from lora_scripts.generate import make_pipeline
+from lora_scripts.interop.describe import describe
+from lora_scripts.interop.lora_file import read_lora
+from lora_scripts.interop.ops import combine, resize
+from lora_scripts.interop.table import sd15_table
+from lora_scripts.interop.verify import verify
+from lora_scripts.trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_ckpt):
+    """A tiny UNet + text-encoder LoRA with alpha != rank (so a lost alpha shows as a 2x strength error)."""
+    from conftest import make_images, write_metadata
+
+    root = tmp_path_factory.mktemp("interop")
+    folder = root / "data" / "sci_lab_train"
+    names = make_images(folder, 8)
+    write_metadata(folder / "metadata.csv", [(n, f"sci lab {i}, consoles, neon") for i, n in enumerate(names)])
+    cfg = load_config(seed_config(root, tiny_ckpt, max_train_steps=4, lora_rank=8, lora_alpha=4, learning_rate=5e-3,
+                                  train_text_encoder=True, save_precision="fp32"))
+    result = train(cfg)
+    return result, tiny_ckpt
+
+
+def _mixed_alphas(src, dst):
+    """Give every other module its own alpha, as files from some trainers have."""
+    state = load_file(str(src))
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    alphas = sorted(k for k in state if k.endswith(".alpha"))
+    for k in alphas[::2]:
+        state[k] = torch.tensor(2.0)
+    save_file(state, str(dst), metadata=meta)
+    return dst
+
+
+@torch.no_grad()
+def _outputs(base, lora=None, weight=1.0, base_is_merged=False):
+    model = load_base_model(base)
+    pipe = make_pipeline(model)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), adapter_name="x")
+        pipe.set_adapters(["x"], [weight])
+    g = torch.Generator().manual_seed(0)
+    ids = pipe.tokenizer(["a red circle, neon"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids)[0]
+    sample = torch.randn(1, 4, 4, 4, generator=g)
+    return hidden, pipe.unet(sample, torch.tensor([500]), hidden).sample
+
+
+def test_the_training_run_verified_its_own_file(trained):
+    result, _ = trained
+    assert result.verified and "0 unmatched keys" in result.verified
+
+
+def test_convert_round_trip_kohya_diffusers_kohya_is_bit_identical(trained, tmp_path):
+    result, base = trained
+    src = _mixed_alphas(result.lora_path, tmp_path / "mixed.safetensors")
+    assert main(["convert", str(src), str(tmp_path / "d.safetensors"), "--to", "diffusers", "--base", str(base)]) == 0
+    assert main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya"]) == 0
+    original, back = load_file(str(src)), load_file(str(tmp_path / "k.safetensors"))
+    assert set(original) == set(back)
+    assert all(torch.equal(original[k], back[k]) for k in original)  # alphas included, no folding needed
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_dim"] == "8"
+    assert meta["sshs_model_hash"] != json.loads("{}").get("x", "")  # recomputed for the new file
+
+
+def test_converted_file_gives_the_same_outputs_in_diffusers(trained, tmp_path):
+    result, base = trained
+    main(["convert", str(result.lora_path), str(tmp_path / "d.safetensors"), "--to", "diffusers", "--base", str(base)])
+    plain_h, plain_u = _outputs(base)
+    kohya_h, kohya_u = _outputs(base, result.lora_path)
+    diff_h, diff_u = _outputs(base, tmp_path / "d.safetensors")
+    assert (kohya_u - plain_u).abs().max() > 1e-4 and (kohya_h - plain_h).abs().max() > 1e-4  # the LoRA acts
+    torch.testing.assert_close(diff_h, kohya_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diff_u, kohya_u, rtol=1e-5, atol=1e-5)
+
+
+def test_per_module_alphas_survive_conversion_and_verify_flags_loaders_that_drop_them(trained, tmp_path):
+    """Measured with diffusers 0.42.1: a kohya file whose modules have different alphas is applied with the
+    wrong strength by load_lora_weights (its alpha_pattern keys come out in the old attn-processor naming and
+    are ignored). Our diffusers file keeps every alpha: it gives what the baked checkpoint (our own
+    arithmetic, as A1111/ComfyUI apply it) gives; and verify reports the kohya file's diffusers problem."""
+    result, base = trained
+    mixed = _mixed_alphas(result.lora_path, tmp_path / "mixed.safetensors")
+    main(["convert", str(mixed), str(tmp_path / "d.safetensors"), "--to", "diffusers", "--base", str(base)])
+    main(["merge", "--base", str(base), "--lora", str(mixed), "--out", str(tmp_path / "baked.safetensors")])
+    diff_h, diff_u = _outputs(base, tmp_path / "d.safetensors")
+    baked_h, baked_u = _outputs(tmp_path / "baked.safetensors")
+    torch.testing.assert_close(diff_h, baked_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diff_u, baked_u, rtol=1e-5, atol=1e-5)
+    assert verify(tmp_path / "d.safetensors", base).ok
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"):
+        report = verify(mixed, base)
+    assert report.wrong_strength and not report.unmatched
+
+
+def test_merged_checkpoint_equals_the_lora_applied_at_run_time(trained, tmp_path):
+    result, base = trained
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", "--base", str(base), "--lora", f"{result.lora_path}:0.8", "--out", str(merged)]) == 0
+    live_h, live_u = _outputs(base, result.lora_path, weight=0.8)
+    baked_h, baked_u = _outputs(merged)
+    torch.testing.assert_close(baked_h, live_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(baked_u, live_u, rtol=1e-5, atol=1e-5)
+    with safe_open(str(merged), "pt") as f, safe_open(str(base), "pt") as g:
+        assert set(f.keys()) == set(g.keys())  # same layout: A1111/ComfyUI load it as any checkpoint
+        assert f.metadata()["lora_scripts.architecture"] == g.metadata()["lora_scripts.architecture"]
+
+
+def test_merging_loras_into_one_is_exact_when_ranks_are_stacked(trained, tmp_path):
+    result, _ = trained
+    a = read_lora(result.lora_path)
+    b = read_lora(_mixed_alphas(result.lora_path, tmp_path / "b.safetensors"))
+    merged, _ = combine([(a, 0.8), (b, -0.3)])
+    for name, m in merged.modules.items():
+        expected = 0.8 * a.modules[name].delta() - 0.3 * b.modules[name].delta()
+        torch.testing.assert_close(m.delta(), expected, rtol=1e-5, atol=1e-7)
+    assert {m.rank for m in merged.modules.values()} == {16}
+    assert main(["merge", "--lora", f"{result.lora_path}:0.8", "--lora", f"{tmp_path / 'b.safetensors'}:0.5",
+                 "--rank", "4", "--out", str(tmp_path / "m4.safetensors")]) == 0
+    assert {m.rank for m in read_lora(tmp_path / "m4.safetensors").modules.values()} == {4}
+
+
+def test_resize_to_full_rank_is_lossless_and_a_cut_keeps_the_reported_energy(trained, tmp_path, capsys):
+    result, _ = trained
+    lora = read_lora(result.lora_path)
+    full, kept = resize(lora, 8)
+    for name, m in full.modules.items():
+        torch.testing.assert_close(m.delta(), lora.modules[name].delta(), rtol=1e-4, atol=1e-6)
+    assert all(k.energy == pytest.approx(1.0, abs=1e-6) for k in kept)
+    cut, kept = resize(lora, 2)
+    for k in kept:
+        d, approx = lora.modules[k.name].delta(), cut.modules[k.name].delta()
+        residual = float((d - approx).norm() ** 2 / d.norm() ** 2)
+        assert k.rank_after == 2 and k.energy == pytest.approx(1 - residual, abs=1e-4)
+    assert main(["resize", str(result.lora_path), str(tmp_path / "r2.safetensors"), "--rank", "2"]) == 0
+    assert "kept energy" in capsys.readouterr().out
+    assert verify(tmp_path / "r2.safetensors", trained[1]).ok
+
+
+def test_verify_reports_a_mangled_key(trained, tmp_path, capsys):
+    result, base = trained
+    state = load_file(str(result.lora_path))
+    victim = next(k for k in sorted(state) if k.startswith("lora_unet_") and "attn1_to_q" in k)
+    module = victim.split(".")[0]
+    for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+        state[f"{module.replace('attn1_to_q', 'attn1_toq')}.{suffix}"] = state.pop(f"{module}.{suffix}")
+    bad = tmp_path / "mangled.safetensors"
+    save_file(state, str(bad))
+    report = verify(bad, base)
+    assert not report.ok and report.unmatched == [module.replace("attn1_to_q", "attn1_toq")]
+    assert main(["verify", str(bad), "--base", str(base)]) == 1
+    assert "1 modules match no layer of the base" in capsys.readouterr().err
+
+
+def test_verify_catches_a_lost_alpha(trained, tmp_path):
+    """A file whose alphas were dropped loads everywhere but at the wrong strength: that must not pass as fine."""
+    result, base = trained
+    state = load_file(str(result.lora_path))
+    no_alpha = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    save_file(no_alpha, str(tmp_path / "no_alpha.safetensors"))
+    d = describe(tmp_path / "no_alpha.safetensors")
+    assert any("no .alpha" in w for w in d.warnings)
+    # Without alphas every loader uses alpha = rank; our own reading agrees, so verify passes (consistent) ...
+    assert verify(tmp_path / "no_alpha.safetensors", base).ok
+    # ... and the strength really doubled against the original file (alpha 4, rank 8).
+    a, b = read_lora(result.lora_path), read_lora(tmp_path / "no_alpha.safetensors")
+    name = next(iter(a.modules))
+    torch.testing.assert_close(b.modules[name].delta(), 2 * a.modules[name].delta())
+
+
+def test_inspect_reports_format_ranks_tags_and_what_loaders_drop(trained, tmp_path, capsys):
+    result, _ = trained
+    assert main(["inspect", str(result.lora_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "kohya" and info["ranks"] == {"8": info["modules"]} and info["alphas"] == {"4.0": info["modules"]}
+    assert "neon" in info["trigger_words"] and info["warnings"] == []
+    assert set(info["blocks"]) >= {"text_encoder", "unet.down_0", "unet.mid"}
+    state = load_file(str(result.lora_path))
+    state["lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a"] = torch.zeros(2, 2)  # LyCORIS LoHa key
+    save_file(state, str(tmp_path / "odd.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    d = describe(tmp_path / "odd.safetensors")
+    assert any("would be dropped" in w and "hada_w1_a" in w for w in d.warnings)
+
+
+def test_sd15_table_names_every_golden_module_and_its_checkpoint_key():
+    """The kohya names of all three presets (golden lists) resolve to weights of SD1.5's original layout."""
+    from conftest import REPO
+
+    table = sd15_table()
+    for path in (REPO / "tests" / "golden").glob("*.txt"):
+        for name in path.read_text().split():
+            entry = table[name]
+            assert entry.ldm_key.startswith(("model.diffusion_model.", "cond_stage_model.transformer.text_model."))
+    e = table["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert e.ldm_key == "model.diffusion_model.input_blocks.1.1.proj_in.weight" and e.shape == (320, 320, 1, 1)
+    e = table["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"]
+    assert e.ldm_key == "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"
+    assert e.shape == (320, 768)
