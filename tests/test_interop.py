@@ -77,7 +77,22 @@ def test_convert_round_trip_kohya_diffusers_kohya_is_bit_identical(trained, tmp_
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_dim"] == "8"
-    assert meta["sshs_model_hash"] != json.loads("{}").get("x", "")  # recomputed for the new file
+    # What A1111's additional-networks hashes on disk: the bytes after the header, for the file as written.
+    assert meta["sshs_model_hash"] == _payload_sha256(tmp_path / "k.safetensors")
+    assert _payload_sha256(result.lora_path) == _meta(result.lora_path)["sshs_model_hash"]
+    assert back["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].dim() == 4  # 1x1 conv stays 4-D
+
+
+def _payload_sha256(path):
+    import hashlib
+
+    blob = path.read_bytes()
+    return hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest()
+
+
+def _meta(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def test_converted_file_gives_the_same_outputs_in_diffusers(trained, tmp_path):
