@@ -47,14 +47,18 @@ def write_metadata(path: Path, rows: list[tuple[str, str]], text_col: str = "tex
     return path
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    """8 images of 32 px with a metadata.csv, in tmp_path/data/sci_lab_train."""
-    folder = tmp_path / "data" / "sci_lab_train"
+def write_dataset(root: Path) -> Path:
+    """8 images of 32 px with a metadata.csv, in root/data/sci_lab_train (where seed_config points)."""
+    folder = root / "data" / "sci_lab_train"
     names = make_images(folder, 8)
     write_metadata(folder / "metadata.csv",
                    [(n, f"sci lab {i}, glowing consoles, neon lighting, digital art") for i, n in enumerate(names)])
     return folder
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path)
 
 
 def seed_config(tmp_path: Path, base: Path, **overrides) -> Path:

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import seed_config
+from conftest import seed_config, write_dataset
 from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.families.loading import load_base_model
@@ -23,12 +23,8 @@ from lora_scripts.trainer import train
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_ckpt):
     """A tiny UNet + text-encoder LoRA with alpha != rank (so a lost alpha shows as a 2x strength error)."""
-    from conftest import make_images, write_metadata
-
     root = tmp_path_factory.mktemp("interop")
-    folder = root / "data" / "sci_lab_train"
-    names = make_images(folder, 8)
-    write_metadata(folder / "metadata.csv", [(n, f"sci lab {i}, consoles, neon") for i, n in enumerate(names)])
+    write_dataset(root)
     cfg = load_config(seed_config(root, tiny_ckpt, max_train_steps=4, lora_rank=8, lora_alpha=4, learning_rate=5e-3,
                                   train_text_encoder=True, save_precision="fp32"))
     result = train(cfg)
@@ -205,7 +201,7 @@ def test_inspect_reports_format_ranks_tags_and_what_loaders_drop(trained, tmp_pa
     assert main(["inspect", str(result.lora_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "kohya" and info["ranks"] == {"8": info["modules"]} and info["alphas"] == {"4.0": info["modules"]}
-    assert "neon" in info["trigger_words"] and info["warnings"] == []
+    assert "neon lighting" in info["trigger_words"] and info["warnings"] == []
     assert set(info["blocks"]) >= {"text_encoder", "unet.down_0", "unet.mid"}
     state = load_file(str(result.lora_path))
     state["lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a"] = torch.zeros(2, 2)  # LyCORIS LoHa key

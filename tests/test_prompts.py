@@ -12,3 +12,15 @@ def test_lora_tags_are_parsed_and_removed():
 def test_unreadable_weight_is_an_error():
     with pytest.raises(ValueError, match="not a number"):
         parse_prompt("a lab <lora:x:strong>")
+
+
+def test_spaces_extra_fields_negative_and_repeated_tags():
+    text, refs = parse_prompt("<lora: neon lab : 0.5 >a lab,<lora:arm:-0.3:lbw=OUTD>, night <lora:neon lab>")
+    assert text == "a lab, night"
+    assert refs == [LoraRef("neon lab", 0.5), LoraRef("arm", -0.3), LoraRef("neon lab", 1.0)]
+
+
+@pytest.mark.parametrize("bad", ["a lab <lora:neon:0.5", "a lab <lora::0.5>", "<lora:>"])
+def test_unclosed_or_nameless_tags_are_errors(bad):
+    with pytest.raises(ValueError, match="not closed|no name|not a number"):
+        parse_prompt(bad)

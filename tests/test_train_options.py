@@ -18,6 +18,9 @@ def test_all_options_together(tmp_path, dataset, tiny_ckpt):
         save_every_n_epochs=1, batch_size=2, dataloader_workers=1))
     result = train(cfg)
     assert result.steps == 3 and torch.isfinite(torch.tensor(result.final_loss))
+    # qv on the text encoder: a file diffusers' kohya reader rejects (its limitation); the self-test still checks
+    # every layer through the diffusers-layout conversion and passes.
+    assert "0 unmatched keys" in result.verified
     # 8 images / batch 2 = 4 batches, accumulated by 2 -> 2 steps per epoch -> epoch 1 ends at step 2
     assert (cfg.output_dir / "sci_lab_lora-000001.safetensors").is_file()
     with safe_open(str(result.lora_path), "pt") as f:

@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_toy_sets)
-    from .interop.commands import add_commands
+    from .generate_cli import add_commands as add_generate
+    from .interop.commands import add_commands as add_interop
 
-    add_commands(sub)
+    add_generate(sub)
+    add_interop(sub)
     return parser
 
 

@@ -13,13 +13,25 @@ from .errors import ConfigError
 
 TargetPreset = Literal["kohya", "attn", "qv"]
 SCHEMA_VERSION = 1
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir")
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir", "validation_dir")
 
 
 def _f(default: Any, help: str, typical: str | None = None, **kw: Any) -> Any:
     """A field whose one-line help is shown by `init`, the docs and error messages."""
     extra = {"typical": typical} if typical else None
     return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+class SamplePrompt(BaseModel):
+    """One preview image drawn during training; a plain string in the YAML is just the prompt."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(..., description="may weight this run's LoRA: <lora:OUTPUT_NAME:0.6> (default strength 1)")
+    negative: str = ""
+    seed: int | None = Field(None, description="default: the config's seed + the prompt's position")
+    steps: int | None = Field(None, ge=1, le=200)
+    cfg: float | None = Field(None, ge=0)
+    size: int | None = Field(None, ge=64, le=4096, description="square side in pixels; default: resolution")
 
 
 class TrainConfig(BaseModel):
@@ -82,6 +94,20 @@ class TrainConfig(BaseModel):
     on_nonfinite: Literal["skip", "stop"] = _f(
         "skip", "on a NaN/inf loss or gradient: skip = drop that step (stop after 3 in a row), stop = stop at once; "
         "no NaN weights are ever saved and the last checkpoint stays valid")
+    # --- previews and validation ---------------------------------------------------------------------
+    sample_prompts: list[str | SamplePrompt] = _f(
+        [], "prompts drawn during training into output_dir/samples (and TensorBoard); each a string or "
+        "{prompt, negative, seed, steps, cfg, size}; <lora:OUTPUT_NAME:0.6> sets this run's strength")
+    sample_every_n_steps: int | None = _f(None, "draw the sample_prompts every N optimizer steps", ge=1)
+    sample_every_n_epochs: int | None = _f(None, "draw the sample_prompts after every N epochs", ge=1)
+    sample_steps: int = _f(20, "denoising steps per sample image", "20-30", ge=1, le=200)
+    sample_sampler: Literal["euler_a", "euler", "ddim", "dpm++"] = _f("euler_a", "sampler for sample images")
+    sample_cfg: float = _f(7.0, "guidance scale for sample images", "5-8", ge=0)
+    validation_split: float = _f(0.0, "hold out this share of the images (chosen by seed) to measure validation "
+                                 "loss; 0 = none", "0.1", ge=0, lt=0.9)
+    validation_dir: Path | None = _f(None, "a separate folder of captioned images for validation loss "
+                                     "(instead of validation_split)")
+    validate_every_n_steps: int | None = _f(None, "validation loss every N steps; default: after every epoch", ge=1)
     verify_after_training: bool = _f(
         True, "after saving, reload the LoRA as diffusers and A1111/ComfyUI do and check every key is applied "
         "(seconds; the base model is read once more)")
@@ -111,6 +137,18 @@ class TrainConfig(BaseModel):
             raise ValueError("file does not exist; download an SD1.x checkpoint (e.g. v1-5-pruned.safetensors) and point base_model at it")
         return v
 
+    @field_validator("validation_dir")
+    @classmethod
+    def _validation_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError("folder does not exist; point it at captioned images the LoRA does not train on")
+        return v
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts_as_objects(cls, v: list) -> list:
+        return [SamplePrompt(prompt=p) if isinstance(p, str) else p for p in v]
+
     @field_validator("bucket_reso_steps", "resolution")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
@@ -129,6 +167,8 @@ class TrainConfig(BaseModel):
     def _cross_field(self) -> "TrainConfig":
         if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
+        if self.validation_split and self.validation_dir:
+            raise ValueError("set validation_split or validation_dir, not both")
         return self
 
     # --- derived values (never written back) ---------------------------------------------------

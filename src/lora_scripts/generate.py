@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, StableDiffusionPipeline)
 from PIL import Image
 
 from .families.loading import BaseModel, quiet_loading
 
-SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler,
+              "dpm++": DPMSolverMultistepScheduler}
 
 
 def make_pipeline(model: BaseModel, scheduler: str = "ddim") -> StableDiffusionPipeline:

@@ -7,7 +7,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,7 @@ class TrainResult:
     seconds: float
     num_images: int
     verified: str | None = None  # the post-training self-test's summary (None: not run)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
 class _Loop:
@@ -99,12 +100,39 @@ def fit(trainer: Trainer, resume: Path | None = None) -> TrainResult:
                 _interrupt(trainer, loop, facts, metrics)
             if loop.step >= trainer.max_steps and loop.consumed < len(trainer.loader):
                 break
-            _end_epoch(trainer, loop, facts)
+            _end_epoch(trainer, loop, facts, metrics)
     bar.close()
+    # The finished LoRA gets a last validation loss and preview images before the files are closed.
+    _observe(trainer, loop, metrics, validate=bool(trainer.validator), sample=bool(trainer.previews.plans))
     lora_path, diffusers_path = _save_final(trainer, loop, facts, metrics)
     verified = _self_test(config, lora_path) if acc.is_main_process else None
-    return TrainResult(lora_path, diffusers_path, out, loop.step, loop.epoch, loop.last_loss,
-                       metrics.losses if metrics else [], time.time() - started, len(trainer.samples), verified)
+    result = TrainResult(lora_path, diffusers_path, out, loop.step, loop.epoch, loop.last_loss,
+                         metrics.losses if metrics else [], time.time() - started, len(trainer.samples), verified,
+                         list(metrics.validation) if metrics else [])
+    if acc.is_main_process:
+        write_summary(result, config)
+    return result
+
+
+def write_summary(result: TrainResult, config) -> None:
+    """summary.json: what `compare` and the web UI read about a finished run."""
+    import json
+
+    from .metrics import smooth
+
+    best = min(result.validation, key=lambda sv: sv[1]) if result.validation else None
+    summary = {
+        "name": config.name, "lora": str(result.lora_path), "steps": result.steps, "epochs": result.epochs,
+        "seconds": round(result.seconds, 1), "images": result.num_images,
+        "final_loss": result.final_loss, "final_loss_smoothed": smooth(result.losses)[-1] if result.losses else None,
+        "validation_loss": result.validation[-1][1] if result.validation else None,
+        "best_validation": {"step": best[0], "loss": best[1]} if best else None,
+        "validation": [{"step": s, "loss": v} for s, v in result.validation],
+        "settings": {k: config.to_yaml_dict()[k] for k in ("lora_rank", "lora_alpha", "epochs", "learning_rate",
+                                                           "batch_size", "resolution", "lora_targets")},
+        "self_test": result.verified,
+    }
+    atomic_write_text(config.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
 def _self_test(config, lora_path: Path) -> str | None:
@@ -120,7 +148,7 @@ def _self_test(config, lora_path: Path) -> str | None:
     if not report.ok:
         raise TrainingError(f"the LoRA was written but failed its self-test; please report this as a bug.\n"
                             f"{report.summary()}")
-    log.info("self-test passed: %s", report.summary())
+    (log.warning if report.notes else log.info)("self-test passed: %s", report.summary())
     return report.summary()
 
 
@@ -202,6 +230,9 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
         bar.set_postfix(epoch=f"{loop.epoch + 1}/{trainer.num_epochs}", loss=f"{loop.last_loss:.4f}", lr=f"{lr:.2e}")
         if config.save_steps and loop.step % config.save_steps == 0 and loop.step < trainer.max_steps:
             save_checkpoint(trainer, loop, facts, metrics)
+        if loop.step < trainer.max_steps:
+            _observe(trainer, loop, metrics, validate=trainer.validator.due(loop.step),
+                     sample=trainer.previews.due(loop.step))
         if loop.step >= trainer.max_steps or _stop_requested(trainer, loop):
             return
 
@@ -213,10 +244,27 @@ def _stop_requested(trainer: Trainer, loop: _Loop) -> bool:
     return loop.stop_requested
 
 
-def _end_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None) -> None:
+def _observe(trainer: Trainer, loop: _Loop, metrics: MetricsLogger | None, validate: bool, sample: bool) -> None:
+    """Validation loss and preview images: main process only, the others wait (nothing here trains)."""
+    if not (validate or sample):
+        return
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        if validate and (not metrics.validation or metrics.validation[-1][0] != loop.step):
+            metrics.log_validation(loop.step, trainer.validator.loss())
+        if sample:
+            trainer.previews.run(loop.step, metrics.tensorboard)
+        metrics.plot()
+    acc.wait_for_everyone()
+
+
+def _end_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None = None) -> None:
     config = trainer.config
     loop.epoch += 1
     loop.consumed = 0
+    if loop.step < trainer.max_steps:
+        every_epoch = bool(trainer.validator) and config.validate_every_n_steps is None
+        _observe(trainer, loop, metrics, validate=every_epoch, sample=trainer.previews.due(loop.step, loop.epoch))
     n = config.save_every_n_epochs
     if n and loop.epoch % n == 0 and loop.step < trainer.max_steps and trainer.accelerator.is_main_process:
         path = config.output_dir / f"{config.name}-{loop.epoch:06d}.safetensors"

@@ -12,6 +12,7 @@ from pathlib import Path
 from .atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -23,7 +24,8 @@ def smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def plot_loss(path: Path, steps: list[int], losses: list[float], title: str) -> Path:
+def plot_loss(path: Path, steps: list[int], losses: list[float], title: str,
+              validation: list[tuple[int, float]] = ()) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,6 +35,9 @@ def plot_loss(path: Path, steps: list[int], losses: list[float], title: str) -> 
     ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss per step")
     if len(losses) > 1:
         ax.plot(steps, smooth(losses), color="#08519c", linewidth=2, label="smoothed (EMA 0.9)")
+    if validation:
+        ax.plot([s for s, _ in validation], [v for _, v in validation], "o-", color="#e6550d", linewidth=2,
+                markersize=4, label="validation (fixed noise)")
     ax.set(xlabel="optimizer step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -48,6 +53,8 @@ class MetricsLogger:
 
     def __init__(self, output_dir: Path, log_dir: Path, title: str, resume_step: int = 0):
         self.csv_path = output_dir / "loss.csv"
+        self.val_path = output_dir / "val_loss.csv"
+        self.validation: list[tuple[int, float]] = []
         self.png_path = output_dir / "loss.png"
         self.title = title
         self.steps: list[int] = []
@@ -58,19 +65,20 @@ class MetricsLogger:
         self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._csv)
         if new:
-            self._writer.writerow(["step", "epoch", "loss", "lr", "seconds"])
+            self._writer.writerow(list(_COLUMNS))
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(log_dir))
 
     def _read_existing(self, resume_step: int) -> None:
-        if not self.csv_path.exists() or resume_step == 0:
-            self.csv_path.unlink(missing_ok=True)
-            return
-        with open(self.csv_path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        """On resume, keep the rows up to the checkpoint's step (later ones will be logged again)."""
+        self.steps, self.losses = [], []
+        rows = _rows_up_to(self.csv_path, resume_step)
         self.steps = [int(r["step"]) for r in rows]
         self.losses = [float(r["loss"]) for r in rows]
+        _rewrite(self.csv_path, list(_COLUMNS), [[r[c] for c in _COLUMNS] for r in rows])
+        self.validation = [(int(r["step"]), float(r["val_loss"])) for r in _rows_up_to(self.val_path, resume_step)]
+        _rewrite(self.val_path, ["step", "val_loss"], [[s, f"{v:.6f}"] for s, v in self.validation])
 
     def log(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
         self.steps.append(step)
@@ -80,6 +88,21 @@ class MetricsLogger:
         self._tb.add_scalar("loss", loss, step)
         self._tb.add_scalar("lr", lr, step)
         self._check_divergence()
+
+    def log_validation(self, step: int, loss: float) -> None:
+        self.validation.append((step, loss))
+        new = not self.val_path.exists()
+        with open(self.val_path, "a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "val_loss"])
+            w.writerow([step, f"{loss:.6f}"])
+        self._tb.add_scalar("loss/validation", loss, step)
+        log.info("step %d: validation loss %.5f", step, loss)
+
+    @property
+    def tensorboard(self):
+        return self._tb
 
     def _check_divergence(self) -> None:
         if self._warned_divergence or len(self.losses) < 60:
@@ -94,9 +117,27 @@ class MetricsLogger:
 
     def plot(self) -> Path | None:
         self._tb.flush()
-        return plot_loss(self.png_path, self.steps, self.losses, self.title) if self.steps else None
+        return plot_loss(self.png_path, self.steps, self.losses, self.title, self.validation) if self.steps else None
 
     def close(self) -> None:
         self.plot()
         self._csv.close()
         self._tb.close()
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    if not path.exists() or step == 0:
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+
+
+def _rewrite(path: Path, header: list[str], rows: list[list]) -> None:
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())

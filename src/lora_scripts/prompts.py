@@ -26,5 +26,9 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
             raise ValueError(f"{m[0]}: weight {raw!r} is not a number (e.g. <lora:{m[1]}:0.8>)") from None
         refs.append(LoraRef(m[1].strip(), weight))
     text = _TAG.sub("", prompt)
+    if "<lora:" in text:
+        # A typo such as a missing '>' would otherwise send the tag's text to the encoder and load nothing.
+        bad = text[text.index("<lora:"):][:40]
+        raise ValueError(f"{bad!r}: a <lora:NAME:WEIGHT> tag is not closed with '>' or has no name")
     text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)  # tags removed from a comma list leave empty items
     return text.strip().strip(",").strip(), refs

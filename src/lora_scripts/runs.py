@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Keys that change where or how often files are written, not what is learned.
 _NOT_HASHED = {"save_steps", "save_every_n_epochs", "save_last_n", "save_format", "logging_dir",
-               "dataloader_workers", "output_dir"}
+               "dataloader_workers", "output_dir", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
+               "sample_steps", "sample_sampler", "sample_cfg", "validate_every_n_steps", "verify_after_training"}
 
 
 def _hashed(config: TrainConfig) -> dict:

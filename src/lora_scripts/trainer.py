@@ -28,6 +28,8 @@ from .lora import inject_lora, lora_parameters, text_encoder_target_modules, une
 from .loop import TrainResult, fit
 from .losses import diffusion_loss, sample_noise, training_target
 from .runs import check_output_dir, record_run
+from .samples import PreviewSampler, plan_samples
+from .validation import Validator, split_samples
 
 log = logging.getLogger(__name__)
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,6 +60,8 @@ class Trainer:
         self.model = self.setup_model()
         self.setup_loader(self.model)
         self.setup_optimizer(self.model)
+        self.previews = PreviewSampler(self)
+        self.validator = Validator(self, self.val_samples)
         return self
 
     def fit(self, resume: Path | None = None) -> TrainResult:
@@ -65,7 +69,8 @@ class Trainer:
 
     def check_data(self) -> None:
         cfg = self.config
-        self.samples = scan_dataset(cfg)
+        plan_samples(cfg)  # a bad sample prompt is a config error now, not a crash at the first preview
+        self.samples, self.val_samples = split_samples(scan_dataset(cfg), cfg)
         self.items = build_items(self.samples, cfg)
         if cfg.batch_size > len(self.items):
             raise DatasetError([f"batch_size {cfg.batch_size} is larger than the dataset ({len(self.items)} images "

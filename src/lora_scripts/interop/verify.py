@@ -35,6 +35,7 @@ class VerifyReport:
     wrong_strength: list[str] = field(default_factory=list)  # applied, but not as alpha/rank says
     zero: bool = False  # every update is zero: the LoRA does nothing
     max_rel_error: float = 0.0
+    notes: list[str] = field(default_factory=list)  # loader limitations worked around (not failures)
 
     @property
     def ok(self) -> bool:
@@ -56,8 +57,9 @@ class VerifyReport:
 
     def summary(self) -> str:
         if self.ok:
+            notes = "".join(f"\n  note: {n}" for n in self.notes)
             return (f"{self.path.name}: {self.modules} modules, 0 unmatched keys; every layer applied by name "
-                    f"(A1111/ComfyUI) and by diffusers, max deviation {self.max_rel_error:.1e}")
+                    f"(A1111/ComfyUI) and by diffusers, max deviation {self.max_rel_error:.1e}{notes}")
         return f"{self.path.name} FAILED verification:\n" + "\n".join(f"  - {p}" for p in self.problems())
 
 
@@ -82,6 +84,41 @@ def _check_names(lora: LoraFile, base: Path, report: VerifyReport) -> None:
             report.wrong_shape.append(f"{name}: {tuple(m.delta().shape)} vs {tuple(shapes[entry.ldm_key])}")
 
 
+def _load_into(pipe, lora: LoraFile, lora_path: Path, table, report: VerifyReport) -> None:
+    """diffusers' own loader on the file; where diffusers cannot read a valid kohya file (measured with 0.42.1:
+    a text-encoder LoRA on q_proj/v_proj only fails with "Could not automatically infer state dict type"), the
+    file's diffusers-layout conversion is checked instead and the limitation is noted."""
+    import tempfile
+
+    import diffusers
+
+    from .lora_file import write_diffusers
+
+    try:
+        with quiet_loading():
+            pipe.load_lora_weights(str(lora_path), adapter_name="verify")
+        return
+    except ValueError as exc:
+        if lora.format != "kohya":
+            raise
+        # The failed load may have left the UNet half of the adapter in place.
+        for component in (pipe.unet, pipe.text_encoder):
+            if "verify" in getattr(component, "peft_config", {}):
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                for module in component.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        module.delete_adapter("verify")
+                del component.peft_config["verify"]
+        with tempfile.TemporaryDirectory() as tmp:
+            converted = write_diffusers(lora, Path(tmp) / "converted.safetensors", table)
+            with quiet_loading():
+                pipe.load_lora_weights(str(converted), adapter_name="verify")
+        report.notes.append(f"diffusers {diffusers.__version__} cannot read this kohya file itself ({exc}); A1111 "
+                            "and ComfyUI can. For diffusers use save_format: diffusers or `lora-scripts convert "
+                            "--to diffusers`, which was checked here")
+
+
 def _weight(module: torch.nn.Module) -> torch.Tensor:
     return (module.base_layer if hasattr(module, "base_layer") else module).weight
 
@@ -98,8 +135,7 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: Verify
     targets = {name: components[table[name].component].get_submodule(table[name].path) for name in lora.modules}
     before = {name: _weight(mod).detach().float().clone() for name, mod in targets.items()}
     pipe = make_pipeline(model)
-    with quiet_loading():
-        pipe.load_lora_weights(str(lora_path), adapter_name="verify")
+    _load_into(pipe, lora, lora_path, table, report)
     pipe.fuse_lora(lora_scale=1.0, adapter_names=["verify"])
     for name, m in sorted(lora.modules.items()):
         expected = m.delta()

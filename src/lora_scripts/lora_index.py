@@ -1,0 +1,43 @@
+"""Find LoRA files by the name a prompt uses (`<lora:NAME:0.8>`), the way A1111 does: the file's stem, looked
+up in our output folders and any A1111 `models/Lora` folder."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from .errors import LoraScriptsError
+
+DEFAULT_DIRS = (Path("output"), Path("models/Lora"))
+# Inside a run's output_dir: resumable checkpoints repeat the final file's name; they are not separate LoRAs.
+_SKIPPED_PARTS = {"checkpoints", "samples", "logs"}
+_NOT_LORAS = {"pytorch_lora_weights"}  # diffusers' fixed file name: found by folder, not by this name
+
+
+def index_loras(dirs: list[Path]) -> dict[str, Path]:
+    """name -> file. With two files of one name the shallower path wins (a run's final file over copies)."""
+    found: dict[str, Path] = {}
+    for root in dirs:
+        root = Path(root)
+        if root.is_file():
+            found.setdefault(root.stem, root)
+            continue
+        if not root.is_dir():
+            continue
+        files = sorted(root.rglob("*.safetensors"), key=lambda p: (len(p.parts), str(p)))
+        for path in files:
+            if _SKIPPED_PARTS.intersection(path.relative_to(root).parts[:-1]) or path.stem in _NOT_LORAS:
+                continue
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resolve(name: str, index: dict[str, Path], dirs: list[Path]) -> Path:
+    if name in index:
+        return index[name]
+    close = difflib.get_close_matches(name, list(index), n=3, cutoff=0.5)
+    where = ", ".join(str(d) for d in dirs) or "(no folders given)"
+    hint = f" Did you mean: {', '.join(close)}?" if close else (
+        f" Known LoRAs: {', '.join(sorted(index)[:10])}." if index else " No LoRA files were found there.")
+    raise LoraScriptsError(f"<lora:{name}:...>: no LoRA named {name!r} in {where}.{hint} "
+                           "Add its folder with --lora-dir.")

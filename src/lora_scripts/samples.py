@@ -1,0 +1,136 @@
+"""Preview images during training: the sample_prompts drawn with the LoRA as it is at that step, written to
+output_dir/samples/ (with A1111 parameters) and to TensorBoard.
+
+The pipeline wraps the models being trained, so nothing is copied or reloaded; a `<lora:OUTPUT_NAME:W>` tag
+scales this run's LoRA for that image. Sampling never touches the training RNG streams or the weights, so a
+run with previews ends bit-identical to one without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import SamplePrompt, TrainConfig
+from .errors import ConfigError
+from .generate import SCHEDULERS, generate
+from .pnginfo import Parameters, save_png
+from .prompts import parse_prompt
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    prompt: str  # as written, tags included
+    text: str  # sent to the text encoder
+    strength: float
+    negative: str
+    seed: int
+    steps: int
+    cfg: float
+    size: int
+
+
+def plan_samples(config: TrainConfig) -> list[PlannedSample]:
+    """Checked before training starts: a tag naming another LoRA is a config error, not a crash at step 500."""
+    plans, problems = [], []
+    for i, sp in enumerate(config.sample_prompts):
+        sp = sp if isinstance(sp, SamplePrompt) else SamplePrompt(prompt=sp)
+        try:
+            text, refs = parse_prompt(sp.prompt)
+        except ValueError as exc:
+            problems.append(f"sample_prompts.{i}: {exc}")
+            continue
+        others = [r.name for r in refs if r.name != config.name]
+        if others:
+            problems.append(f"sample_prompts.{i}: <lora:{others[0]}:...> is not this run; samples can only weight "
+                            f"this run's LoRA, <lora:{config.name}:0.6>")
+        strength = sum(r.weight for r in refs) if refs else 1.0
+        plans.append(PlannedSample(sp.prompt, text, strength, sp.negative, config.seed + i if sp.seed is None else sp.seed,
+                                   sp.steps or config.sample_steps, config.sample_cfg if sp.cfg is None else sp.cfg,
+                                   sp.size or config.resolution))
+    if problems:
+        raise ConfigError("sample_prompts", problems)
+    return plans
+
+
+@contextlib.contextmanager
+def lora_strength(models: list[torch.nn.Module], strength: float):
+    """Scale every LoRA layer's output by `strength` for the duration (peft keeps alpha/r in `scaling`)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    try:
+        for m in layers:
+            for name in m.scaling:
+                m.scaling[name] *= strength
+        yield
+    finally:
+        for m, s in zip(layers, saved):
+            m.scaling.update(s)
+
+
+class PreviewSampler:
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.config = trainer.config
+        self.plans = plan_samples(trainer.config)
+        self.folder = trainer.config.output_dir / "samples"
+        self._pipe = None
+
+    def due(self, step: int, epoch_end: int | None = None) -> bool:
+        c = self.config
+        if not self.plans:
+            return False
+        if epoch_end is not None:
+            return bool(c.sample_every_n_epochs and epoch_end % c.sample_every_n_epochs == 0)
+        return bool(c.sample_every_n_steps and step % c.sample_every_n_steps == 0)
+
+    def pipe(self):
+        if self._pipe is None:
+            from diffusers import StableDiffusionPipeline
+
+            t, model = self.trainer, self.trainer.model
+            sched = SCHEDULERS[self.config.sample_sampler].from_config(model.noise_scheduler.config)
+            self._pipe = StableDiffusionPipeline(
+                vae=model.vae, text_encoder=t.accelerator.unwrap_model(t.text_encoder), tokenizer=model.tokenizer,
+                unet=t.accelerator.unwrap_model(t.unet), scheduler=sched, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    @torch.no_grad()
+    def run(self, step: int, tensorboard=None) -> list[Path]:
+        """Main process only. Models go to eval mode (no LoRA dropout) and back."""
+        pipe, acc = self.pipe(), self.trainer.accelerator
+        was_training = pipe.unet.training, pipe.text_encoder.training
+        pipe.unet.eval()
+        pipe.text_encoder.eval()
+        written = []
+        try:
+            for i, s in enumerate(self.plans):
+                with lora_strength([pipe.unet, pipe.text_encoder], s.strength), acc.autocast():
+                    image = generate(pipe, s.text, [s.seed], steps=s.steps, cfg=s.cfg, negative=s.negative,
+                                     size=(s.size, s.size))[0]
+                params = Parameters(s.prompt, s.negative, s.steps, self.config.sample_sampler, s.cfg, s.seed,
+                                    (s.size, s.size), Path(self.config.base_model).stem)
+                written.append(save_png(image, self.folder / f"step-{step:06d}-{i:02d}.png", params))
+                if tensorboard is not None:
+                    tensorboard.add_image(f"samples/{i:02d}", _chw(image), step)
+        finally:
+            pipe.unet.train(was_training[0])
+            pipe.text_encoder.train(was_training[1])
+        return written
+
+
+def _chw(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)

@@ -1,0 +1,99 @@
+"""Validation loss: the training objective on images the LoRA never trains on, with the noise and timesteps
+fixed per image, so the number is comparable between steps of one run and between runs.
+
+Latents come from the VAE's mean (no sampling) and are encoded once; captions are re-encoded each time
+because the text encoder may be training. The loss is plain MSE to the prediction target (no Min-SNR
+weighting), whatever the run's settings, so runs with different loss settings stay comparable.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data.dataset import build_items
+from .data.images import fit_to_bucket, open_rgb, to_tensor
+from .data.scan import Sample, scan_dataset
+from .losses import training_target
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+TIMESTEPS = (100, 300, 500, 700, 900)  # of 1000; spread over the schedule, the same for every run
+
+
+def split_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation). validation_split holds out a seed-chosen share (at least one image);
+    validation_dir reads a separate folder with the same rules as the training folder."""
+    if config.validation_dir:
+        metadata = config.validation_dir / "metadata.csv"
+        val_cfg = config.model_copy(update={"train_data_dir": config.validation_dir,
+                                            "metadata_path": metadata if metadata.is_file() else None})
+        return samples, scan_dataset(val_cfg)
+    if not config.validation_split:
+        return samples, []
+    n = max(1, round(len(samples) * config.validation_split))
+    if n >= len(samples):
+        from .errors import DatasetError
+
+        raise DatasetError([f"validation_split {config.validation_split} of {len(samples)} images leaves none to train on"],
+                           "Lower validation_split or add images.")
+    held = set(random.Random(f"{config.seed}/validation").sample(range(len(samples)), n))
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+class Validator:
+    def __init__(self, trainer: Trainer, samples: list[Sample]):
+        self.trainer = trainer
+        self.items = build_items([Sample(s.path, s.caption, 1, s.size) for s in samples], trainer.config)
+        self._latents: list[torch.Tensor] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def due(self, step: int) -> bool:
+        every = self.trainer.config.validate_every_n_steps
+        return bool(self.items and every and step % every == 0)
+
+    @torch.no_grad()
+    def _encode(self) -> list[torch.Tensor]:
+        if self._latents is None:
+            vae, device = self.trainer.model.vae, self.trainer.accelerator.device
+            self._latents = []
+            for item in self.items:
+                pixels = to_tensor(fit_to_bucket(open_rgb(item.sample.path), item.bucket, None), flip=False)
+                dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
+                self._latents.append(dist.mean.float() * vae.config.scaling_factor)
+        return self._latents
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        t, acc = self.trainer, self.trainer.accelerator
+        unet, te = acc.unwrap_model(t.unet), acc.unwrap_model(t.text_encoder)
+        was = unet.training, te.training
+        unet.eval()
+        te.eval()
+        sched, tok = t.model.noise_scheduler, t.model.tokenizer
+        total, count = 0.0, 0
+        try:
+            for i, (item, latents) in enumerate(zip(self.items, self._encode())):
+                ids = tok([item.sample.caption], padding="max_length", truncation=True,
+                          max_length=tok.model_max_length, return_tensors="pt").input_ids.to(acc.device)
+                hidden = te(ids)[0]
+                for ts in TIMESTEPS:
+                    g = torch.Generator().manual_seed(hash((t.config.seed, i, ts)) & 0x7FFF_FFFF)
+                    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+                    step = torch.tensor([ts], device=latents.device)
+                    noisy = sched.add_noise(latents, noise, step)
+                    with acc.autocast():
+                        pred = unet(noisy.to(t.weight_dtype), step, hidden.to(t.weight_dtype)).sample
+                    total += F.mse_loss(pred.float(), training_target(sched, latents, noise, step)).item()
+                    count += 1
+        finally:
+            unet.train(was[0])
+            te.train(was[1])
+        return total / count
