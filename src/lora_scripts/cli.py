@@ -37,6 +37,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.check import check_dataset
+
+    report = check_dataset(load_config(args.config, args.set), trigger=args.trigger, vram_gb=args.vram)
+    print(report.to_json() if args.json else report.text())
+    return 0 if report.ok else 1
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text
     from .init_config import starter_yaml
@@ -103,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("check", help="pre-flight report: bad images and captions, schedule, advice, memory estimate")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--trigger", help="trigger word every caption should contain (default: guessed)")
+    p.add_argument("--vram", type=float, metavar="GB", help="GPU memory you have; warns if the estimate exceeds it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_check)
     p = sub.add_parser("init", help="write a starter YAML for a folder of images")
     p.add_argument("data_dir")
     p.add_argument("--base", help="base model checkpoint (default: ./models/Stable-diffusion/v1-5-pruned.safetensors)")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from .config import TrainConfig
 from .data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
+from .data.check import dataset_warnings
 from .data.scan import scan_dataset
 from .errors import DatasetError, TrainingError
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
@@ -70,7 +71,11 @@ class Trainer:
     def check_data(self) -> None:
         cfg = self.config
         plan_samples(cfg)  # a bad sample prompt is a config error now, not a crash at the first preview
-        self.samples, self.val_samples = split_samples(scan_dataset(cfg), cfg)
+        scanned = scan_dataset(cfg)
+        if self.accelerator.is_main_process:
+            for finding in dataset_warnings(scanned, cfg):  # what `lora-scripts check` would say; not fatal
+                log.warning("check: %s", finding.message)
+        self.samples, self.val_samples = split_samples(scanned, cfg)
         self.items = build_items(self.samples, cfg)
         if cfg.batch_size > len(self.items):
             raise DatasetError([f"batch_size {cfg.batch_size} is larger than the dataset ({len(self.items)} images "

@@ -127,8 +127,9 @@ def _check(sample: Sample, config: TrainConfig) -> tuple[Sample | None, str | No
     return Sample(sample.path, sample.caption, sample.repeats, im.size), None
 
 
-def scan_dataset(config: TrainConfig) -> list[Sample]:
-    """Checked samples, each with its size. Raises DatasetError listing every problem (unless skip_bad_images)."""
+def collect(config: TrainConfig) -> tuple[list[Sample], list[str]]:
+    """(usable samples with their sizes, one message per unusable file). Raises DatasetError only when the
+    caption source itself is unreadable (metadata.csv without its columns, not UTF-8)."""
     problems: list[str] = []
     raw = _from_metadata(config, problems) if config.metadata_path else _from_sidecars(config, problems)
     samples = []
@@ -138,6 +139,12 @@ def scan_dataset(config: TrainConfig) -> list[Sample]:
             problems.append(problem)
         else:
             samples.append(ok)
+    return samples, problems
+
+
+def scan_dataset(config: TrainConfig) -> list[Sample]:
+    """Checked samples, each with its size. Raises DatasetError listing every problem (unless skip_bad_images)."""
+    samples, problems = collect(config)
     if problems and not config.skip_bad_images:
         raise DatasetError(problems, "Fix or remove these files, or set skip_bad_images: true to train without them.")
     for p in problems:

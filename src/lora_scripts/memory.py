@@ -1,0 +1,192 @@
+"""Peak GPU memory of a LoRA training step, estimated without a GPU and without the weights.
+
+Basis, stated in every estimate:
+* weights: parameter counts of this exact architecture (from its configs, built on PyTorch's meta device)
+  times the bytes of the training dtype; the VAE in fp32 (bf16 with mixed_precision: bf16), as the trainer
+  keeps it;
+* LoRA: its fp32 parameters, their gradients and AdamW's two moments (4 copies);
+* activations: the bytes of every tensor autograd keeps for the backward pass, counted by running the UNet
+  (and the text encoder when trained) forward on the meta device with this resolution, batch, dtype,
+  LoRA targets and gradient checkpointing. Attention is counted as PyTorch SDPA's flash/memory-efficient
+  kernels keep it (q, k, v, output and a log-sum-exp), as on CUDA;
+* a transient allowance of twice the largest saved tensor (backward temporaries), and the VAE encode's
+  peak when latents are encoded every step.
+It estimates `torch.cuda.max_memory_allocated`; the CUDA context (about 0.3-0.6 GB) comes on top in nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+GB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float  # bytes
+    lora: float
+    activations: float
+    transient: float
+    vae_encode: float
+    basis: str
+
+    @property
+    def total(self) -> float:
+        step = self.weights + self.lora + self.activations + self.transient
+        return max(step, self.weights + self.lora + self.vae_encode)
+
+    @property
+    def total_gb(self) -> float:
+        return self.total / GB
+
+    def as_dict(self) -> dict:
+        parts = {k: round(getattr(self, k) / GB, 3) for k in ("weights", "lora", "activations", "transient",
+                                                              "vae_encode")}
+        return {"total_gb": round(self.total_gb, 2), "parts_gb": parts, "basis": self.basis,
+                "summary": f"estimated peak {self.total_gb:.2f} GB allocated (weights {parts['weights']:.2f}, "
+                           f"activations {parts['activations']:.2f}, LoRA+optimizer {parts['lora']:.2f}); "
+                           f"{self.basis}"}
+
+    def advice(self) -> str:
+        return ("lower batch_size (e.g. 2 or 1), set gradient_checkpointing: true, use mixed_precision: bf16 "
+                "(or fp16), or lower resolution")
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """What SDPA's flash kernel keeps for backward: q, k, v, the output and a per-row log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never called: the estimate only runs forward
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _flash_attention():
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        return _FlashLikeAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _configs(config: TrainConfig) -> dict:
+    from .families import FAMILIES
+
+    if Path(config.base_model).is_file():
+        from .interop.table import base_configs
+
+        return base_configs(Path(config.base_model))
+    return FAMILIES["sd15"].embedded_configs()
+
+
+def _count_saved(run) -> tuple[float, float]:
+    """Bytes autograd keeps: every saved tensor once, except weights and views of weights (no extra memory)."""
+    total, largest = 0.0, 0.0
+    seen: set[int] = set()
+
+    def pack(t):
+        nonlocal total, largest
+        base = t._base if t._base is not None else t
+        if not isinstance(base, torch.nn.Parameter) and id(t) not in seen:
+            seen.add(id(t))
+            size = t.numel() * t.element_size()
+            total += size
+            largest = max(largest, size)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _flash_attention():
+        run()
+    return total, largest
+
+
+def estimate_memory(config: TrainConfig) -> MemoryEstimate:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .lora import text_encoder_target_modules, unet_target_modules
+
+    import logging
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)  # it warns about .to(dtype) on a model without weights
+    configs = _configs(config)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype)
+        te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
+                                             if k != "architectures"})).to(dtype)
+        vae = AutoencoderKL.from_config(configs["vae"])
+    vae_bytes = 2 if config.mixed_precision == "bf16" else 4
+    weights = sum(p.numel() for p in unet.parameters()) * _BYTES[config.mixed_precision] \
+        + sum(p.numel() for p in te.parameters()) * _BYTES[config.mixed_precision] \
+        + sum(p.numel() for p in vae.parameters()) * vae_bytes
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    lora_cfg = dict(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights=False)
+    with torch.device("meta"):
+        inject_adapter_in_model(LoraConfig(target_modules=unet_target_modules(unet, config.lora_targets), **lora_cfg), unet)
+        if config.train_text_encoder:
+            inject_adapter_in_model(LoraConfig(target_modules=text_encoder_target_modules(te, config.lora_targets),
+                                               **lora_cfg), te)
+    lora_params = sum(p.numel() for m in (unet, te) for n, p in m.named_parameters() if "lora_" in n)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    b, side = config.batch_size, config.resolution // 8
+    ctx = configs["unet"]["cross_attention_dim"]
+
+    def step():
+        ids = torch.zeros(b, 77, dtype=torch.long, device="meta")
+        hidden = te(ids)[0] if config.train_text_encoder else torch.empty(b, 77, ctx, dtype=dtype, device="meta")
+        latents = torch.empty(b, configs["unet"].get("in_channels", 4), side, side, dtype=dtype, device="meta")
+        unet(latents, torch.zeros(b, dtype=torch.long, device="meta"), hidden.to(dtype))
+
+    activations, largest = _count_saved(step)
+    vae_peak = _vae_encode_peak(vae, b, config.resolution)
+    basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
+             "LoRA targets (LoRA layers in fp32), flash/memory-efficient SDPA assumed; CUDA context not included")
+    return MemoryEstimate(weights, lora_params * 4 * 4, activations, 2 * largest, vae_peak, basis)
+
+
+def _vae_encode_peak(vae, batch: int, resolution: int) -> float:
+    """The encoder runs without grad: its peak is about its two largest live activations at once."""
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * o.element_size()))
+             for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            vae.encoder(torch.empty(batch, 3, resolution, resolution, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    top = sorted(sizes)[-2:]
+    return float(sum(top))
+
+
+if __name__ == "__main__":  # python -m lora_scripts.memory CONFIG.yaml
+    import sys
+
+    from .config import load_config
+
+    print(json.dumps(estimate_memory(load_config(sys.argv[1])).as_dict(), indent=2))
