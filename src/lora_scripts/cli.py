@@ -46,6 +46,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from .labeling.label import label_folder
+
+    folder = Path(args.input)
+    if not folder.is_dir():
+        raise LoraScriptsError(f"{folder} is not a folder; give the folder that holds your training images")
+    result = label_folder(folder, Path(args.output) if args.output else None, args.backend, args.model,
+                          args.trigger or "", args.template, args.overwrite, args.threshold)
+    for problem in result.failed:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"wrote {result.csv_path}: {result.written} new captions, {result.kept} kept"
+          + (f", {len(result.failed)} unreadable images skipped" if result.failed else ""))
+    print("Read them through: captions decide what the LoRA learns (subject, environment, lighting, style).")
+    return 0
+
+
+def add_label_arguments(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    from .labeling.basic import DEFAULT_TEMPLATE
+
+    if positional:
+        p.add_argument("input", metavar="DIR", help="folder of training images")
+    else:
+        p.add_argument("--input", required=True, help="folder of training images")
+    p.add_argument("--output", help="CSV to write (default: DIR/metadata.csv)")
+    p.add_argument("--backend", choices=("basic", "blip", "wd14"), default="basic",
+                   help="basic needs no weights; blip and wd14 need --model")
+    p.add_argument("--model", help="blip: local folder or cached model id; wd14: folder with model.onnx + selected_tags.csv")
+    p.add_argument("--trigger", help="word put first in every caption, e.g. sci_lab")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="basic backend layout (fields: trigger, subject, "
+                   "environment, lighting, style)")
+    p.add_argument("--threshold", type=float, default=0.35, help="wd14: minimum tag probability")
+    p.add_argument("--overwrite", action="store_true", help="re-caption images that already have a caption")
+    p.set_defaults(func=_cmd_label)
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text
     from .init_config import starter_yaml
@@ -119,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", type=float, metavar="GB", help="GPU memory you have; warns if the estimate exceeds it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_check)
+    add_label_arguments(sub.add_parser("label", help="caption a folder of images into metadata.csv"))
     p = sub.add_parser("init", help="write a starter YAML for a folder of images")
     p.add_argument("data_dir")
     p.add_argument("--base", help="base model checkpoint (default: ./models/Stable-diffusion/v1-5-pruned.safetensors)")
