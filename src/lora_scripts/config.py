@@ -13,7 +13,8 @@ from .errors import ConfigError
 
 TargetPreset = Literal["kohya", "attn", "qv"]
 SCHEMA_VERSION = 1
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir", "validation_dir")
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir", "validation_dir",
+             "cache_dir")
 
 
 def _f(default: Any, help: str, typical: str | None = None, **kw: Any) -> Any:
@@ -76,6 +77,13 @@ class TrainConfig(BaseModel):
     caption_extension: str = _f(".txt", "extension of sidecar caption files when metadata_path is empty")
     skip_bad_images: bool = _f(False, "skip unreadable images / empty captions instead of stopping with the list")
     dataloader_workers: int = _f(0, "background processes that decode images (0 = in the training process)", ge=0)
+
+    cache_latents: bool = _f(True, "encode each image (and its mirror with flip_aug) once instead of every step; "
+                             "same results, much faster (off automatically with random_crop)")
+    cache_latents_to_disk: bool = _f(False, "also keep the latent cache on disk so later runs skip encoding")
+    cache_dir: Path | None = _f(None, "where the disk cache lives; default = train_data_dir/.lora-scripts-cache")
+    cache_text_encoder_outputs: bool = _f(True, "compute each caption's text embedding once when the text encoder "
+                                          "is frozen and captions are not shuffled or dropped")
 
     # --- optimisation --------------------------------------------------------------------------
     seed: int = _f(42, "random seed; the same seed and config give the same LoRA")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from .config import TrainConfig
 from .data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
+from .data.cache import LatentCache, TextCache, latent_cache_plan, sample_latents, text_cache_plan, vae_identity
 from .data.check import dataset_warnings
 from .data.scan import scan_dataset
 from .errors import DatasetError, TrainingError
@@ -82,10 +83,35 @@ class Trainer:
                                 "counting repeats)"], f"Lower batch_size to {len(self.items)} or less, or add images "
                                "(or repeats: a folder named 10_name repeats its images 10 times per epoch).")
 
+    def setup_caches(self, model: BaseModel) -> None:
+        """Encode latents and text embeddings once where that gives the same training (see data/cache.py)."""
+        cfg, acc = self.config, self.accelerator
+        self.latent_cache, self.text_cache = None, None
+        use, why = latent_cache_plan(cfg)
+        if use:
+            folder = (cfg.cache_dir or cfg.train_data_dir / ".lora-scripts-cache") if cfg.cache_latents_to_disk else None
+            self.latent_cache = LatentCache(vae_identity(model.vae), folder)
+            flips = (False, True) if cfg.flip_aug else (False,)
+            with acc.main_process_first():  # the main process writes the disk cache; the others then read it
+                self.latent_cache.fill(self.items, flips, model.vae, acc.device, acc.is_main_process)
+        elif cfg.cache_latents:
+            log.info("latent cache off: %s", why)
+        use, why = text_cache_plan(cfg)
+        if use:
+            self.text_cache = TextCache()
+            self.text_cache.fill([i.sample.caption for i in self.items], model.tokenizer, model.text_encoder, acc.device)
+        # Previews and validation still need both models; otherwise they leave the GPU.
+        if not self.config.sample_prompts and not self.val_samples:
+            if self.latent_cache is not None:
+                model.vae.to("cpu")
+            if self.text_cache is not None:
+                model.text_encoder.to("cpu")
+
     def setup_loader(self, model: BaseModel) -> None:
         cfg = self.config
+        self.setup_caches(model)
         self.sampler = BucketBatchSampler(self.items, cfg.batch_size, cfg.seed)
-        loader = DataLoader(LoraDataset(self.items, cfg), batch_sampler=self.sampler,
+        loader = DataLoader(LoraDataset(self.items, cfg, self.latent_cache), batch_sampler=self.sampler,
                             collate_fn=Collate(model.tokenizer), num_workers=cfg.dataloader_workers)
         self.loader = self.accelerator.prepare(loader)
 
@@ -157,17 +183,24 @@ class Trainer:
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         cfg, model = self.config, self.model
         vae = model.vae
+        device = self.accelerator.device
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(self.accelerator.device, vae.dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-            latents = latents.float()
+            if "latent_mean" in batch:
+                mean = batch["latent_mean"].to(device, vae.dtype)
+                dist = sample_latents(mean, batch["latent_logvar"].to(device, vae.dtype), generator)
+            else:
+                dist = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(generator=generator)
+            latents = (dist * vae.config.scaling_factor).float()
         noise = sample_noise(latents, cfg.noise_offset, generator)
         sched = model.noise_scheduler
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                                   device=latents.device).long()
         noisy = sched.add_noise(latents, noise, timesteps)
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            hidden = self.text_encoder(batch["input_ids"].to(self.accelerator.device))[0]
+        if self.text_cache is not None:
+            hidden = self.text_cache.get(batch["captions"]).to(device)
+        else:
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                hidden = self.text_encoder(batch["input_ids"].to(device))[0]
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
         target = training_target(sched, latents, noise, timesteps)

@@ -47,9 +47,10 @@ def process_caption(caption: str, config: TrainConfig, rng: random.Random) -> st
 class LoraDataset(Dataset):
     """Indexed by (item index, epoch) so augmentation randomness does not depend on worker processes."""
 
-    def __init__(self, items: list[Item], config: TrainConfig):
+    def __init__(self, items: list[Item], config: TrainConfig, latent_cache=None):
         self.items = items
         self.config = config
+        self.latent_cache = latent_cache  # data.cache.LatentCache, already filled; None = encode per step
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,6 +59,11 @@ class LoraDataset(Dataset):
         index, epoch = key
         rng = random.Random(f"{self.config.seed}/{epoch}/{index}")
         item = self.items[index]
+        if self.latent_cache is not None:  # the same random draws, in the same order, as the uncached path
+            flip = self.config.flip_aug and rng.random() < 0.5
+            cached = self.latent_cache.get(item, flip)
+            return {"latent_mean": cached.mean, "latent_logvar": cached.logvar,
+                    "caption": process_caption(item.sample.caption, self.config, rng)}
         im = fit_to_bucket(open_rgb(item.sample.path), item.bucket, rng if self.config.random_crop else None)
         flip = self.config.flip_aug and rng.random() < 0.5
         return {"pixel_values": to_tensor(im, flip), "caption": process_caption(item.sample.caption, self.config, rng)}
@@ -108,5 +114,8 @@ class Collate:
     def __call__(self, examples: list[dict]) -> dict:
         ids = self.tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": ids,
-                "captions": [e["caption"] for e in examples]}
+        batch = {"input_ids": ids, "captions": [e["caption"] for e in examples]}
+        for key in ("pixel_values", "latent_mean", "latent_logvar"):
+            if key in examples[0]:
+                batch[key] = torch.stack([e[key] for e in examples])
+        return batch
