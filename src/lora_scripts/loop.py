@@ -197,25 +197,12 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
     config, acc = trainer.config, trainer.accelerator
     trainer.unet.train()
     trainer.text_encoder.train(config.train_text_encoder)
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     accum_loss, micro = 0.0, 0
     for batch in _batches(trainer, loop):
         loop.consumed += 1
-        with acc.accumulate(trainer.unet):
-            loss = trainer.compute_loss(batch, trainer.step_rng(loop.step, micro))
-            micro += 1
-            acc.backward(loss)
-            # Gradients are checked after DDP averaged them, so every process takes the same decision. A step
-            # with a NaN/inf gradient never reaches the weights.
-            if acc.sync_gradients:
-                loop.grads_finite = _grads_finite(params)
-                if loop.grads_finite:
-                    if config.max_grad_norm:
-                        acc.clip_grad_norm_(params, config.max_grad_norm)
-                    trainer.optimizer.step()
-                    trainer.lr_scheduler.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            accum_loss += loss.detach().float().item() / config.gradient_accumulation_steps
+        accum_loss += trainer.micro_step(batch, loop.step, micro) / config.gradient_accumulation_steps
+        micro += 1
+        loop.grads_finite = trainer.grads_finite
         if not acc.sync_gradients:
             continue
         loop.step += 1
@@ -296,10 +283,6 @@ def _guard_nonfinite(loop: _Loop, policy: str = "skip", output_dir: Path | None 
     kept = f" The last good checkpoint is {last} (continue from it with --resume)." if last else ""
     run = f"for {MAX_NONFINITE} steps in a row" if policy == "skip" else "(on_nonfinite: stop)"
     raise TrainingError(f"step {loop.step}: {what} {run}; stopped without saving NaN weights.{kept} {causes}")
-
-
-def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
 def save_checkpoint(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None) -> Path:

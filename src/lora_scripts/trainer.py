@@ -53,6 +53,7 @@ class Trainer:
             cpu=not _uses_accelerator(),
         )
         self.weight_dtype = _DTYPES[config.mixed_precision]
+        self.grads_finite = True
         # LoRA init draws from the global RNGs: same seed, same starting weights (on every process).
         set_seed(config.seed)
 
@@ -205,6 +206,25 @@ class Trainer:
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
         target = training_target(sched, latents, noise, timesteps)
         return diffusion_loss(pred, target, sched, timesteps, cfg.min_snr_gamma)
+
+    def micro_step(self, batch: dict, step: int, micro: int) -> float:
+        """One batch: forward and backward; at an accumulation boundary, the optimizer step, unless a gradient
+        is NaN/inf (checked after DDP averaged them, so every process decides alike; such a step never reaches
+        the weights and `grads_finite` says so). Returns the batch's loss."""
+        acc, cfg = self.accelerator, self.config
+        with acc.accumulate(self.unet):
+            loss = self.compute_loss(batch, self.step_rng(step, micro))
+            acc.backward(loss)
+            if acc.sync_gradients:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                self.grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                if self.grads_finite:
+                    if cfg.max_grad_norm:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float().item()
 
     def step_rng(self, step: int, micro: int) -> torch.Generator:
         """Every random draw of a step derives from (seed, rank, step, micro-batch): noise and timesteps from
