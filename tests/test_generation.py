@@ -161,3 +161,14 @@ def test_compare_writes_grid_loss_overlay_and_table(runs, tmp_path, capsys):
     with Image.open(tmp_path / "compare.png") as im:
         assert im.size[0] == 230 + 3 * 132 + 4  # base + two runs
     assert (tmp_path / "compare_loss.png").stat().st_size > 5000
+
+
+def test_validation_dir_is_read_like_the_training_folder(tmp_path, dataset, tiny_ckpt):
+    from conftest import make_images, write_metadata
+
+    val = tmp_path / "val"
+    names = make_images(val, 2, seed=5)
+    write_metadata(val / "metadata.csv", [(n, "held out lab, consoles, neon lighting, digital art") for n in names])
+    result = train(load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=2, batch_size=4,
+                                           validation_dir=str(val), verify_after_training=False)))
+    assert result.num_images == 8 and [s for s, _ in result.validation] == [2]  # all 8 train; 2 separate ones validate
