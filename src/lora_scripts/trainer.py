@@ -35,6 +35,7 @@ from .validation import Validator, split_samples
 
 log = logging.getLogger(__name__)
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
 
 
 def _uses_accelerator() -> bool:
@@ -134,6 +135,11 @@ class Trainer:
             self.lora_configs["text_encoder"] = inject_lora(model.text_encoder, cfg, self.te_modules)
         else:
             model.text_encoder.requires_grad_(False)
+        if cfg.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+        if cfg.torch_compile:
+            # In place (Module.compile), so parameter names and peft's state dicts stay as they are.
+            model.unet.compile(**COMPILE_OPTIONS)
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
