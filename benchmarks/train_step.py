@@ -5,7 +5,8 @@ peak memory and MFU.
     python benchmarks/train_step.py --model sd15 --resolution 256 --batch 1 --steps 3
     python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --device cuda --mixed-precision bf16
 
-Each variant runs in its own process (clean peak memory: RSS on CPU, torch.cuda.max_memory_allocated on GPU)
+Each variant runs in its own process; peak memory is measured over the timed steps (resident set size on CPU,
+sampled; torch.cuda.max_memory_allocated on GPU, reset after set-up)
 on the same checkpoint and images:
   reference          diffusers' train_text_to_image_lora.py step (benchmarks/reference_diffusers_lora.py):
                      attention LoRA rank 4, VAE encode and text encoder every step, its default fp32
@@ -57,10 +58,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_bytes(device: str) -> float:
-    if device == "cuda":
-        return float(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+class PeakRSS:
+    """Highest resident set size while training runs (sampled every 20 ms): ru_maxrss would report the
+    model-loading peak instead, which is the same for both loops and hides what a training step costs."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * resource.getpagesize())
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _peak_bytes(device: str, rss: PeakRSS) -> float:
+    return float(torch.cuda.max_memory_allocated()) if device == "cuda" else float(rss.peak)
 
 
 def _count_flops(step) -> float:
@@ -95,13 +119,14 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for batch in batches[: args.warmup + args.steps]:
-        t = time.perf_counter()
-        loop.step(batch)
-        _sync(args.device)
-        times.append(time.perf_counter() - t)
+    with PeakRSS() as rss:
+        for batch in batches[: args.warmup + args.steps]:
+            t = time.perf_counter()
+            loop.step(batch)
+            _sync(args.device)
+            times.append(time.perf_counter() - t)
     flops = _count_flops(lambda: loop.step(batches[0]))
-    return _result(args, times, flops, setup_s=None)
+    return _result(args, times, flops, None, _peak_bytes(args.device, rss))
 
 
 def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
@@ -120,22 +145,22 @@ def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
     trainer.unet.train()
     times, it = [], iter(trainer.loader)
     first = None
-    for step in range(args.warmup + args.steps):
-        t = time.perf_counter()
-        batch = next(it)
-        first = first or batch
-        trainer.micro_step(batch, step, 0)
-        _sync(args.device)
-        times.append(time.perf_counter() - t)
+    with PeakRSS() as rss:
+        for step in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            batch = next(it)
+            first = first or batch
+            trainer.micro_step(batch, step, 0)
+            _sync(args.device)
+            times.append(time.perf_counter() - t)
     flops = _count_flops(lambda: trainer.micro_step(first, 0, 0))
-    return _result(args, times, flops, setup_s)
+    return _result(args, times, flops, setup_s, _peak_bytes(args.device, rss))
 
 
-def _result(args, times, flops, setup_s) -> dict:
+def _result(args, times, flops, setup_s, peak) -> dict:
     timed = times[args.warmup :]
     s = sum(timed) / len(timed)
-    return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s, "peak_bytes": _peak_bytes(args.device),
-            "setup_s": setup_s}
+    return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s, "peak_bytes": peak, "setup_s": setup_s}
 
 
 def build_inputs(args, tmp: Path) -> tuple[Path, Path]:
