@@ -76,8 +76,11 @@ class Trainer:
         plan_samples(cfg)  # a bad sample prompt is a config error now, not a crash at the first preview
         scanned = scan_dataset(cfg)
         if self.accelerator.is_main_process:
-            for finding in dataset_warnings(scanned, cfg):  # what `lora-scripts check` would say; not fatal
+            findings = dataset_warnings(scanned, cfg)  # what `lora-scripts check` would say; not fatal
+            for finding in findings[:5]:
                 log.warning("check: %s", finding.message)
+            if len(findings) > 5:
+                log.warning("check: %d more warnings; `lora-scripts check --config ...` lists them all", len(findings) - 5)
         self.samples, self.val_samples = split_samples(scanned, cfg)
         self.items = build_items(self.samples, cfg)
         if cfg.batch_size > len(self.items):
