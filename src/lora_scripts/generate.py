@@ -62,10 +62,12 @@ def generate(pipe: StableDiffusionPipeline, prompt: str, seeds: Sequence[int], s
              cfg: float = 5.0, negative: str = "", size: tuple[int, int] | None = None) -> list[Image.Image]:
     """One image per seed; each seed gets its own CPU generator, so results do not depend on batch size."""
     height, width = size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    # Zero-terminal-SNR models over-expose under plain CFG; Lin et al. (2023) rescale the guided prediction (0.7).
+    rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     images = []
     for seed in seeds:
         g = torch.Generator("cpu").manual_seed(seed)
         out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
-                   generator=g, height=height, width=width, output_type="pil")
+                   generator=g, height=height, width=width, output_type="pil", guidance_rescale=rescale)
         images.append(out.images[0])
     return images

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..data.images import images_to_batch
 from ..families.loading import load_base_model
+from ..losses import training_target
 from ..generate import LoraSet, generate, make_pipeline
 
 
@@ -40,7 +41,8 @@ class Sampler:
     @torch.no_grad()
     def denoising_loss(self, images: Sequence[Image.Image], captions: Sequence[str], weights: dict[str, float],
                        seed: int = 0, timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
-        """Mean epsilon-MSE over fixed noise and timesteps: the training loss on data the LoRA never saw."""
+        """Mean MSE to the model's own prediction target (epsilon or v) over fixed noise and timesteps: the
+        training loss on data the LoRA never saw."""
         self.loras.apply(weights)
         pipe = self.pipe
         latents = pipe.vae.encode(images_to_batch(images)).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -55,5 +57,6 @@ class Sampler:
             tt = torch.full((len(images),), t, dtype=torch.long)
             alphas = sched.alphas_cumprod[tt].view(-1, 1, 1, 1)
             noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
-            losses.append(F.mse_loss(pipe.unet(noisy, tt, hidden).sample, noise).item())
+            target = training_target(sched, latents, noise, tt)
+            losses.append(F.mse_loss(pipe.unet(noisy, tt, hidden).sample, target).item())
         return float(np.mean(losses))

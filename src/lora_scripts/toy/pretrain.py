@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ..checkpoint_io import save_ldm_checkpoint
 from ..data.images import images_to_batch
 from ..families import FAMILIES
-from ..losses import sample_noise
+from ..losses import training_target
 from ..tokenizer import clip_tokenizer
 from .scenes import COLOURS, NEON, POSITIONS, SHAPES, Scene, arm_items, generic_image, neon_items, random_scene, render
 
@@ -42,11 +42,20 @@ _CLIP = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_att
              eos_token_id=49407, pad_token_id=49407)
 
 
+# SD1.5's betas, rescaled to zero terminal SNR, with v-prediction (Lin et al. 2023, "Common Diffusion Noise
+# Schedules and Sample Steps are Flawed"). With SD1.5's own schedule the last timestep still holds 7 % of the
+# image, so the model learns to read the background colour from the noise instead of the prompt, and from
+# pure noise at sampling time it painted every background the same light beige. The schedule travels in the
+# checkpoint's metadata, so LoRA training and sampling use it too.
+_SCHEDULER = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
 def toy_configs(scaling_factor: float = 1.0) -> dict[str, dict[str, Any]]:
     configs = copy.deepcopy(FAMILIES["sd15"].embedded_configs())
     configs["unet"].update(_UNET)
     configs["vae"].update(_VAE, scaling_factor=scaling_factor)
     configs["text_encoder"].update(_CLIP)
+    configs["scheduler"].update(_SCHEDULER)
     return configs
 
 
@@ -101,8 +110,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def train_unet(unet, text_encoder, latents: torch.Tensor, captions: list[str], steps: int, batch: int,
                seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """UNet and text encoder trained jointly with SD1.5's DDPM schedule, 10 % empty captions (for CFG),
-    offset noise (so the base can make black and white backgrounds) and an EMA of the weights."""
+    """UNet and text encoder trained jointly on the zero-terminal-SNR schedule (v-prediction), 10 % empty
+    captions (for CFG) and an EMA of the weights."""
     tok = clip_tokenizer()
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -117,10 +126,10 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, captions: list[str], s
         x0 = latents[idx]
         batch_ids = ids[idx].clone()
         batch_ids[torch.rand(batch, generator=g) < 0.1] = empty
-        noise = sample_noise(x0, 0.1, g)
+        noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, text_encoder(batch_ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, training_target(noise_sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -149,7 +158,7 @@ def _all_scene_kinds() -> list[Scene]:
             for b in BACKGROUNDS for p in POSITIONS]
 
 
-def build_base(out: Path, seed: int = 0, vae_steps: int = 1100, unet_steps: int = 2200, n_latents: int = 12000,
+def build_base(out: Path, seed: int = 0, vae_steps: int = 1100, unet_steps: int = 3000, n_latents: int = 12000,
                batch: int = 32, reuse_vae: Path | None = None) -> Path:
     """reuse_vae: take the VAE of an earlier toy checkpoint instead of training one (saves ~10 minutes)."""
     started = time.time()
