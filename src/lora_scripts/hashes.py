@@ -23,6 +23,13 @@ def sshs_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tup
     return model_hash, legacy
 
 
+def addnet_hash(path) -> str:
+    """SHA-256 of a .safetensors file's tensor bytes (everything after the header), as A1111's additional-networks
+    and its "Lora hashes" compute it; equals sshs_model_hash for files written with only ss_* metadata."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(_tensor_payload(f.read())).hexdigest()
+
+
 def modelspec_hash(state: dict[str, torch.Tensor]) -> str:
     """modelspec.hash_sha256: SHA-256 over each tensor's bytes as a one-tensor safetensors payload, in order."""
     h = hashlib.sha256()

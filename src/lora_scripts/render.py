@@ -79,9 +79,7 @@ class Renderer:
     def _lora_hash(self, name: str) -> str:
         """A1111's LoRA short hash: the addnet hash (SHA-256 of the tensor bytes), 12 hex digits."""
         if name not in self._lora_hashes:
-            import hashlib
+            from .hashes import addnet_hash
 
-            blob = self.loras.loaded[name].read_bytes()
-            payload = blob[8 + int.from_bytes(blob[:8], "little"):]
-            self._lora_hashes[name] = hashlib.sha256(payload).hexdigest()[:12]
+            self._lora_hashes[name] = addnet_hash(self.loras.loaded[name])[:12]
         return self._lora_hashes[name]
