@@ -63,7 +63,7 @@ def parse_parameters(text: str) -> dict[str, str]:
     if rest and rest[0].startswith("Negative prompt: "):
         out["negative"] = rest.pop(0).removeprefix("Negative prompt: ")
     last = rest[-1] if rest else ""
-    key, buf, in_quotes = "", "", False
+    buf, in_quotes = "", False
     for ch in last + ",":
         if ch == '"':
             in_quotes = not in_quotes

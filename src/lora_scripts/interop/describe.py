@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -43,8 +42,8 @@ class Description:
         lines = [f"{self.path}  ({self.size_bytes / 2**20:.2f} MiB)",
                  f"  format      {self.format}", f"  family      {self.family}", f"  dtype       {self.dtype}",
                  f"  modules     {self.modules}: " + ", ".join(f"{b} {n}" for b, n in self.blocks.items()),
-                 f"  rank        " + ", ".join(f"{r} ({n} modules)" for r, n in self.ranks.items()),
-                 f"  alpha       " + ", ".join(f"{a:g} ({n} modules)" for a, n in self.alphas.items())]
+                 "  rank        " + ", ".join(f"{r} ({n} modules)" for r, n in self.ranks.items()),
+                 "  alpha       " + ", ".join(f"{a:g} ({n} modules)" for a, n in self.alphas.items())]
         if self.trigger_words:
             lines.append("  tags        " + ", ".join(self.trigger_words))
         shown = {k: v for k, v in self.metadata.items() if k in _SS_SHOWN}
