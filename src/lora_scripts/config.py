@@ -322,3 +322,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     raw.update(_resolve_paths(dict(items), Path.cwd()))
     return validate_config(raw, source)
 
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path, source: str = "config") -> TrainConfig:
+    """Validate key/value pairs as if they were a YAML file in `base_dir` (the web UI's form)."""
+    return validate_config(_resolve_paths(raw, Path(base_dir).resolve()), source)
+
+
+def problem_key(problem: str) -> str | None:
+    """The config key a ConfigError line is about ('lora_rank = -3: ...' -> 'lora_rank'), None if general."""
+    head = problem.split(":", 1)[0].split(" = ", 1)[0].strip()
+    root = head.split(".", 1)[0]
+    return root if root in TrainConfig.model_fields or (" " not in head and head.isidentifier()) else None
+

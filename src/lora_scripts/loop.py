@@ -7,6 +7,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,26 @@ class TrainResult:
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What a live view shows after each optimizer step; rates count only this session's steps (not a resume's)."""
+
+    step: int
+    total: int
+    epoch: int
+    epochs: int
+    loss: float
+    lr: float
+    steps_per_second: float
+    eta_seconds: float
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
 class _Loop:
     """Mutable progress of one run (the config stays frozen)."""
 
@@ -57,6 +78,16 @@ class _Loop:
         self.nonfinite = 0  # non-finite steps in a row
         self.grads_finite = True
         self.stop_requested = False
+        self.on_progress: ProgressCallback | None = None
+        self.session_start = (step, time.time())  # (step, time) this process began at, for it/s and ETA
+
+    def report(self, total: int, epochs: int, lr: float) -> None:
+        if self.on_progress is None:
+            return
+        first_step, t0 = self.session_start
+        rate = (self.step - first_step) / max(time.time() - t0, 1e-9)
+        eta = (total - self.step) / rate if rate > 0 else float("nan")
+        self.on_progress(Progress(self.step, total, self.epoch, epochs, self.last_loss, lr, rate, eta))
 
 
 class _CtrlC:
@@ -83,10 +114,12 @@ class _CtrlC:
         return False
 
 
-def fit(trainer: Trainer, resume: Path | None = None) -> TrainResult:
+def fit(trainer: Trainer, resume: Path | None = None, on_progress: ProgressCallback | None = None) -> TrainResult:
     config, acc, out = trainer.config, trainer.accelerator, trainer.config.output_dir
     started = time.time()
     loop = _resume(trainer, resume) if resume else _Loop()
+    loop.on_progress = on_progress if acc.is_main_process else None
+    loop.session_start = (loop.step, time.time())
     # Only the main process writes files, so only it hashes the base model (seconds for a 4 GB file).
     facts = trainer.run_facts() if acc.is_main_process else None
     metrics = _start_outputs(trainer, loop.step) if acc.is_main_process else None
@@ -214,6 +247,7 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
         if metrics:
             metrics.log(loop.step, loop.epoch, loop.last_loss, lr, time.time() - started)
         bar.update(1)
+        loop.report(trainer.max_steps, trainer.num_epochs, lr)
         bar.set_postfix(epoch=f"{loop.epoch + 1}/{trainer.num_epochs}", loss=f"{loop.last_loss:.4f}", lr=f"{lr:.2e}")
         if config.save_steps and loop.step % config.save_steps == 0 and loop.step < trainer.max_steps:
             save_checkpoint(trainer, loop, facts, metrics)

@@ -27,7 +27,7 @@ from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from .families.loading import BaseModel, load_base_model
 from .hashes import file_sha256, legacy_model_hash
 from .lora import inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
-from .loop import TrainResult, fit
+from .loop import ProgressCallback, TrainResult, fit
 from .losses import diffusion_loss, sample_noise, training_target
 from .runs import check_output_dir, record_run
 from .samples import PreviewSampler, plan_samples
@@ -68,8 +68,8 @@ class Trainer:
         self.validator = Validator(self, self.val_samples)
         return self
 
-    def fit(self, resume: Path | None = None) -> TrainResult:
-        return fit(self, resume)
+    def fit(self, resume: Path | None = None, on_progress: ProgressCallback | None = None) -> TrainResult:
+        return fit(self, resume, on_progress)
 
     def check_data(self) -> None:
         cfg = self.config
@@ -268,11 +268,13 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
 
-def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: bool = False) -> TrainResult:
+def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: bool = False,
+          on_progress: ProgressCallback | None = None) -> TrainResult:
     """Train a LoRA as the config says; returns where the files are and how the loss went.
 
     resume: True = the latest checkpoint in output_dir, a path = that checkpoint folder. overwrite: allow
-    starting over in an output_dir that holds another run (its checkpoints and logs are removed)."""
+    starting over in an output_dir that holds another run (its checkpoints and logs are removed).
+    on_progress: called on the main process after every optimizer step (the web UI's live view)."""
     trainer = Trainer(config)
     acc = trainer.accelerator
     # Order matters: every check (output_dir, dataset, base model) runs before the first file is written, so a
@@ -283,7 +285,7 @@ def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: boo
     if acc.is_main_process:
         record_run(config, checkpoint, overwrite)
     acc.wait_for_everyone()
-    return trainer.fit(checkpoint)
+    return trainer.fit(checkpoint, on_progress)
 
 
 def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:
