@@ -137,6 +137,16 @@ def _cmd_toy_sets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from .ui.server import serve
+    except ImportError as exc:
+        raise LoraScriptsError(f"the web UI needs FastAPI and uvicorn ({exc}); pip install fastapi uvicorn "
+                               "python-multipart") from None
+    serve(Path(args.workspace), args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-scripts", description="Train Stable Diffusion LoRAs from a YAML config.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_toy_sets)
+    p = sub.add_parser("ui", help="the web UI: configure, check, train, watch and try LoRAs in a browser")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs the "
+                   "token the server prints")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workspace", default="lora-workspace", help="folder the UI reads and writes (configs, "
+                   "images, outputs); a new one starts with the toy world")
+    p.set_defaults(func=_cmd_ui)
     from .generate_cli import add_commands as add_generate
     from .interop.commands import add_commands as add_interop
 

@@ -1,0 +1,124 @@
+"""The config editor's form, generated from the pydantic TrainConfig: one field per key with its type, default,
+one-line help and typical values. Values travel as text, read the way `--set key=value` reads them (YAML), so a
+value typed in the browser means exactly what it means on the command line; validation is the CLI's own, and its
+messages are sorted to the key they name.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..config import PATH_KEYS, TrainConfig, config_from_dict, problem_key
+from ..errors import ConfigError
+from .workspace import Workspace
+
+# The nine keys every config has come first in TrainConfig; the form shows them open, the rest folded.
+ESSENTIAL = ("train_data_dir", "metadata_path", "base_model", "lora_rank", "batch_size", "epochs", "learning_rate",
+             "output_dir", "save_steps")
+
+
+def _kind(annotation: Any) -> tuple[str, list | None]:
+    """bool / choice (with its choices) / text. Numbers are text too, so that a wrong one can be typed and
+    shown with the CLI's message instead of being blocked by the browser."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        return "bool", None
+    if typing.get_origin(annotation) is Literal:
+        return "choice", list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _kind(args[0])
+    return "text", None
+
+
+def _is_plain_text(annotation: Any) -> bool:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return all(a in (str, Path) for a in args)
+
+
+def form_fields() -> list[dict]:
+    fields = []
+    for name, info in TrainConfig.model_fields.items():
+        if name == "schema_version":
+            continue
+        kind, choices = _kind(info.annotation)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        default = None if info.is_required() else info.default
+        fields.append({"name": name, "kind": kind, "choices": choices, "required": info.is_required(),
+                       "default": to_text(default) if kind != "bool" else bool(default),
+                       "help": info.description or "", "typical": extra.get("typical"),
+                       "essential": name in ESSENTIAL})
+    return fields
+
+
+def to_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def form_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """A YAML file's keys as the form shows them (bools stay bools, the rest text)."""
+    return {k: (v if isinstance(v, bool) else to_text(v)) for k, v in raw.items()}
+
+
+def parse_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Form values -> config keys. Empty text = not set (the default applies). Unknown keys are kept so the
+    CLI's 'unknown key, did you mean' message reaches the user."""
+    raw: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            value = value.strip()
+            if value == "":
+                continue
+            info = TrainConfig.model_fields.get(key)
+            if info is None or not _is_plain_text(info.annotation):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass  # left as typed: validation names the key and the bad value
+        raw[key] = value
+    return raw
+
+
+def validate_values(values: dict[str, Any], config_dir: Path, ws: Workspace) -> tuple[TrainConfig | None, dict]:
+    """-> (config or None, {"fields": {key: [messages]}, "general": [messages]})."""
+    fields: dict[str, list[str]] = {}
+    general: list[str] = []
+    config = None
+    try:
+        config = config_from_dict(parse_values(values), config_dir)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            key = problem_key(problem)
+            (fields.setdefault(key, []) if key else general).append(problem)
+    if config is not None:
+        for key in PATH_KEYS:
+            path = getattr(config, key)
+            if path is not None and not ws.contains(path):
+                fields.setdefault(key, []).append(
+                    f"{key} = {values.get(key)!r}: outside the workspace ({ws.root}); the web UI only reads and "
+                    "writes inside it (copy or move the file there)")
+        if fields:
+            config = None
+    return config, {"fields": fields, "general": general}
+
+
+def to_yaml(values: dict[str, Any]) -> str:
+    """The form as a config file: set keys only, in TrainConfig's order."""
+    fields = TrainConfig.model_fields
+    # A checkbox left at its default is not a choice the user made: keep the file to the keys that matter.
+    raw = {k: v for k, v in parse_values(values).items()
+           if not (isinstance(v, bool) and k in fields and fields[k].default is v)}
+    order = list(fields)
+    ordered = {k: raw[k] for k in sorted(raw, key=lambda k: order.index(k) if k in order else len(order))}
+    return "# written by lora-scripts ui; every key is documented in docs/config.md\n" + \
+        yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,96 @@
+"""The library page's engine: LoRA files found in the workspace, described, and tried out with `<lora:NAME:W>`
+prompts through the same Renderer `lora-scripts generate` uses. One base model stays loaded; a LoRA file that
+changed on disk since it was loaded (a run trained again) is loaded afresh."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..interop.describe import describe
+from ..lora_index import index_loras
+from ..pnginfo import save_png
+from ..render import Renderer, Settings
+from ..sweeps import strength_sweep
+from .workspace import STATE_DIR, Workspace
+
+
+def _is_lora(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any("lora" in k for k in f.keys())
+    except Exception:
+        return False
+
+
+class Studio:
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self._renderer: Renderer | None = None
+        self._mtimes: dict[str, float] = {}
+        self._descriptions: dict[Path, tuple[float, dict]] = {}
+        self._lock = threading.Lock()  # one generation at a time: the model is shared
+
+    def loras(self) -> dict[str, Path]:
+        return {name: path for name, path in index_loras([self.ws.root]).items()
+                if STATE_DIR not in path.parts and _is_lora(path)}
+
+    def base_models(self) -> list[str]:
+        """Checkpoints in the workspace that are not LoRAs (the toy base, a v1-5-pruned.safetensors, ...)."""
+        found = []
+        for path in sorted(self.ws.root.rglob("*")):
+            if path.suffix not in (".safetensors", ".ckpt") or STATE_DIR in path.parts or "checkpoints" in path.parts:
+                continue
+            if path.suffix == ".ckpt" or not _is_lora(path):
+                found.append(self.ws.rel(path))
+        return found
+
+    def describe(self, path: Path) -> dict:
+        mtime = path.stat().st_mtime
+        cached = self._descriptions.get(path)
+        if cached is None or cached[0] != mtime:
+            d = describe(path)
+            cached = (mtime, {"path": self.ws.rel(path), "size_bytes": d.size_bytes, "format": d.format,
+                              "family": d.family, "dtype": d.dtype, "modules": d.modules, "ranks": d.ranks,
+                              "alphas": d.alphas, "trigger_words": d.trigger_words, "warnings": d.warnings,
+                              "metadata": d.metadata, "modified": mtime})
+            self._descriptions[path] = cached
+        return cached[1]
+
+    def _renderer_for(self, base: Path, settings: Settings) -> Renderer:
+        r = self._renderer
+        if r is None or r.base != base or r.settings.scheduler != settings.scheduler:
+            r = self._renderer = Renderer(base, [self.ws.root], settings)
+            self._mtimes = {}
+        r.settings = settings
+        r.index = self.loras()
+        for name, path in r.index.items():  # a retrained LoRA replaces the stale adapter
+            mtime = path.stat().st_mtime
+            if name in r.loras.loaded and (r.loras.loaded[name] != path or self._mtimes.get(name) != mtime):
+                r.pipe.delete_adapters(name)
+                del r.loras.loaded[name]
+                r._lora_hashes.pop(name, None)
+            self._mtimes[name] = mtime
+        return r
+
+    def generate(self, base: Path, prompt: str, seed: int, settings: Settings) -> str:
+        with self._lock:
+            rendered = self._renderer_for(base, settings).render(prompt, [seed])[0]
+            path = self._new_path()
+            save_png(rendered.image, path, rendered.params)
+            return self.ws.rel(path)
+
+    def sweep(self, base: Path, prompt: str, seed: int, strengths: list[float], settings: Settings) -> str:
+        with self._lock:
+            sheet, _ = strength_sweep(self._renderer_for(base, settings), [prompt], [seed], strengths)
+            path = self._new_path()
+            sheet.save(path)
+            return self.ws.rel(path)
+
+    def _new_path(self) -> Path:
+        out = self.ws.state / "generated"
+        out.mkdir(exist_ok=True)
+        return out / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}.png"
