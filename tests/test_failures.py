@@ -102,3 +102,27 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, dataset, tin
     monkeypatch.setattr(atomic, "save_file", real_save)  # space freed
     assert main(["train", "--config", str(config_file), "--resume"]) == 0
     assert (out / "sci_lab_lora.safetensors").is_file()
+
+
+def test_with_a_grad_scaler_overflow_steps_reach_it(tmp_path, dataset, tiny_ckpt, monkeypatch):
+    """fp16 on a GPU: the GradScaler must see overflowing steps (it skips them and lowers its scale); our own
+    guard stepping in would keep the scale too high forever. Accelerate makes no scaler on a CPU: a real
+    GradScaler for the CPU is put in its place, and the optimizer step only recorded."""
+    _poison(monkeypatch, {0, 1, 2, 3}, gradient_only=True)
+    trainer = Trainer(load_config(seed_config(tmp_path, tiny_ckpt, **RUN))).setup()
+    steps = []
+    monkeypatch.setattr(trainer.accelerator, "scaler", torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: steps.append(1))
+    batch = next(iter(trainer.loader))
+    for i in range(4):
+        trainer.micro_step(batch, i, 0)
+        assert trainer.grads_finite
+    assert len(steps) == 4
+
+
+def test_without_clipping_a_nan_gradient_is_still_caught(tmp_path, dataset, tiny_ckpt, monkeypatch, caplog):
+    _poison(monkeypatch, {1}, gradient_only=True)
+    with caplog.at_level(logging.WARNING):
+        result = train(load_config(seed_config(tmp_path, tiny_ckpt, max_grad_norm=0, **RUN)))
+    assert "step 2: a gradient is NaN/inf; step skipped" in caplog.text
+    assert all(torch.isfinite(v).all() for v in load_file(str(result.lora_path)).values())
