@@ -122,18 +122,20 @@ def test_base_draws_white_background_scenes_as_asked():
     assert sum(a == (s.colour, "white") for a, s in zip(attrs, scenes)) / len(scenes) >= 0.75, attrs
 
 
-def _style_images(toy_loras):
+@pytest.fixture(scope="module")
+def style_images(toy_loras):
+    """The sheet prompts at strengths 0 / 0.5 / 1, drawn once for the tests below, and the training set."""
     base, loras = toy_loras
     sampler = Sampler.open(base, {"neon_lab": loras["neon_lab"]})
     images = {w: sampler.images(SHEET_PROMPTS, SEEDS, {"neon_lab": w}) for w in (0.0, 0.5, 1.0)}
     return images, [im for im, _ in neon_items(60, 32, seed=0)]
 
 
-def test_style_lora_reaches_the_training_set_at_full_strength(toy_loras):
+def test_style_lora_reaches_the_training_set_at_full_strength(toy_loras, style_images):
     """Measured 2026-11-25 (v-prediction base, 320 LoRA steps): neon fraction 0.000 / 0.118 / 0.274 at strength
     0 / 0.5 / 1 (training set 0.193); colour-histogram distance 0.378 / 0.225 / 0.524 - full strength
     overshoots the set's palette (brighter, thicker glow), half strength is closest."""
-    images, train_set = _style_images(toy_loras)
+    images, train_set = style_images
     start, end, target = neon_fraction(images[0.0]), neon_fraction(images[1.0]), neon_fraction(train_set)
     assert progress(end, start, target) >= 0.7, (start, end, target)
     assert style_distance(images[0.5], train_set) < 0.8 * style_distance(images[0.0], train_set)
@@ -142,8 +144,8 @@ def test_style_lora_reaches_the_training_set_at_full_strength(toy_loras):
     assert list(images[0.0][0].getdata()) == list(plain.getdata())
 
 
-def test_style_effect_grows_with_strength(toy_loras):
-    images, _ = _style_images(toy_loras)
+def test_style_effect_grows_with_strength(style_images):
+    images, _ = style_images
     neon = [neon_fraction(images[w]) for w in (0.0, 0.5, 1.0)]
     assert neon[0] < neon[1] < neon[2], neon
 

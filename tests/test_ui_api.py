@@ -272,3 +272,24 @@ def test_job_list_survives_a_server_restart(ws):
     assert [jobs[i]["status"] for i in (a.id, b.id, c_.id)] == ["queued", "done", "interrupted"]
     assert jobs[b.id]["lora"] == "output/neon_lab/neon_lab.safetensors"
     assert "resume" in jobs[c_.id]["error"]
+
+
+def test_model_labellers_take_a_model_folder_inside_the_workspace(ws, tmp_path):
+    from test_label import _tiny_wd14
+
+    _tiny_wd14(ws / "models" / "wd14")
+    _tiny_wd14(tmp_path / "outside_wd14")
+    Image.new("RGB", (32, 32), (250, 10, 10)).save(ws / "data/neon_lab/red.png")  # the tiny tagger's "red thing"
+    with client(ws, run_queue=False) as c:
+        body = {"config": "demo_neon_lab.yaml", "backend": "wd14", "overwrite": True, "trigger": "neonlab"}
+        outside = c.post("/api/label", headers=HEADERS, json={**body, "model": str(tmp_path / "outside_wd14")})
+        assert outside.status_code == 403
+        r = c.post("/api/label", headers=HEADERS, json={**body, "model": "models/wd14"})
+        assert r.status_code == 200 and r.json()["written"] == 61
+        caps = {Path(i["path"]).name: i["caption"]
+                for i in c.get("/api/dataset", params={"config": "demo_neon_lab.yaml"}).json()["images"]}
+        # the tagger sees mean colour: the dark neon images get no tag, the red square its two red tags
+        assert caps.pop("red.png") in ("neonlab, red thing, some character", "neonlab, some character, red thing")
+        assert set(caps.values()) == {"neonlab"}
+        check = c.post("/api/check", headers=HEADERS, json={"config": "demo_neon_lab.yaml", "vram_gb": 0.001}).json()
+        assert "exceeds the 0.001 GB available" in check["text"]

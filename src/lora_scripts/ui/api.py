@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
@@ -47,6 +47,14 @@ class LabelBody(BaseModel):
     config: str
     trigger: str = ""
     overwrite: bool = False
+    backend: Literal["basic", "blip", "wd14"] = "basic"
+    model: str | None = None  # blip/wd14: a model folder inside the workspace
+
+
+class CheckBody(BaseModel):
+    config: str
+    trigger: str | None = None
+    vram_gb: float | None = Field(None, gt=0)
 
 
 class JobBody(BaseModel):
@@ -165,17 +173,18 @@ def label(request: Request, body: LabelBody) -> dict:
 
     ws = _ws(request)
     data_dir, csv_path, _ = _data_location(ws, body.config)
-    result = label_folder(data_dir, csv_path, "basic", None, body.trigger, overwrite=body.overwrite)
+    model = str(ws.path(body.model, must_exist=True)) if body.model else None
+    result = label_folder(data_dir, csv_path, body.backend, model, body.trigger, overwrite=body.overwrite)
     return {"csv": ws.rel(result.csv_path), "written": result.written, "kept": result.kept, "failed": result.failed}
 
 
 @router.post("/check")
-def check(request: Request, body: JobBody) -> dict:
+def check(request: Request, body: CheckBody) -> dict:
     import json
 
     from ..data.check import check_dataset
 
-    report = check_dataset(_config(_ws(request), body.config))
+    report = check_dataset(_config(_ws(request), body.config), trigger=body.trigger or None, vram_gb=body.vram_gb)
     return {"ok": report.ok, "text": report.text(), "report": json.loads(report.to_json())}
 
 

@@ -150,16 +150,21 @@ async function loadDataset() {
 $("#run-label").addEventListener("click", async () => {
   setStatus($("#dataset-status"), "captioning…");
   try {
-    const r = await api("POST", "/api/label", { config: state.config, trigger: $("#label-trigger").value, overwrite: $("#label-overwrite").checked });
+    const backend = $("#label-backend").value;
+    const r = await api("POST", "/api/label", { config: state.config, trigger: $("#label-trigger").value,
+      overwrite: $("#label-overwrite").checked, backend, model: backend === "basic" ? null : $("#label-model").value });
     await loadDataset();
     setStatus($("#dataset-status"), `${r.written} new captions, ${r.kept} kept` + (r.failed.length ? `, ${r.failed.length} unreadable` : ""), "good");
   } catch (e) { setStatus($("#dataset-status"), e.message, "bad"); }
 });
+$("#label-backend").addEventListener("change", (e) => { $("#label-model-box").hidden = e.target.value === "basic"; });
 $("#run-check").addEventListener("click", async () => {
   setStatus($("#dataset-status"), "checking…");
   const box = $("#check-report");
   try {
-    const r = await api("POST", "/api/check", { config: state.config });
+    const vram = parseFloat($("#check-vram").value);
+    const r = await api("POST", "/api/check", { config: state.config, trigger: $("#label-trigger").value || null,
+      vram_gb: Number.isFinite(vram) ? vram : null });
     box.textContent = r.text; box.hidden = false;
     setStatus($("#dataset-status"), r.ok ? "check passed" : "check found errors", r.ok ? "good" : "bad");
   } catch (e) { box.textContent = e.message; box.hidden = false; setStatus($("#dataset-status"), "check failed", "bad"); }
