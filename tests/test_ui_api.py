@@ -293,3 +293,11 @@ def test_model_labellers_take_a_model_folder_inside_the_workspace(ws, tmp_path):
         assert set(caps.values()) == {"neonlab"}
         check = c.post("/api/check", headers=HEADERS, json={"config": "demo_neon_lab.yaml", "vram_gb": 0.001}).json()
         assert "exceeds the 0.001 GB available" in check["text"]
+
+
+def test_a_workspace_with_files_is_not_seeded(tmp_path):
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "photo.png").write_bytes(b"")
+    create_app(own, run_queue=False)
+    assert sorted(p.name for p in own.iterdir()) == [".lora-scripts-ui", "photo.png"]

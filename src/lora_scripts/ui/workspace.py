@@ -60,8 +60,9 @@ class Workspace:
 
     def seed_with_demo(self) -> str | None:
         """A new, empty workspace gets the toy world (base model, neon-lab images, the demo YAML), so the first
-        thing a person sees can be trained at once. Returns the config's path, or None if not empty."""
-        if self.configs():
+        thing a person sees can be trained at once. Returns the config's path, or None if not empty (a folder
+        of the user's own files is never added to)."""
+        if any(p.name != STATE_DIR for p in self.root.iterdir()):
             return None
         from ..toy.demo import prepare_demo
 
