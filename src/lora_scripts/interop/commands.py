@@ -7,11 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from ..errors import LoraScriptsError
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .files import DTYPES, convert_file, refuse_overwrite, resize_file
 
 
 def _lora_arg(text: str) -> tuple[Path, float]:
@@ -25,24 +21,6 @@ def _lora_arg(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def _table_for(base: Path | None, family: str):
-    from .table import base_configs, module_table, sd15_table
-
-    if base is not None:
-        return module_table(base_configs(base))
-    if family == "sd1":
-        return sd15_table()
-    raise LoraScriptsError(f"this LoRA is for {family}; give --base MODEL so its layers can be named")
-
-
-def _base_family(base: Path) -> str:
-    from ..families import detect_family
-    from ..families.loading import read_checkpoint_info
-
-    name = detect_family(read_checkpoint_info(Path(base)).shapes, str(base))
-    return {"sd15": "sd1"}.get(name, name)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .describe import describe
 
@@ -52,55 +30,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .describe import guess_family
-    from .lora_file import kohya_state, read_lora, write_diffusers
-    from .metadata import derived_metadata
-    from ..atomic import atomic_save_safetensors
-
-    src, out = Path(args.input), Path(args.output)
-    _refuse_overwrite(out, args.force)
-    lora = read_lora(src)
-    family = _base_family(args.base) if args.base else guess_family(lora)
-    dtype = _DTYPES[args.dtype] if args.dtype else lora.dtype
-    if lora.unknown:
-        raise LoraScriptsError(f"{src} holds {len(lora.unknown)} keys that are not plain LoRA weights "
-                               f"(e.g. {lora.unknown[0]}); converting would drop them, so nothing was written")
-    if args.to == "diffusers":
-        state = kohya_state(lora, dtype)  # hashes describe the kohya form; a round trip gives them back
-        record = derived_metadata(lora, lora, state, family, f"converted from {lora.format} by lora-scripts")
-        write_diffusers(lora, out, _table_for(args.base, family), dtype, record)
-        print(f"wrote {out} (diffusers/peft layout; each module's alpha kept in lora_adapter_metadata, so "
-              "diffusers applies the same strength)")
-    else:
-        state = kohya_state(lora, dtype)
-        meta = derived_metadata(lora, lora, state, family, f"converted from {lora.format} by lora-scripts")
-        atomic_save_safetensors(state, out, meta)
-        print(f"wrote {out} (kohya layout for A1111/ComfyUI; .alpha written for every module)")
+    out = Path(args.output)
+    refuse_overwrite(out, args.force)
+    print(convert_file(Path(args.input), out, args.to, Path(args.base) if args.base else None, args.dtype))
     return 0
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from .describe import guess_family
-    from .lora_file import kohya_state, read_lora
-    from .metadata import derived_metadata
-    from .ops import resize
-    from ..atomic import atomic_save_safetensors
-
     out = Path(args.output)
-    _refuse_overwrite(out, args.force)
-    lora = read_lora(Path(args.input))
-    result, kept = resize(lora, args.rank)
-    state = kohya_state(result, _DTYPES[args.dtype] if args.dtype else lora.dtype)
-    energies = [k.energy for k in kept]
-    note = f"resized to rank {args.rank} by lora-scripts (kept energy mean {sum(energies) / len(energies):.4f})"
-    atomic_save_safetensors(state, out, derived_metadata(lora, result, state, guess_family(lora), note))
-    worst = min(kept, key=lambda k: k.energy)
-    print(f"wrote {out}: rank {max(k.rank_before for k in kept)} -> {args.rank}, "
-          f"{out.stat().st_size / 2**20:.2f} MiB")
-    print(f"kept energy (share of the update's squared singular values): mean {sum(energies) / len(energies):.4f}, "
-          f"lowest {worst.energy:.4f} in {worst.name}")
+    refuse_overwrite(out, args.force)
+    r = resize_file(Path(args.input), out, args.rank, args.dtype)
+    print(f"wrote {out}: rank {r.rank_before} -> {r.rank}, {out.stat().st_size / 2**20:.2f} MiB")
+    print(f"kept energy (share of the update's squared singular values): mean {r.mean_energy:.4f}, "
+          f"lowest {r.worst.energy:.4f} in {r.worst.name}")
     if args.verbose:
-        for k in kept:
+        for k in r.kept:
             print(f"  {k.name}: rank {k.rank_before} -> {k.rank_after}, energy {k.energy:.4f}")
     return 0
 
@@ -113,7 +57,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..atomic import atomic_save_safetensors
 
     out = Path(args.out)
-    _refuse_overwrite(out, args.force)
+    refuse_overwrite(out, args.force)
     loras = [(read_lora(p), w) for p, w in map(_lora_arg, args.lora)]
     names = ", ".join(f"{Path(p).name}:{w:g}" for p, w in map(_lora_arg, args.lora))
     if args.base:
@@ -125,7 +69,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
               "load it in A1111/ComfyUI as a checkpoint")
         return 0
     result, kept = combine(loras, args.rank)
-    state = kohya_state(result, _DTYPES[args.dtype] if args.dtype else result.dtype)
+    state = kohya_state(result, DTYPES[args.dtype] if args.dtype else result.dtype)
     first = loras[0][0]
     how = f"rank {args.rank} by SVD" if args.rank else "ranks stacked (exact)"
     meta = derived_metadata(first, result, state, guess_family(first), f"merged {names} by lora-scripts, {how}")
@@ -148,11 +92,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _refuse_overwrite(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise LoraScriptsError(f"{out} already exists; choose another output or add --force to replace it")
-
-
 def add_commands(sub) -> None:
     p = sub.add_parser("inspect", help="show what a LoRA file holds and what loaders would drop")
     p.add_argument("file")
@@ -164,7 +103,7 @@ def add_commands(sub) -> None:
     p.add_argument("output")
     p.add_argument("--to", choices=("kohya", "diffusers"), required=True)
     p.add_argument("--base", type=Path, help="base model whose layers name the modules (default: SD1.5's)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), help="default: as the input")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: as the input")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_convert)
 
@@ -173,7 +112,7 @@ def add_commands(sub) -> None:
     p.add_argument("--base", help="checkpoint to bake the LoRAs into; without it the LoRAs become one LoRA")
     p.add_argument("--out", required=True)
     p.add_argument("--rank", type=int, help="LoRA merge: SVD to this rank (default: stack ranks, exact)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES))
+    p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
 
@@ -181,7 +120,7 @@ def add_commands(sub) -> None:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--dtype", choices=tuple(_DTYPES))
+    p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--verbose", "-v", action="store_true", help="kept energy per module")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_resize)
