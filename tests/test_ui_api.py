@@ -224,6 +224,29 @@ def _library_lists_the_lora_and_generates_with_it(c, ws):
     assert Image.open(ws / sweep).width > Image.open(ws / image).width
     r = c.post("/api/generate", headers=HEADERS, json={**body, "prompt": "<lora:quic:1>"})
     assert r.status_code == 400 and "Did you mean: quick" in r.json()["error"]
+    _tools_and_compare(c, ws)
+
+
+def _tools_and_compare(c, ws):
+    from lora_scripts.interop.lora_file import read_lora
+
+    tool = {"lora": "output/quick/quick.safetensors", "base_model": "models/toy-sd15.safetensors"}
+    verified = c.post("/api/loras/tool", headers=HEADERS, json={**tool, "action": "verify"}).json()
+    assert verified["ok"], verified
+    conv = c.post("/api/loras/tool", headers=HEADERS, json={**tool, "action": "convert", "to": "diffusers"}).json()
+    assert conv["written"] == "output/quick/quick_diffusers.safetensors"
+    again = c.post("/api/loras/tool", headers=HEADERS, json={**tool, "action": "convert", "to": "diffusers"})
+    assert again.status_code == 400 and "already exists" in again.json()["error"]
+    small = c.post("/api/loras/tool", headers=HEADERS, json={**tool, "action": "resize", "rank": 2}).json()
+    assert small["written"] == "output/quick/quick_r2.safetensors" and "kept energy" in small["text"]
+    assert {m.rank for m in read_lora(ws / small["written"]).modules.values()} == {2}
+    escape = c.post("/api/loras/tool", headers=HEADERS, json={**tool, "lora": "../x.safetensors", "action": "verify"})
+    assert escape.status_code == 403
+    jobs = [j["id"] for j in c.get("/api/jobs").json() if j["status"] == "done"]
+    r = c.post("/api/compare", headers=HEADERS, json={"jobs": jobs, "prompt": "a glowing cyan circle", "steps": 4})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (ws / out["sheet"]).is_file() and (ws / out["losses"]).is_file() and out["rows"][0]["steps"] == "3"
 
 
 def test_a_job_with_bad_input_fails_with_the_clis_message(ws):
@@ -243,7 +266,7 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(ws):
     cfg = write_config(ws, "stopme", max_train_steps=400, save_steps=0)
     with client(ws) as c:
         job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
-        wait_for(lambda: ((p := _status(c, job["id"])["progress"]) or {}).get("step", 0) >= 2)
+        wait_for(lambda: (_status(c, job["id"])["progress"] or {}).get("step", 0) >= 2)
         c.post(f"/api/jobs/{job['id']}/stop", headers=HEADERS)
         stopped = wait_for(lambda: (j := _status(c, job["id"]))["status"] not in ("running", "queued") and j)
         assert stopped["status"] == "stopped" and "checkpoint saved" in stopped["error"]

@@ -125,6 +125,18 @@ def test_train_the_toy_lora_and_try_it_from_the_browser(server, page, tmp_path):
     page.wait_for_selector("#gen-out img.generated", timeout=120_000)
     timings["generate_s"] = time.perf_counter() - t_gen
     page.wait_for_function("document.querySelector('#gen-out img').naturalWidth > 0")
+    page.click("#lora-neon_lab button:has-text('Verify')")
+    page.wait_for_selector("#tool-out.good", timeout=60_000)
+    assert "0 unmatched keys" in page.inner_text("#tool-out")
     page.screenshot(path=str(shots / "library.png"), full_page=True)
+
+    # Compare the finished run against the base, as `lora-scripts compare` does.
+    page.click("nav button[data-tab='jobs']")
+    page.check(".compare-tick")
+    page.fill("#compare-prompt", "a glowing cyan circle in the center, dark cyber laboratory, neon lighting, neon lab style")
+    page.click("#compare-run")
+    page.wait_for_selector("#compare-out img.sheet", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#compare-out img')].every(i => i.naturalWidth > 0)")
+    page.screenshot(path=str(shots / "compare.png"), full_page=True)
     (shots / "timings.json").write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
     print("UI timings:", timings)

@@ -61,6 +61,23 @@ class JobBody(BaseModel):
     config: str
 
 
+class ToolBody(BaseModel):
+    lora: str  # workspace path of the LoRA file
+    action: Literal["verify", "convert", "resize"]
+    base_model: str | None = None  # verify (required) and convert (optional: names the layers)
+    to: Literal["kohya", "diffusers"] = "diffusers"
+    rank: int = Field(8, ge=1, le=1024)
+
+
+class CompareBody(BaseModel):
+    jobs: list[int] = Field(..., min_length=1)
+    prompt: str
+    seed: int = 1
+    weight: float = 1.0
+    steps: int = Field(20, ge=1, le=150)
+    cfg: float = Field(5.0, ge=0, le=30)
+
+
 class GenerateBody(BaseModel):
     base_model: str
     prompt: str
@@ -191,7 +208,7 @@ def check(request: Request, body: CheckBody) -> dict:
 @router.post("/upload")
 async def upload(request: Request, folder: str = Query(...), files: list[UploadFile] = File(...)) -> dict:
     ws = _ws(request)
-    target = ws.path(folder)
+    ws.path(folder)  # a folder outside the workspace is refused before any upload is read
     saved = []
     for up in files:
         name = Path(up.filename or "").name
@@ -313,3 +330,59 @@ def generate(request: Request, body: GenerateBody) -> dict:
         return {"image": studio.sweep(base, body.prompt, body.seed, body.strengths, settings)}
     return {"image": studio.generate(base, body.prompt, body.seed, settings)}
 
+
+
+@router.post("/loras/tool")
+def lora_tool(request: Request, body: ToolBody) -> dict:
+    """inspect's siblings on one file: verify it loads as A1111/ComfyUI/diffusers would, convert it, resize it.
+    New files go beside the original and never replace an existing one."""
+    from ..interop.files import convert_file, refuse_overwrite, resize_file
+    from ..interop.verify import verify
+
+    ws = _ws(request)
+    src = ws.path(body.lora, must_exist=True)
+    base = ws.path(body.base_model, must_exist=True) if body.base_model else None
+    if body.action == "verify":
+        if base is None:
+            raise HTTPException(400, "verify needs base_model: the checkpoint the LoRA is meant for")
+        report = verify(src, base)
+        return {"ok": report.ok, "text": report.summary(), "problems": report.problems()}
+    if body.action == "convert":
+        out = src.with_name(f"{src.stem}_{body.to}.safetensors")
+        refuse_overwrite(out, force=False)
+        return {"ok": True, "text": convert_file(src, out, body.to, base), "written": ws.rel(out)}
+    out = src.with_name(f"{src.stem}_r{body.rank}.safetensors")
+    refuse_overwrite(out, force=False)
+    r = resize_file(src, out, body.rank)
+    return {"ok": True, "written": ws.rel(out),
+            "text": f"rank {r.rank_before} -> {r.rank}: kept energy mean {r.mean_energy:.4f}, lowest "
+                    f"{r.worst.energy:.4f} in {r.worst.name}"}
+
+
+@router.post("/compare")
+def compare(request: Request, body: CompareBody) -> dict:
+    """`lora-scripts compare` on finished jobs: base + each run's LoRA on the same prompt and seeds, loss overlay,
+    settings table."""
+    import time
+
+    from ..compare import image_grid, read_run, write_comparison
+    from ..render import Renderer
+
+    ws = _ws(request)
+    runs = []
+    for job_id in body.jobs:
+        job = _job(request, job_id)
+        if not job.output_dir:
+            raise HTTPException(400, f"job {job_id} has no output folder yet")
+        runs.append(read_run(ws.path(job.output_dir)))
+    bases = {str(r.config.get("base_model")) for r in runs}
+    base = Path(sorted(bases)[0])
+    if not ws.contains(base):
+        raise OutsideWorkspace(f"base_model {base}: outside the workspace")
+    settings = Settings(steps=body.steps, cfg=body.cfg)
+    with request.app.state.studio.lock:
+        sheet = image_grid(Renderer(base, [], settings), runs, [body.prompt], [body.seed, body.seed + 1], body.weight)
+    out = ws.state / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    paths = write_comparison(out, sheet, runs)
+    return {"sheet": ws.rel(paths["sheet"]), "losses": ws.rel(paths["losses"]), "rows": [r.row() for r in runs],
+            "bases": sorted(bases)}

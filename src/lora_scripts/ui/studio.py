@@ -32,7 +32,7 @@ class Studio:
         self._renderer: Renderer | None = None
         self._mtimes: dict[str, float] = {}
         self._descriptions: dict[Path, tuple[float, dict]] = {}
-        self._lock = threading.Lock()  # one generation at a time: the model is shared
+        self.lock = threading.Lock()  # one generation at a time: the model is shared
 
     def loras(self) -> dict[str, Path]:
         return {name: path for name, path in index_loras([self.ws.root]).items()
@@ -77,14 +77,14 @@ class Studio:
         return r
 
     def generate(self, base: Path, prompt: str, seed: int, settings: Settings) -> str:
-        with self._lock:
+        with self.lock:
             rendered = self._renderer_for(base, settings).render(prompt, [seed])[0]
             path = self._new_path()
             save_png(rendered.image, path, rendered.params)
             return self.ws.rel(path)
 
     def sweep(self, base: Path, prompt: str, seed: int, strengths: list[float], settings: Settings) -> str:
-        with self._lock:
+        with self.lock:
             sheet, _ = strength_sweep(self._renderer_for(base, settings), [prompt], [seed], strengths)
             path = self._new_path()
             sheet.save(path)

@@ -201,18 +201,21 @@ function percent(job) {
 async function refreshJobs() {
   const jobs = await api("GET", "/api/jobs");
   const list = $("#job-list"); list.innerHTML = "";
-  const table = el("table", {}, [el("thead", {}, [el("tr", {}, ["Job", "Config", "Status", "Progress", ""].map((h) => el("th", { textContent: h })))])]);
+  const table = el("table", {}, [el("thead", {}, [el("tr", {}, ["", "Job", "Config", "Status", "Progress", ""].map((h) => el("th", { textContent: h })))])]);
+  state.compare = state.compare || new Set();
   const body = el("tbody");
   for (const job of jobs) {
     const actions = el("td");
     if (job.status === "running" || job.status === "queued") actions.append(el("button", { textContent: "Stop", onclick: () => api("POST", `/api/jobs/${job.id}/stop`).then(refreshJobs) }));
     if (["stopped", "interrupted", "failed"].includes(job.status)) actions.append(el("button", { textContent: "Resume", onclick: () => api("POST", `/api/jobs/${job.id}/resume`).then(refreshJobs) }));
     const bar = el("div", { className: "progress mini" }, [el("div", { style: `width:${percent(job)}%` })]);
+    const tick = el("input", { type: "checkbox", disabled: job.status !== "done", checked: state.compare.has(job.id),
+      className: "compare-tick", onchange: (e) => { e.target.checked ? state.compare.add(job.id) : state.compare.delete(job.id); } });
     const row = el("tr", { className: job.id === state.jobId ? "selected" : "", id: "job-row-" + job.id }, [
-      el("td", { textContent: "#" + job.id }), el("td", { textContent: job.config }),
+      el("td", {}, [tick]), el("td", { textContent: "#" + job.id }), el("td", { textContent: job.config }),
       el("td", {}, [el("span", { className: "badge " + job.status, textContent: job.status })]),
       el("td", {}, [bar, " ", progressText(job)]), actions]);
-    row.addEventListener("click", (ev) => { if (ev.target.tagName !== "BUTTON") { state.jobId = job.id; refreshJobs(); } });
+    row.addEventListener("click", (ev) => { if (!["BUTTON", "INPUT"].includes(ev.target.tagName)) { state.jobId = job.id; refreshJobs(); } });
     body.append(row);
   }
   table.append(body); list.append(jobs.length ? table : el("p", { className: "muted", textContent: "No jobs yet: start one from the Config page." }));
@@ -260,6 +263,19 @@ function drawChart(c) {
   for (const [s, v] of c.validation) add("circle", { cx: x(s), cy: y(v), r: 3.5, fill: "#f97316" });
 }
 
+$("#compare-run").addEventListener("click", async () => {
+  const status = $("#compare-status");
+  if (state.compare.size < 1) return setStatus(status, "tick at least one finished job", "bad");
+  setStatus(status, "drawing…");
+  try {
+    const r = await api("POST", "/api/compare", { jobs: [...state.compare], prompt: $("#compare-prompt").value,
+      weight: parseFloat($("#compare-weight").value) || 1 });
+    const out = $("#compare-out"); out.innerHTML = "";
+    out.append(el("img", { src: fileUrl(r.sheet), className: "sheet" }), el("img", { src: fileUrl(r.losses), className: "sheet" }));
+    setStatus(status, r.rows.map((row) => `${row.run}: rank ${row.rank}, ${row.steps} steps, final loss ${row["final loss"]}`).join(" · "), "good");
+  } catch (e) { setStatus(status, e.message, "bad"); }
+});
+
 // --- library ------------------------------------------------------------------------------------------------
 async function loadLibrary() {
   const [loras, models] = await Promise.all([api("GET", "/api/loras"), api("GET", "/api/models")]);
@@ -271,12 +287,27 @@ async function loadLibrary() {
       el("td", { textContent: (l.size_bytes / 2 ** 20).toFixed(2) + " MB" }), el("td", { textContent: l.family }),
       el("td", { textContent: rank }), el("td", { textContent: l.trigger_words.slice(0, 5).join(", ") }),
       el("td", { className: l.warnings.length ? "errors" : "muted", textContent: l.warnings.join("; ") || "loads in A1111/ComfyUI/diffusers" }),
-      el("td", {}, [el("button", { textContent: "Try it", onclick: () => tryLora(l) })])]));
+      el("td", {}, [el("button", { textContent: "Try it", onclick: () => tryLora(l) }), " ",
+        el("button", { textContent: "Verify", title: "load it as A1111/ComfyUI and diffusers do, against the base model chosen below", onclick: () => loraTool(l, { action: "verify" }) }), " ",
+        el("button", { textContent: "→ diffusers", title: "write NAME_diffusers.safetensors beside it", onclick: () => loraTool(l, { action: "convert", to: "diffusers" }) }), " ",
+        el("button", { textContent: "Resize", title: "write a smaller-rank copy (SVD)", onclick: () => {
+          const rank = parseInt(prompt("New rank (smaller than the current one):", "4"), 10);
+          if (rank > 0) loraTool(l, { action: "resize", rank });
+        } })])]));
   }
   if (!loras.length) body.append(el("tr", {}, [el("td", { colSpan: 7, className: "muted", textContent: "No LoRAs yet: train one first." })]));
   const sel = $("#gen-base"), keep = sel.value; sel.innerHTML = "";
   for (const m of models) sel.append(el("option", { value: m, textContent: m }));
   if (keep) sel.value = keep;
+}
+async function loraTool(l, body) {
+  const out = $("#tool-out"); out.hidden = false; out.className = "report"; out.textContent = `${body.action} ${l.path}…`;
+  try {
+    const r = await api("POST", "/api/loras/tool", { lora: l.path, base_model: $("#gen-base").value || null, ...body });
+    out.textContent = r.text + (r.problems && r.problems.length ? "\n" + r.problems.join("\n") : "");
+    out.classList.add(r.ok ? "good" : "bad");
+    if (r.written) loadLibrary();
+  } catch (e) { out.textContent = e.message; out.classList.add("bad"); }
 }
 function tryLora(l) {
   const w = $("#gen-strength").value;
