@@ -11,6 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
+# Under pytest-xdist two workers share the 2 cores: one torch thread each (set before torch is imported, and
+# inherited by the subprocesses tests start), instead of four threads fighting over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
