@@ -104,3 +104,17 @@ def test_caption_shuffle_keeps_tokens_and_dropout(tmp_path, dataset, tiny_ckpt):
     assert len(outs) > 1 and all(o.startswith("sks, ") for o in outs)
     drop = _cfg(tmp_path, tiny_ckpt, caption_dropout=1.0)
     assert process_caption("sks, a", drop, random.Random(0)) == ""
+
+
+def test_caption_tag_dropout_keeps_the_first_tokens_and_drops_the_rest_at_its_rate(tmp_path, dataset, tiny_ckpt):
+    cfg = _cfg(tmp_path, tiny_ckpt, caption_tag_dropout=0.3, keep_tokens=1)
+    outs = [process_caption("sks, " + ", ".join(f"t{i}" for i in range(10)), cfg, random.Random(i)) for i in range(200)]
+    assert all(o.startswith("sks") for o in outs)
+    kept = sum(len(o.split(", ")) - 1 for o in outs) / (200 * 10)
+    assert 0.62 < kept < 0.78, kept  # 0.7 expected
+    assert all(o.split(", ")[1:] == sorted(o.split(", ")[1:], key=lambda t: int(t[1:])) for o in outs)  # order kept
+    cached = _cfg(tmp_path, tiny_ckpt, caption_tag_dropout=0.3)
+    from lora_scripts.data.cache import text_cache_plan
+
+    assert text_cache_plan(cached) == (False, "captions change per step (shuffle_caption / caption_dropout / "
+                                              "caption_tag_dropout)")

@@ -73,7 +73,11 @@ class TrainConfig(BaseModel):
     random_crop: bool = _f(False, "random instead of centre crop when an image is larger than its bucket")
     caption_dropout: float = _f(0.0, "probability of training on an empty caption (helps the LoRA generalise)", "0-0.1", ge=0, le=1)
     shuffle_caption: bool = _f(False, "shuffle comma-separated tags each step (for tag-style captions)")
-    keep_tokens: int = _f(0, "with shuffle_caption: keep the first N tags (e.g. the trigger word) in place", ge=0)
+    keep_tokens: int = _f(0, "with shuffle_caption or caption_tag_dropout: keep the first N tags (e.g. the trigger "
+                          "word) in place and never dropped", ge=0)
+    caption_tag_dropout: float = _f(0.0, "drop each comma-separated tag after the first keep_tokens with this "
+                                    "probability, per step (kohya's caption_tag_dropout_rate): the LoRA learns each "
+                                    "word on its own instead of the whole caption template", "0-0.3", ge=0, lt=1)
     caption_extension: str = _f(".txt", "extension of sidecar caption files when metadata_path is empty")
     skip_bad_images: bool = _f(False, "skip unreadable images / empty captions instead of stopping with the list")
     dataloader_workers: int = _f(0, "background processes that decode images (0 = in the training process)", ge=0)

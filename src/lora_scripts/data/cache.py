@@ -136,8 +136,8 @@ def text_cache_plan(config: TrainConfig) -> tuple[bool, str]:
         return False, "cache_text_encoder_outputs is false"
     if config.train_text_encoder:
         return False, "the text encoder is trained"
-    if config.shuffle_caption or config.caption_dropout:
-        return False, "captions change per step (shuffle_caption / caption_dropout)"
+    if config.shuffle_caption or config.caption_dropout or config.caption_tag_dropout:
+        return False, "captions change per step (shuffle_caption / caption_dropout / caption_tag_dropout)"
     return True, ""
 
 

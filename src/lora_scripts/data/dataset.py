@@ -36,10 +36,13 @@ def build_items(samples: list[Sample], config: TrainConfig) -> list[Item]:
 def process_caption(caption: str, config: TrainConfig, rng: random.Random) -> str:
     if config.caption_dropout and rng.random() < config.caption_dropout:
         return ""
-    if config.shuffle_caption:
+    if config.shuffle_caption or config.caption_tag_dropout:
         tags = [t.strip() for t in caption.split(",") if t.strip()]
         head, tail = tags[: config.keep_tokens], tags[config.keep_tokens :]
-        rng.shuffle(tail)
+        if config.caption_tag_dropout:
+            tail = [t for t in tail if rng.random() >= config.caption_tag_dropout]
+        if config.shuffle_caption:
+            rng.shuffle(tail)
         caption = ", ".join(head + tail)
     return caption
 
