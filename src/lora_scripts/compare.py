@@ -3,7 +3,6 @@ curves on one plot, and their key settings and losses in one table - to pick the
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import yaml
 from PIL import Image
 
 from .errors import LoraScriptsError
-from .metrics import smooth
+from .metrics import read_curves, smooth
 from .render import Renderer
 from .sheets import contact_sheet
 
@@ -53,19 +52,8 @@ def read_run(folder: Path, step: int | None = None) -> Run:
         have = sorted(p.name for p in (folder / "checkpoints").glob("step-*")) if (folder / "checkpoints").is_dir() else []
         raise LoraScriptsError(f"{lora} does not exist" + (f"; checkpoints here: {', '.join(have)}" if have else
                                " (the run has not finished; use --step with one of its checkpoints)"))
-    run = Run(folder, folder.name + (f"@{step}" if step else ""), config, lora)
-    for row in _csv(folder / "loss.csv"):
-        run.steps.append(int(row["step"]))
-        run.losses.append(float(row["loss"]))
-    run.validation = [(int(r["step"]), float(r["val_loss"])) for r in _csv(folder / "val_loss.csv")]
-    return run
-
-
-def _csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    steps, losses, validation = read_curves(folder)
+    return Run(folder, folder.name + (f"@{step}" if step else ""), config, lora, steps, losses, validation)
 
 
 def table_markdown(runs: list[Run]) -> str:

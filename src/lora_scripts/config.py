@@ -275,7 +275,7 @@ def _fill_output_dir(config: TrainConfig, source: str) -> TrainConfig:
     return config.model_copy(update={"output_dir": filled, "output_name": name})
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(raw)
     for key in PATH_KEYS:
         if isinstance(out.get(key), str) and out[key]:
@@ -320,16 +320,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(source, [f"expected 'key: value' lines, got a {type(loaded).__name__}"])
         # Paths in a config file are relative to that file, so a config works from any working directory.
-        raw = _resolve_paths(loaded or {}, path.resolve().parent)
+        raw = resolve_paths(loaded or {}, path.resolve().parent)
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     # Paths given on the command line are relative to where the command runs, as in any shell tool.
-    raw.update(_resolve_paths(dict(items), Path.cwd()))
+    raw.update(resolve_paths(dict(items), Path.cwd()))
     return validate_config(raw, source)
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path, source: str = "config") -> TrainConfig:
     """Validate key/value pairs as if they were a YAML file in `base_dir` (the web UI's form)."""
-    return validate_config(_resolve_paths(raw, Path(base_dir).resolve()), source)
+    return validate_config(resolve_paths(raw, Path(base_dir).resolve()), source)
 
 
 def problem_key(problem: str) -> str | None:

@@ -125,11 +125,20 @@ class MetricsLogger:
         self._tb.close()
 
 
-def _rows_up_to(path: Path, step: int) -> list[dict]:
+def read_curves(output_dir: Path) -> tuple[list[int], list[float], list[tuple[int, float]]]:
+    """(steps, losses, [(step, validation loss)]) as a run's loss.csv and val_loss.csv hold them so far."""
+    rows = _rows_up_to(Path(output_dir) / "loss.csv", None)
+    val = _rows_up_to(Path(output_dir) / "val_loss.csv", None)
+    return ([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
+            [(int(r["step"]), float(r["val_loss"])) for r in val])
+
+
+def _rows_up_to(path: Path, step: int | None) -> list[dict]:
+    """Rows with step <= `step` (None: all)."""
     if not path.exists() or step == 0:
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        return [r for r in csv.DictReader(f) if step is None or int(r["step"]) <= step]
 
 
 def _rewrite(path: Path, header: list[str], rows: list[list]) -> None:

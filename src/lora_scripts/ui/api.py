@@ -3,7 +3,6 @@ page shows as it is (the CLI's wording)."""
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Any, Literal
@@ -15,9 +14,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..config import TrainConfig
+from ..config import TrainConfig, resolve_paths
 from ..data.captions import read_captions, set_caption
 from ..data.images import IMAGE_EXTENSIONS
+from ..metrics import read_curves
 from ..render import Settings
 from .forms import form_fields, form_values, to_yaml, validate_values
 from .workspace import OutsideWorkspace, Workspace
@@ -150,11 +150,11 @@ def _data_location(ws: Workspace, rel: str) -> tuple[Path, Path | None, str]:
     """(train_data_dir, metadata_path, caption_extension) from a config, read leniently: the dataset page works
     while other keys of the config are still wrong."""
     raw = _read_yaml(ws, rel)
-    base = ws.path(rel).parent
     if not raw.get("train_data_dir"):
         raise HTTPException(400, f"{rel}: set train_data_dir first")
-    data_dir = (base / str(raw["train_data_dir"])).resolve()
-    csv_path = (base / str(raw["metadata_path"])).resolve() if raw.get("metadata_path") else None
+    paths = resolve_paths(raw, ws.path(rel).parent)  # as load_config reads them: relative to the config file
+    data_dir = Path(paths["train_data_dir"]).resolve()
+    csv_path = Path(paths["metadata_path"]).resolve() if paths.get("metadata_path") else None
     for key, p in (("train_data_dir", data_dir), ("metadata_path", csv_path)):
         if p is not None and not ws.contains(p):
             raise OutsideWorkspace(f"{key} = {raw[key]!r}: outside the workspace ({ws.root})")
@@ -286,13 +286,6 @@ def resume_job(request: Request, job_id: int) -> dict:
         raise HTTPException(409, str(exc)) from None
 
 
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 @router.get("/jobs/{job_id}/curves")
 def curves(request: Request, job_id: int) -> dict:
     """Loss per step (and validation loss) for the live chart, plus the sample images written so far."""
@@ -301,11 +294,9 @@ def curves(request: Request, job_id: int) -> dict:
     if not job.output_dir:
         return {"steps": [], "loss": [], "validation": [], "samples": []}
     out = ws.path(job.output_dir)
-    rows = _read_csv(out / "loss.csv")
-    val = _read_csv(out / "val_loss.csv")
+    steps, losses, validation = read_curves(out)
     samples = sorted((out / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime) if (out / "samples").is_dir() else []
-    return {"steps": [int(r["step"]) for r in rows], "loss": [float(r["loss"]) for r in rows],
-            "validation": [[int(r["step"]), float(r["val_loss"])] for r in val],
+    return {"steps": steps, "loss": losses, "validation": [list(v) for v in validation],
             "samples": [ws.rel(p) for p in samples[-12:]]}
 
 
