@@ -119,10 +119,10 @@ def fit(trainer: Trainer, resume: Path | None = None, on_progress: ProgressCallb
     started = time.time()
     loop = _resume(trainer, resume) if resume else _Loop()
     loop.on_progress = on_progress if acc.is_main_process else None
-    loop.session_start = (loop.step, time.time())
     # Only the main process writes files, so only it hashes the base model (seconds for a 4 GB file).
     facts = trainer.run_facts() if acc.is_main_process else None
     metrics = _start_outputs(trainer, loop.step) if acc.is_main_process else None
+    loop.session_start = (loop.step, time.time())  # it/s and ETA count training, not the hashing above
     bar = tqdm(total=trainer.max_steps, initial=loop.step, disable=not acc.is_main_process, unit="step",
                dynamic_ncols=True)
     with _CtrlC(loop):
