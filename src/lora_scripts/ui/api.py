@@ -19,7 +19,7 @@ from ..data.captions import read_captions, set_caption
 from ..data.images import IMAGE_EXTENSIONS
 from ..metrics import read_curves
 from ..render import Settings
-from .forms import form_fields, form_values, to_yaml, validate_values
+from .forms import form_fields, form_values, to_yaml, validate_raw, validate_values
 from .workspace import OutsideWorkspace, Workspace
 
 MAX_UPLOAD_BYTES = 25 * 2**20  # one image; larger files are refused before they are written
@@ -139,7 +139,7 @@ def save_config(request: Request, body: ConfigBody) -> dict:
 
 
 def _config(ws: Workspace, rel: str) -> TrainConfig:
-    config, errors = validate_values(form_values(_read_yaml(ws, rel)), ws.path(rel).parent, ws)
+    config, errors = validate_raw(_read_yaml(ws, rel), ws.path(rel).parent, ws)
     if config is None:
         problems = [m for msgs in errors["fields"].values() for m in msgs] + errors["general"]
         raise HTTPException(400, f"{rel} has problems:\n" + "\n".join(problems))
@@ -253,9 +253,7 @@ def jobs(request: Request) -> list[dict]:
 def start_job(request: Request, body: JobBody) -> dict:
     ws = _ws(request)
     config = _config(ws, body.config)  # refused here, with the CLI's messages, rather than failing in the queue
-    job = request.app.state.queue.submit(ws.rel(ws.path(body.config)))
-    request.app.state.queue.store.update(job.id, output_dir=ws.rel(config.output_dir))
-    return _job_view(request, request.app.state.queue.store.get(job.id))
+    return _job_view(request, request.app.state.queue.submit(ws.rel(ws.path(body.config)), ws.rel(config.output_dir)))
 
 
 def _job(request: Request, job_id: int):

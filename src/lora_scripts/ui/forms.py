@@ -90,12 +90,17 @@ def parse_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_values(values: dict[str, Any], config_dir: Path, ws: Workspace) -> tuple[TrainConfig | None, dict]:
-    """-> (config or None, {"fields": {key: [messages]}, "general": [messages]})."""
+    """Form values -> (config or None, {"fields": {key: [messages]}, "general": [messages]})."""
+    return validate_raw(parse_values(values), config_dir, ws)
+
+
+def validate_raw(raw: dict[str, Any], config_dir: Path, ws: Workspace) -> tuple[TrainConfig | None, dict]:
+    """Config keys as a YAML file holds them -> the same as validate_values."""
     fields: dict[str, list[str]] = {}
     general: list[str] = []
     config = None
     try:
-        config = config_from_dict(parse_values(values), config_dir)
+        config = config_from_dict(raw, config_dir)
     except ConfigError as exc:
         for problem in exc.problems:
             key = problem_key(problem)
@@ -105,7 +110,7 @@ def validate_values(values: dict[str, Any], config_dir: Path, ws: Workspace) -> 
             path = getattr(config, key)
             if path is not None and not ws.contains(path):
                 fields.setdefault(key, []).append(
-                    f"{key} = {values.get(key)!r}: outside the workspace ({ws.root}); the web UI only reads and "
+                    f"{key} = {raw.get(key)!r}: outside the workspace ({ws.root}); the web UI only reads and "
                     "writes inside it (copy or move the file there)")
         if fields:
             config = None

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from .workspace import Workspace
 
-# queued -> running -> done | failed | stopped (checkpoint saved, resumable) | interrupted (the server went away
-# while it ran; resumable from its last checkpoint)
-FINAL = ("done", "failed", "stopped", "interrupted")
+# Statuses: queued -> running -> done | failed | stopped (checkpoint saved, resumable) | interrupted (the server
+# went away while it ran; resumable from its last checkpoint).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,9 +71,10 @@ class JobStore:
         con.row_factory = sqlite3.Row
         return con
 
-    def add(self, config: str) -> Job:
+    def add(self, config: str, output_dir: str | None = None) -> Job:
         with self._connect() as con:
-            cur = con.execute("INSERT INTO jobs (config, status, created) VALUES (?, 'queued', ?)", (config, time.time()))
+            cur = con.execute("INSERT INTO jobs (config, status, created, output_dir) VALUES (?, 'queued', ?, ?)",
+                              (config, time.time(), output_dir))
             job_id = cur.lastrowid
         return self.get(job_id)
 
@@ -141,8 +141,8 @@ class JobQueue:
         self._thread: threading.Thread | None = None
 
     # --- requests ------------------------------------------------------------------------------------------
-    def submit(self, config_rel: str) -> Job:
-        return self.store.add(config_rel)
+    def submit(self, config_rel: str, output_dir_rel: str | None = None) -> Job:
+        return self.store.add(config_rel, output_dir_rel)
 
     def stop(self, job_id: int) -> Job:
         """Ask a running job to stop: SIGINT, which the trainer answers by saving a checkpoint. A queued job
@@ -189,9 +189,14 @@ class JobQueue:
             self._thread.join(timeout=5)
 
     def recover(self) -> None:
-        """After a restart: a 'running' job whose worker is gone ended while nobody watched."""
+        """Record every 'running' job whose worker has ended: one this server started (its exit code is known)
+        or one adopted after a restart, which ended while nobody watched."""
         for job in self.store.running():
-            if job.id not in self._procs and not (job.pid and _alive(job.pid, self.job_dir(job.id))):
+            proc = self._procs.get(job.id)
+            if proc is not None:
+                if proc.poll() is not None:
+                    self._finish(job, proc.returncode)
+            elif not (job.pid and _alive(job.pid, self.job_dir(job.id))):
                 self._finish(job, returncode=None)
 
     def _run(self) -> None:
@@ -204,14 +209,7 @@ class JobQueue:
 
     def tick(self) -> None:
         with self._lock:
-            running = self.store.running()
-            for job in running:
-                proc = self._procs.get(job.id)
-                if proc is not None:
-                    if proc.poll() is not None:
-                        self._finish(job, proc.returncode)
-                elif not (job.pid and _alive(job.pid, self.job_dir(job.id))):
-                    self._finish(job, returncode=None)  # a worker adopted after a restart has ended
+            self.recover()
             if not self.store.running():
                 job = self.store.next_queued()
                 if job is not None:
