@@ -75,6 +75,21 @@ def test_two_loras_each_have_their_effect_and_weight_zero_is_the_base(loras, tin
     assert np.array_equal(again, both)  # deterministic for a seed
 
 
+def test_a_lora_file_trained_again_is_reloaded(tiny_ckpt, tmp_path):
+    """A long-lived renderer (the web UI's) must not keep drawing with a file's old weights, or its old hash."""
+    import os
+
+    path = _random_lora(tmp_path / "output" / "run" / "run.safetensors", tiny_ckpt, 1)
+    r = Renderer(tiny_ckpt, [tmp_path / "output"], FAST)
+    first = r.render("a red circle, <lora:run:1>", [7])
+    _random_lora(path, tiny_ckpt, 5)
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5))  # a later write, even on coarse clocks
+    second = r.render("a red circle, <lora:run:1>", [7])
+    fresh = Renderer(tiny_ckpt, [tmp_path / "output"], FAST).render("a red circle, <lora:run:1>", [7])
+    assert np.array_equal(_pixels(second), _pixels(fresh)) and not np.array_equal(_pixels(first), _pixels(second))
+    assert second[0].params.lora_hashes != first[0].params.lora_hashes
+
+
 def test_generate_writes_pngs_whose_parameters_a1111_reads(loras, tiny_ckpt, tmp_path):
     _, dirs = loras
     args = ["generate", "--base", str(tiny_ckpt), "--prompt", "a lab, <lora:style_a:0.8>", "--n", "2", "--seed", "5",

@@ -36,14 +36,21 @@ class LoraSet:
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
         self.loaded: dict[str, Path] = {}
+        self._stamps: dict[str, tuple[Path, float]] = {}
 
     def load(self, name: str, path: Path) -> None:
-        if name in self.loaded:
+        """Load once; a name that now points at another file, or at a file changed on disk since (a run trained
+        again), replaces its adapter."""
+        stamp = (Path(path), Path(path).stat().st_mtime)
+        if self._stamps.get(name) == stamp:
             return
+        if name in self.loaded:
+            self.pipe.delete_adapters(name)
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         with quiet_loading():
             self.pipe.load_lora_weights(str(path), adapter_name=name)
         self.loaded[name] = Path(path)
+        self._stamps[name] = stamp
 
     def apply(self, weights: dict[str, float]) -> None:
         if not self.loaded:

@@ -48,7 +48,7 @@ class Renderer:
         self.loras = LoraSet(self.pipe)
         self.index = index_loras(self.lora_dirs)
         self._model_hash: str | None = None
-        self._lora_hashes: dict[str, str] = {}
+        self._lora_hashes: dict[tuple[Path, float], str] = {}  # by (file, mtime): a retrained file is hashed again
 
     def add_lora(self, name: str, path: Path) -> None:
         """Make a file known under a name (e.g. a run's LoRA for `compare`) without a folder scan."""
@@ -78,8 +78,10 @@ class Renderer:
 
     def _lora_hash(self, name: str) -> str:
         """A1111's LoRA short hash: the addnet hash (SHA-256 of the tensor bytes), 12 hex digits."""
-        if name not in self._lora_hashes:
+        path = self.loras.loaded[name]
+        key = (path, path.stat().st_mtime)
+        if key not in self._lora_hashes:
             from .hashes import addnet_hash
 
-            self._lora_hashes[name] = addnet_hash(self.loras.loaded[name])[:12]
-        return self._lora_hashes[name]
+            self._lora_hashes[key] = addnet_hash(path)[:12]
+        return self._lora_hashes[key]

@@ -30,7 +30,6 @@ class Studio:
     def __init__(self, ws: Workspace):
         self.ws = ws
         self._renderer: Renderer | None = None
-        self._mtimes: dict[str, float] = {}
         self._descriptions: dict[Path, tuple[float, dict]] = {}
         self.lock = threading.Lock()  # one generation at a time: the model is shared
 
@@ -64,16 +63,8 @@ class Studio:
         r = self._renderer
         if r is None or r.base != base or r.settings.scheduler != settings.scheduler:
             r = self._renderer = Renderer(base, [self.ws.root], settings)
-            self._mtimes = {}
         r.settings = settings
-        r.index = self.loras()
-        for name, path in r.index.items():  # a retrained LoRA replaces the stale adapter
-            mtime = path.stat().st_mtime
-            if name in r.loras.loaded and (r.loras.loaded[name] != path or self._mtimes.get(name) != mtime):
-                r.pipe.delete_adapters(name)
-                del r.loras.loaded[name]
-                r._lora_hashes.pop(name, None)
-            self._mtimes[name] = mtime
+        r.index = self.loras()  # LoRAs trained since the last call; LoraSet reloads files changed on disk
         return r
 
     def generate(self, base: Path, prompt: str, seed: int, settings: Settings) -> str:
