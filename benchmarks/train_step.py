@@ -163,6 +163,14 @@ def _result(args, times, flops, setup_s, peak) -> dict:
     return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s, "peak_bytes": peak, "setup_s": setup_s}
 
 
+def _mean_of_rounds(rounds: list[dict]) -> dict:
+    s = sum(r["s_per_step"] for r in rounds) / len(rounds)
+    flops = rounds[0]["flops_per_step"]
+    return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s,
+            "peak_bytes": max(r["peak_bytes"] for r in rounds), "setup_s": rounds[0]["setup_s"],
+            "rounds_s_per_step": [r["s_per_step"] for r in rounds]}
+
+
 def build_inputs(args, tmp: Path) -> tuple[Path, Path]:
     from step_time import build_checkpoint, make_data
 
@@ -177,6 +185,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, order alternating")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -191,21 +200,27 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, data = build_inputs(args, Path(tmp))
-        results = {}
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--worker", variant, "--inputs", f"{ckpt}{os.pathsep}{data}"] + \
-                  [a for a in sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            results[variant] = json.loads(line[7:])
+        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        # A shared machine's speed drifts over minutes: rounds alternate the order (ABCD, DCBA, ...) so that
+        # drift falls on every variant alike, and each variant's figure is its mean over the rounds.
+        for r in range(args.rounds):
+            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+                cmd = [sys.executable, __file__, "--worker", variant, "--inputs", f"{ckpt}{os.pathsep}{data}"] + \
+                      [a for a in sys.argv[1:]]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    return 1
+                runs[variant].append(json.loads(line[7:]))
+                print(f"round {r + 1} {variant}: {runs[variant][-1]['s_per_step']:.3f} s/step", file=sys.stderr)
+        results = {v: _mean_of_rounds(rs) for v, rs in runs.items()}
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     peak_rate = matmul_rate(args.device, dtype)
     ref = results["reference"]
     print(f"\n{args.model} {args.resolution}px batch {args.batch} on {args.device} ({torch.get_num_threads()} threads), "
           f"{args.mixed_precision}; matmul rate {peak_rate / 1e9:.1f} GFLOP/s")
+    print(f"{args.rounds} round(s); s/step is the mean over rounds, peak memory the highest")
     print("| variant | s/step | steps/s vs reference | peak memory | vs reference | GFLOP/step | MFU | setup s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -93,10 +93,10 @@ class TrainConfig(BaseModel):
     seed: int = _f(42, "random seed; the same seed and config give the same LoRA")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "bf16 on recent NVIDIA GPUs (RTX 30xx+), fp16 on older ones, no on CPU")
     gradient_checkpointing: bool = _f(False, "trade ~30% speed for much less GPU memory")
-    channels_last: bool = _f(False, "keep the UNet in channels-last memory layout (often faster convolutions on "
-                             "recent GPUs; same results)")
+    channels_last: bool = _f(True, "keep the UNet and VAE in channels-last memory layout (VAE encode 1.1-1.3x "
+                             "faster on CPU, usual tensor-core layout on GPUs; same results)")
     torch_compile: bool = _f(False, "compile the UNet with torch.compile: the first steps are slow while it "
-                             "compiles, later ones faster on GPUs; same results")
+                             "compiles (minutes), later ones faster on GPUs; on CPU measured slower; same results")
     gradient_accumulation_steps: int = _f(1, "accumulate N batches per optimizer step (effective batch = batch_size * N)", ge=1)
     max_train_steps: int | None = _f(None, "stop after N optimizer steps (overrides epochs)", ge=1)
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = _f(

@@ -38,6 +38,18 @@ _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
 
 
+def _forget_mixed_precision_of_an_earlier_run(mixed_precision: str) -> None:
+    """accelerate keeps its precision in a process-wide singleton and refuses a second Accelerator with another
+    one, so a notebook or script training fp32 and then bf16 would fail. Only that part is reset; the
+    distributed set-up (PartialState: ranks, process group) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    current = state.get("_mixed_precision", mixed_precision)
+    if state and getattr(current, "value", current) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _uses_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
     return bool(accel and accel.is_available())
@@ -46,6 +58,7 @@ def _uses_accelerator() -> bool:
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
+        _forget_mixed_precision_of_an_earlier_run(config.mixed_precision)
         # CPU runs (CI, and `accelerate launch --multi_gpu` with gloo on CPU) must say so explicitly, or
         # accelerate starts unsynchronised processes.
         self.accelerator = Accelerator(
@@ -139,7 +152,9 @@ class Trainer:
         else:
             model.text_encoder.requires_grad_(False)
         if cfg.channels_last:
+            # Convolutions pick their layout from the weights, so inputs need no conversion.
             model.unet.to(memory_format=torch.channels_last)
+            model.vae.to(memory_format=torch.channels_last)
         if cfg.torch_compile:
             # In place (Module.compile), so parameter names and peft's state dicts stay as they are.
             model.unet.compile(**COMPILE_OPTIONS)
