@@ -3,6 +3,7 @@ peak memory and MFU.
 
     python benchmarks/train_step.py --model tiny --resolution 32 --batch 4
     python benchmarks/train_step.py --model sd15 --resolution 256 --batch 1 --steps 3
+    python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --rounds 2
     python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --device cuda --mixed-precision bf16
 
 Each variant runs in its own process; peak memory is measured over the timed steps (resident set size on CPU,
