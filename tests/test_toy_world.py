@@ -83,6 +83,8 @@ def test_style_statistic_separates_the_sets_and_ignores_noise():
 
 
 def test_subject_classifier_is_accurate_and_not_fooled_by_noise(classifier):
+    """Held out: fresh renders, half of them blurred, noisy or off-palette like generated samples (measured
+    0.957; a classifier trained on crisp renders only scored 0.777 on these)."""
     rng = random.Random("held-out")
     examples = [_labelled_example(rng, 32) for _ in range(300)]
     pred = class_probabilities(classifier, [e[0] for e in examples]).argmax(-1)
@@ -167,8 +169,8 @@ def _combo(toy_loras, classifier, style, subject):
 
 
 def test_each_lora_moves_only_its_own_statistic(toy_loras, classifier):
-    """Measured 2026-11-25 on prompts naming a glowing robotic arm: base neon 0.000 / arm 0.175; style alone
-    0.185 / 0.000; subject alone 0.000 / 0.537."""
+    """Measured 2026-11-25 on prompts naming a glowing robotic arm: base neon 0.000 / arm 0.234; style alone
+    0.185 / 0.001; subject alone 0.000 / 0.593."""
     base_neon, base_arm = _combo(toy_loras, classifier, 0.0, 0.0)
     style_neon, _ = _combo(toy_loras, classifier, 1.0, 0.0)
     subject_neon, subject_arm = _combo(toy_loras, classifier, 0.0, 1.0)
@@ -176,12 +178,19 @@ def test_each_lora_moves_only_its_own_statistic(toy_loras, classifier):
     assert subject_arm > base_arm + 0.15 and subject_neon < base_neon + 0.02, (base_arm, subject_arm, subject_neon)
 
 
-@pytest.mark.xfail(reason="known gap (issue 4): with the v-prediction base the style LoRA at full strength "
-                          "redraws the subject as its own shapes; measured: style 1 + subject 1 gives neon 0.284 but "
-                          "arm 0.000, style 0.4 + subject 1 gives neon 0.079 and arm 0.33 (base 0.000 / 0.175)",
-                   strict=False)
 def test_style_and_subject_combine(toy_loras, classifier):
-    """Like Lego: both LoRAs together give the new subject in the new style."""
+    """Like Lego: both LoRAs together give the new subject in the new style, with the style LoRA at 0.75 as
+    users combine LoRAs (below 1 each). Measured 2026-11-25 (seeds 1-3): base neon 0.000 / arm 0.234,
+    style 0.75 + subject 1 gives 0.205 / 0.482 (seeds 4-6: 0.217 / 0.671 against a base of 0.000 / 0.194)."""
+    base_neon, base_arm = _combo(toy_loras, classifier, 0.0, 0.0)
+    both_neon, both_arm = _combo(toy_loras, classifier, 0.75, 1.0)
+    assert both_neon > base_neon + 0.04 and both_arm > base_arm + 0.15, (base_neon, base_arm, both_neon, both_arm)
+
+
+@pytest.mark.xfail(reason="known gap (issue 4): at full strength the style LoRA redraws the subject as its own "
+                          "shapes on half the prompts; measured: style 1 + subject 1 gives neon 0.284, arm 0.243 "
+                          "against a base arm of 0.234 (seeds 1-3; seeds 4-6: 0.427 against 0.194)", strict=False)
+def test_style_and_subject_combine_at_full_strength(toy_loras, classifier):
     base_neon, base_arm = _combo(toy_loras, classifier, 0.0, 0.0)
     both_neon, both_arm = _combo(toy_loras, classifier, 1.0, 1.0)
     assert both_neon > base_neon + 0.04 and both_arm > base_arm + 0.15, (base_neon, base_arm, both_neon, both_arm)

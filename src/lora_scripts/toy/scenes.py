@@ -92,9 +92,15 @@ def _draw_arm(draw: ImageDraw.ImageDraw, box, colour, outline_width: int | None)
 
 def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> Image.Image:
     """The base model's ordinary style: a flat filled shape on a plain background."""
-    im = Image.new("RGB", (size, size), BACKGROUNDS[scene.background][0])
-    scale = 0.6 if scene.shape == "robotic arm" else 0.45
-    draw_shape(ImageDraw.Draw(im), scene.shape, _box(size, scene.position, scale, rng), fill=COLOURS[scene.colour])
+    return render_on(scene.shape, COLOURS[scene.colour], BACKGROUNDS[scene.background][0], scene.position, size, rng)
+
+
+def render_on(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], position: str,
+              size: int = 32, rng: random.Random | None = None) -> Image.Image:
+    """A flat filled shape in any colours (the shape classifier's training also sees colours no set has)."""
+    im = Image.new("RGB", (size, size), background)
+    scale = 0.6 if shape == "robotic arm" else 0.45
+    draw_shape(ImageDraw.Draw(im), shape, _box(size, position, scale, rng), fill=colour)
     return im
 
 

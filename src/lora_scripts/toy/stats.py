@@ -6,8 +6,9 @@
   saturation) under a 3x3 mean, while a drawn stroke keeps its colour. Uniform colour noise scores 0.019, grey
   noise 0, the neon set 0.19.
 * subject - `arm_probability`: a small CNN trained on the generator's own labels (circle, square, triangle,
-  robotic arm, and "nothing": blank or noise), on both the flat and the neon rendering in every colour, so
-  it judges the outline and not the colour. Its score is the mean softmax probability of "robotic arm".
+  robotic arm, and "nothing": blank or noise), on the flat and the neon rendering in every colour and in
+  random colours, half of them blurred or noisy like generated samples, so it judges the outline and not the
+  colour or the sharpness. Its score is the mean softmax probability of "robotic arm".
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from ..data.images import images_to_batch
-from .scenes import BACKGROUNDS, COLOURS, NEON, POSITIONS, SHAPES, Scene, render, render_neon
+from .scenes import BACKGROUNDS, COLOURS, NEON, POSITIONS, SHAPES, Scene, render, render_neon, render_on
 
 CLASSES = SHAPES + ("robotic arm", "nothing")
 
@@ -81,18 +82,41 @@ def _labelled_example(rng: random.Random, size: int) -> tuple[Image.Image, int]:
     label = rng.randrange(len(CLASSES))
     if CLASSES[label] == "nothing":
         if rng.random() < 0.5:
-            return Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))), label
+            return Image.new("RGB", (size, size), _any_colour(rng)), label
         noise = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (size, size, 3), dtype=np.uint8)
         return Image.fromarray(noise), label
     shape, pos = CLASSES[label], rng.choice(list(POSITIONS))
+    kind = rng.random()
+    if kind < 0.4:
+        im = render_neon(shape, rng.choice(list(NEON)), pos, size, rng)
+    elif kind < 0.7:
+        im = render(Scene(shape, rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS)), pos), size, rng)
+    else:
+        colour, background = _any_colour(rng), _any_colour(rng)
+        while sum(abs(a - b) for a, b in zip(colour, background)) < 150:  # a shape one can see
+            colour = _any_colour(rng)
+        im = render_on(shape, colour, background, pos, size, rng)
+    return _soften(im, rng), label
+
+
+def _any_colour(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randrange(256) for _ in range(3))
+
+
+def _soften(im: Image.Image, rng: random.Random) -> Image.Image:
+    """Generated samples are soft, noisy and off-palette (a LoRA mixes colours the sets never pair); trained
+    only on crisp renders, the classifier judged them by those artefacts rather than by their outline."""
     if rng.random() < 0.5:
-        return render_neon(shape, rng.choice(list(NEON)), pos, size, rng), label
-    scene = Scene(shape, rng.choice(list(COLOURS)), rng.choice(["white", "gray", "black"]), pos)
-    return render(scene, size, rng), label
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    if rng.random() < 0.3:
+        arr = np.asarray(im, np.float32)
+        arr = arr + np.random.default_rng(rng.randrange(2**31)).normal(0, rng.uniform(3, 15), arr.shape)
+        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    return im
 
 
 def train_shape_classifier(seed: int = 0, steps: int = 800, batch: int = 64, size: int = 32) -> ShapeNet:
-    """~30 s on 2 CPU cores; held-out accuracy 1.0 on 300 fresh examples (0.86 at 400 steps). Deterministic."""
+    """~20-30 s on 2 CPU cores; held-out accuracy 0.96 on fresh examples (crisp renders: 1.0). Deterministic."""
     torch.manual_seed(seed)
     rng = random.Random(f"classifier/{seed}")
     net = ShapeNet()
