@@ -31,7 +31,9 @@ def contact_sheet(grid: Sequence[Sequence[Image.Image]], row_labels: Sequence[st
         draw.text((8, 6), title, fill="black", font=font)
     for c, label in enumerate(col_labels):
         x = label_w + c * (cell + 4) + 4
-        lines = textwrap.wrap(label, max(6, cell // 7), break_on_hyphens=False)[:2]
+        # A label that fits stays whole: "<lora:neon_lab:0.5>" must not lose its ">" to a second line.
+        fits = draw.textlength(label, font=small) <= cell
+        lines = [label] if fits else textwrap.wrap(label, max(6, cell // 7), break_on_hyphens=False)[:2]
         draw.multiline_text((x, title_h + 4), "\n".join(lines), fill="black", font=small)
     for r, row in enumerate(grid):
         y = title_h + head_h + r * (cell + 4)
