@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from helpers.bad_inputs import ACCEPTED, REFUSED, printable, run_refused, scan_accepted
+from helpers.bad_inputs import catalogue, printable, run_command, run_http, run_refused, scan_accepted
 
 DOC = (REPO / "docs" / "bad_inputs.md").read_text()
+REFUSED, ACCEPTED, COMMANDS, HTTP = catalogue()
+STALE = "docs/bad_inputs.md is stale; regenerate it (see its header). Expected row:\n{}"
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=[c.id for c in REFUSED])
@@ -23,7 +25,27 @@ def test_refused_with_a_specific_message_and_nothing_written(case, tmp_path, tin
     out = tmp_path / "output"
     assert not out.exists() or out.is_file(), sorted(out.rglob("*"))  # output_is_file: the file we put there
     row = f"| {case.case} | {printable(message, tmp_path)} |"
-    assert row in DOC, f"docs/bad_inputs.md is stale; regenerate it (see its header). Expected row:\n{row}"
+    assert row in DOC, STALE.format(row)
+
+
+@pytest.mark.parametrize("case", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_command_ends_with_one_clear_message(case, tmp_path, tiny_ckpt):
+    code, message = run_command(case, tmp_path, tiny_ckpt)
+    assert code == case.code, message
+    assert re.search(case.expect, message, re.S), message
+    assert "Traceback" not in message
+    row = f"| {case.case} | {case.code} | {printable(message, tmp_path)} |"
+    assert row in DOC, STALE.format(row)
+
+
+@pytest.mark.parametrize("case", HTTP, ids=[c.id for c in HTTP])
+def test_web_ui_refuses_with_a_status_and_a_message(case, tmp_path):
+    status, message = run_http(case, tmp_path)
+    assert status == case.status, message
+    assert re.search(case.expect, message, re.S), message
+    assert "Traceback" not in message
+    row = f"| {case.case} | {case.status} | {printable(message, tmp_path)} |"
+    assert row in DOC, STALE.format(row)
 
 
 @pytest.mark.parametrize("case", ACCEPTED, ids=[c.id for c in ACCEPTED])
@@ -39,4 +61,5 @@ def test_accepted_and_read_as_a_viewer_shows_it(case, tmp_path, caplog):
 
 def test_every_case_has_a_row_and_no_row_is_orphaned():
     rows = [ln.split("|")[1].strip() for ln in DOC.splitlines() if ln.startswith("| ") and not ln.startswith("| Case")]
-    assert rows == [c.case for c in REFUSED] + [c.case for c in ACCEPTED]
+    assert rows == [c.case for c in REFUSED] + [c.case for c in COMMANDS] + [c.case for c in HTTP] \
+        + [c.case for c in ACCEPTED]

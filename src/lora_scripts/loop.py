@@ -58,6 +58,7 @@ class Progress:
     lr: float
     steps_per_second: float
     eta_seconds: float
+    saved: bool = False  # a checkpoint of this step was just written: a throttled live view must show it now
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
@@ -81,13 +82,13 @@ class _Loop:
         self.on_progress: ProgressCallback | None = None
         self.session_start = (step, time.time())  # (step, time) this process began at, for it/s and ETA
 
-    def report(self, total: int, epochs: int, lr: float) -> None:
+    def report(self, total: int, epochs: int, lr: float, saved: bool = False) -> None:
         if self.on_progress is None:
             return
         first_step, t0 = self.session_start
         rate = (self.step - first_step) / max(time.time() - t0, 1e-9)
         eta = (total - self.step) / rate if rate > 0 else float("nan")
-        self.on_progress(Progress(self.step, total, self.epoch, epochs, self.last_loss, lr, rate, eta))
+        self.on_progress(Progress(self.step, total, self.epoch, epochs, self.last_loss, lr, rate, eta, saved))
 
 
 class _CtrlC:
@@ -251,6 +252,7 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
         bar.set_postfix(epoch=f"{loop.epoch + 1}/{trainer.num_epochs}", loss=f"{loop.last_loss:.4f}", lr=f"{lr:.2e}")
         if config.save_steps and loop.step % config.save_steps == 0 and loop.step < trainer.max_steps:
             save_checkpoint(trainer, loop, facts, metrics)
+            loop.report(trainer.max_steps, trainer.num_epochs, lr, saved=True)
         if loop.step < trainer.max_steps:
             _observe(trainer, loop, metrics, validate=trainer.validator.due(loop.step),
                      sample=trainer.previews.due(loop.step))
@@ -294,6 +296,8 @@ def _end_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
 
 def _interrupt(trainer: Trainer, loop: _Loop, facts, metrics) -> None:
     folder = save_checkpoint(trainer, loop, facts, metrics)
+    # The live view may have skipped the last steps (it is throttled): it must show the step that was saved.
+    loop.report(trainer.max_steps, trainer.num_epochs, trainer.lr_scheduler.get_last_lr()[0], saved=True)
     if metrics:
         metrics.close()
     raise TrainingInterrupted(

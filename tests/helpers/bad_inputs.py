@@ -40,6 +40,27 @@ class Refused:
 
 
 @dataclass(frozen=True)
+class Command:
+    """Any command-line input (train, check, label, generate, merge, ...) that must end with one clear message,
+    this exit code and no traceback."""
+    id: str
+    case: str
+    make: Callable[[Path, Path], list[str]]  # (root, tiny base) -> argv after `lora-scripts`
+    expect: str  # regex the message (stderr and stdout together) must match
+    code: int = 2
+
+
+@dataclass(frozen=True)
+class Http:
+    """A web-UI request that must be answered with this status and a message naming the input, never a 500."""
+    id: str
+    case: str
+    send: Callable  # (TestClient, workspace root) -> httpx.Response; see helpers/bad_cases_ui.py
+    status: int
+    expect: str  # regex the response's `detail` must match
+
+
+@dataclass(frozen=True)
 class Accepted:
     """An unusual but valid input that must train, read the way a photo viewer shows it."""
     id: str
@@ -320,6 +341,20 @@ def _captions_are(samples, expected) -> None:
     assert sorted(s.caption for s in samples) == sorted(expected)
 
 
+def catalogue() -> tuple[list[Refused], list[Accepted], list[Command], list[Http]]:
+    """Every case: the ones above and those of helpers/bad_cases_*.py (one module per area of the product)."""
+    import importlib
+
+    refused, accepted, commands, http = list(REFUSED), list(ACCEPTED), [], []
+    for area in ("train", "data", "interop", "ui"):
+        module = importlib.import_module(f"helpers.bad_cases_{area}")
+        refused += getattr(module, "REFUSED", [])
+        accepted += getattr(module, "ACCEPTED", [])
+        commands += getattr(module, "COMMANDS", [])
+        http += getattr(module, "HTTP", [])
+    return refused, accepted, commands, http
+
+
 # --- running a case -------------------------------------------------------------------------------------------
 def run_refused(case: Refused, root: Path, base: Path) -> tuple[int, str]:
     """Run `lora-scripts train --config ...` in-process; returns (exit code, message)."""
@@ -330,6 +365,33 @@ def run_refused(case: Refused, root: Path, base: Path) -> tuple[int, str]:
     with contextlib.redirect_stderr(err):
         code = main(["train", "--config", str(config)])
     return code, err.getvalue()
+
+
+def run_command(case: Command, root: Path, base: Path) -> tuple[int, str]:
+    """Run `lora-scripts ARGV` in-process from `root`; returns (exit code, stderr + stdout)."""
+    import os
+
+    from lora_scripts.cli import main
+
+    argv = case.make(root, base)
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's own refusals
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(cwd)
+    return code, err.getvalue() + out.getvalue()
+
+
+def run_http(case: Http, root: Path) -> tuple[int, str]:
+    from helpers.bad_cases_ui import send
+
+    return send(case, root)
 
 
 def scan_accepted(case: Accepted, root: Path):
@@ -350,15 +412,21 @@ def printable(message: str, root: Path) -> str:
 
 
 def render(messages: dict[str, str]) -> str:
+    refused, accepted, commands, http = catalogue()
     lines = ["# What each bad input gets", "",
              "Every row is a test (`tests/test_bad_inputs.py`). Refused inputs stop before anything is written to",
              "`output_dir` (all checks — output folder, dataset, base model — run before the first file is made);",
              "`skip_bad_images: true` turns the per-image refusals into warnings and trains on the rest.",
              "Regenerate with `python tests/helpers/bad_inputs.py > docs/bad_inputs.md`.", "",
              "## Refused, with this message (exit code 2)", "", "| Case | Message |", "|---|---|"]
-    lines += [f"| {c.case} | {messages[c.id]} |" for c in REFUSED]
+    lines += [f"| {c.case} | {messages[c.id]} |" for c in refused]
+    lines += ["", "## Other commands: one message, no traceback", "", "| Case | Exit code | Message |", "|---|---|---|"]
+    lines += [f"| {c.case} | {c.code} | {messages[c.id]} |" for c in commands]
+    lines += ["", "## Web UI: refused with a status and a message, never a 500", "",
+              "| Case | Status | Message |", "|---|---|---|"]
+    lines += [f"| {c.case} | {c.status} | {messages[c.id]} |" for c in http]
     lines += ["", "## Accepted, read the way a photo viewer shows them", "", "| Case | What happens |", "|---|---|"]
-    lines += [f"| {c.case} | {c.behaviour} |" for c in ACCEPTED]
+    lines += [f"| {c.case} | {c.behaviour} |" for c in accepted]
     return "\n".join(lines) + "\n"
 
 
@@ -367,15 +435,23 @@ def _all_messages() -> dict[str, str]:
 
     from lora_scripts.toy.tiny import write_tiny_checkpoint
 
+    refused, _, commands, http = catalogue()
     messages = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = write_tiny_checkpoint(Path(tmp) / "models" / "tiny.safetensors", seed=0)
-        for case in REFUSED:
+        for case in refused + commands + http:
             root = Path(tmp) / case.id
             root.mkdir()
-            messages[case.id] = printable(run_refused(case, root, base)[1], root)
+            if isinstance(case, Refused):
+                message = run_refused(case, root, base)[1]
+            elif isinstance(case, Command):
+                message = run_command(case, root, base)[1]
+            else:
+                message = run_http(case, root)[1]
+            messages[case.id] = printable(message, root)
     return messages
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `helpers.bad_cases_*` as under pytest
     sys.stdout.write(render(_all_messages()))

@@ -1,7 +1,8 @@
 """One training job in its own process: `python -m lora_scripts.ui.worker JOB_DIR CONFIG [--resume]`.
 
 Runs the library's `train` exactly as `lora-scripts train` does, and leaves what the server reads: progress.json
-after each step (at most four times a second, and always at the last step) and exit.json at the end. SIGINT (the
+after each step (at most four times a second, and always at the last step and at every checkpoint, Stop's
+included) and exit.json at the end. SIGINT (the
 UI's Stop button) reaches the trainer's Ctrl-C handler, which saves a checkpoint.
 """
 
@@ -27,7 +28,7 @@ class ProgressFile:
 
     def __call__(self, progress) -> None:
         now = time.time()
-        if progress.step < progress.total and now - self._last < self.min_interval:
+        if progress.step < progress.total and not progress.saved and now - self._last < self.min_interval:
             return
         self._last = now
         self.phase("training", **progress.to_dict())
