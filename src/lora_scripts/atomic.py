@@ -27,11 +27,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         write(tmp)
+        # mkstemp makes 0600, and some writers (safetensors) create their file anew with 0600 as well: the final
+        # file gets the permissions the user's umask gives any new file, as every other tool's files have.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,6 +41,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             raise DiskFullError(disk_full_message(path)) from exc
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def disk_full_message(path: Path) -> str:

@@ -50,9 +50,11 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def save_state(folder: Path, position: Position, lora: dict, optimizer: dict, scheduler: dict, config_hash: str,
-               world_size: int) -> Path:
+               world_size: int, config: dict | None = None) -> Path:
+    # format 2 adds the config the state was trained with, so a resume can say what changed (runs.py)
     state = {"position": position.__dict__, "lora": lora, "optimizer": optimizer, "lr_scheduler": scheduler,
-             "rng": rng_states(), "config_hash": config_hash, "world_size": world_size, "format": 1}
+             "rng": rng_states(), "config_hash": config_hash, "world_size": world_size, "format": 2,
+             "config": config}
     # Written last and atomically: a folder without this file is an interrupted save and is never resumed from.
     return atomic_torch_save(state, folder / STATE_FILE)
 

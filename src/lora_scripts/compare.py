@@ -34,18 +34,37 @@ class Run:
         alpha = c.get("lora_alpha") or c.get("lora_rank")
         last = smooth(self.losses)[-1] if self.losses else float("nan")
         val = self.validation[-1][1] if self.validation else None
-        return {"run": self.label, "rank": str(c.get("lora_rank")), "alpha": f"{float(alpha):g}",
-                "epochs": str(c.get("epochs")), "lr": f"{float(c.get('learning_rate')):g}",
+        return {"run": self.label, "rank": str(c.get("lora_rank")), "alpha": _number(alpha),
+                "epochs": str(c.get("epochs")), "lr": _number(c.get("learning_rate")),
                 "steps": str(self.steps[-1] if self.steps else 0), "final loss": f"{last:.4f}",
                 "val loss": f"{val:.4f}" if val is not None else "-"}
 
 
+def _number(value) -> str:
+    """A setting as the table shows it; a hand-edited config's odd value is shown as written, not a crash."""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def read_run(folder: Path, step: int | None = None) -> Run:
     folder = Path(folder)
-    cfg_path = folder / "config.yaml"
+    from .runs import resolved_config_path
+
+    cfg_path = resolved_config_path(folder)  # config.yaml, or config.resolved.yaml beside a user's own config.yaml
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise LoraScriptsError(f"{folder} {what}; give the output_dir folders of finished training runs")
     if not cfg_path.is_file():
         raise LoraScriptsError(f"{folder} is not a training run folder (no config.yaml); give output_dir folders")
-    config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    try:
+        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise LoraScriptsError(f"{cfg_path} cannot be read ({str(exc).splitlines()[0]}); it is the run's record of "
+                               "its settings: restore it from the run or train again") from None
+    if not isinstance(config, dict):
+        raise LoraScriptsError(f"{cfg_path} holds no settings (it should be the run's config); give finished run folders")
     name = config.get("output_name") or folder.name
     lora = (folder / "checkpoints" / f"step-{step}" / f"{name}.safetensors") if step else folder / f"{name}.safetensors"
     if not lora.is_file():

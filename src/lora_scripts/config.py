@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 TargetPreset = Literal["kohya", "attn", "qv"]
+CAPTION_EXTENSIONS = (".txt", ".caption", ".text", ".tags")  # sidecar caption files as kohya/OneTrainer read them
+_MAX_NAME_BYTES = 200  # a file name's limit is 255 bytes; room for suffixes such as -000004.safetensors
 SCHEMA_VERSION = 1
 PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir", "validation_dir",
              "cache_dir")
@@ -90,7 +94,8 @@ class TrainConfig(BaseModel):
                                           "is frozen and captions are not shuffled or dropped")
 
     # --- optimisation --------------------------------------------------------------------------
-    seed: int = _f(42, "random seed; the same seed and config give the same LoRA")
+    seed: int = _f(42, "random seed, 0 to 4294967295; the same seed and config give the same LoRA",
+                   ge=0, le=2**32 - 1)  # numpy's seed range, which every RNG we seed accepts
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "bf16 on recent NVIDIA GPUs (RTX 30xx+), fp16 on older ones, no on CPU")
     gradient_checkpointing: bool = _f(False, "trade ~30% speed for much less GPU memory")
     channels_last: bool = _f(True, "keep the UNet and VAE in channels-last memory layout (VAE encode 1.1-1.3x "
@@ -165,6 +170,22 @@ class TrainConfig(BaseModel):
     def _prompts_as_objects(cls, v: list) -> list:
         return [SamplePrompt(prompt=p) if isinstance(p, str) else p for p in v]
 
+    @field_validator("output_name")
+    @classmethod
+    def _name_is_a_file_stem(cls, v: str | None) -> str | None:
+        return v if v is None else check_file_stem(v)
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _caption_extension_is_text(cls, v: str) -> str:
+        # The web UI writes captions to IMAGE_STEM + caption_extension: an image or config extension here
+        # would overwrite a training image or create configs, so only text-file extensions are accepted.
+        ext = v.strip().lower()
+        ext = ext if ext.startswith(".") else "." + ext
+        if ext not in CAPTION_EXTENSIONS:
+            raise ValueError(f"caption files must be text files; use one of {', '.join(CAPTION_EXTENSIONS)}")
+        return ext
+
     @field_validator("bucket_reso_steps", "resolution")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
@@ -185,6 +206,7 @@ class TrainConfig(BaseModel):
             raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
         if self.validation_split and self.validation_dir:
             raise ValueError("set validation_split or validation_dir, not both")
+        _outputs_apart_from_data(self)
         return self
 
     # --- derived values (never written back) ---------------------------------------------------
@@ -214,12 +236,61 @@ class TrainConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+def check_file_stem(v: str) -> str:
+    """output_name becomes NAME.safetensors inside output_dir: a folder part would write elsewhere (even outside
+    a web-UI workspace), so only a plain file name is accepted."""
+    if not v.strip() or v.strip(".") == "":
+        raise ValueError("must be a file name such as sci_lab_lora (it becomes NAME.safetensors)")
+    if any(c in v for c in ("/", "\\", "\0", ":")) or ".." in v:
+        raise ValueError("must be a plain file name without folders ('/', '\\', ':' or '..'); it names "
+                         "NAME.safetensors inside output_dir - to write elsewhere, change output_dir")
+    if len(v.encode()) > _MAX_NAME_BYTES:
+        raise ValueError(f"is {len(v.encode())} bytes long; file names may have at most {_MAX_NAME_BYTES}")
+    return v
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    child, parent = child.resolve(), parent.resolve()
+    return child == parent or parent in child.parents
+
+
+def _outputs_apart_from_data(config: "TrainConfig") -> None:
+    """Files we write must not land in a folder we read images from: the next run would scan loss.png and
+    samples as training images (and `label` would caption them), or an overwrite would delete the dataset."""
+    outputs = {"output_dir": config.output_dir}
+    if config.logging_dir:
+        outputs["logging_dir"] = config.logging_dir
+    inputs = {"train_data_dir": config.train_data_dir}
+    if config.validation_dir:
+        inputs["validation_dir"] = config.validation_dir
+    for out_key, out in outputs.items():
+        if "{" in str(out):
+            continue  # a template; judged once it is filled in
+        for in_key, data in inputs.items():
+            if _inside(out, data):
+                raise ValueError(f"{out_key} {out} is inside {in_key} {data}: the LoRA, samples and loss chart "
+                                 f"would be read as training images. Put {out_key} next to the images, e.g. "
+                                 f"./output/{config.output_name or out.name}")
+            if _inside(data, out):
+                raise ValueError(f"{in_key} {data} is inside {out_key} {out}: starting over there (--overwrite) "
+                                 f"would delete training images. Choose an {out_key} that does not hold the dataset")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`key=value` from --set; the value is read as YAML so numbers, booleans and lists get their type."""
     if "=" not in item:
         raise ConfigError("--set", [f"{item!r}: expected key=value, e.g. --set lora_rank=8"])
     key, _, raw = item.partition("=")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.load(raw, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError("--set", [f"{key.strip()} = {raw!r}: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("--set", [f"{key.strip()} = {raw!r}: not a valid value ({problem}); quote text "
+                                    f"with a brace, bracket or colon in it, e.g. --set '{key.strip()}=\"{raw}\"'"]) from None
 
 
 def _unknown_key_problems(raw: dict[str, Any]) -> list[str]:
@@ -237,6 +308,8 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "config"
     field = TrainConfig.model_fields.get(str(err["loc"][0])) if err["loc"] else None
     msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a rule across keys: its message names them
+        return msg
     if err["type"] == "missing":
         return f"{key}: required key is missing ({field.description if field else ''})"
     value = raw.get(str(err["loc"][0]), err.get("input")) if err["loc"] else err.get("input")
@@ -262,17 +335,63 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
 def _fill_output_dir(config: TrainConfig, source: str) -> TrainConfig:
     """output_dir: ./output/sci_lab_r{lora_rank}_e{epochs} -> one folder per config version."""
     text = str(config.output_dir)
-    if "{" not in text:
+    if "{" not in text and "}" not in text:
         return config
+    try:
+        filled = Path(fill_template(text, config))
+    except ValueError as exc:
+        raise ConfigError(source, [f"output_dir = {text!r}: {exc}; use config keys in braces, "
+                                   "e.g. ./output/sci_lab_r{lora_rank}_e{epochs}"]) from None
+    long = [part for part in filled.parts if len(part.encode()) > _MAX_NAME_BYTES]
+    if long:
+        raise ConfigError(source, [f"output_dir = {text!r}: the folder name {long[0][:40]!r}... is "
+                                   f"{len(long[0].encode())} bytes long once filled in (at most {_MAX_NAME_BYTES}); "
+                                   "use fewer or shorter keys"])
+    name = config.output_name or filled.name
+    filled_config = config.model_copy(update={"output_dir": filled, "output_name": name})
+    try:
+        check_file_stem(name)
+        _outputs_apart_from_data(filled_config)
+    except ValueError as exc:
+        raise ConfigError(source, [f"output_dir = {text!r}: {exc}"]) from None
+    return filled_config
+
+
+_MAX_FIELD_WIDTH = 32  # a format spec such as {seed:>50000000} would otherwise build a 50 MB folder name
+
+
+def fill_template(text: str, config: TrainConfig) -> str:
+    """Fill `{key}` and `{key:spec}` with config values. Only plain keys: no attribute or index access
+    ({seed.__class__}), no conversions, and short format specs, because the template is user input."""
     values = config.model_dump()
     values["output_name"] = config.output_name or ""
+    out = []
     try:
-        filled = Path(text.format_map(values))
-    except (KeyError, ValueError, IndexError) as exc:
-        raise ConfigError(source, [f"output_dir = {text!r}: cannot fill in {exc}; use config keys in braces, "
-                                   "e.g. ./output/sci_lab_r{lora_rank}_e{epochs}"]) from None
-    name = config.output_name or filled.name
-    return config.model_copy(update={"output_dir": filled, "output_name": name})
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"cannot read the braces ({exc})") from None
+    for literal, field, spec, conversion in parsed:
+        out.append(literal)
+        if field is None:
+            continue
+        if field not in values:
+            close = difflib.get_close_matches(field, list(values), n=1)
+            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+            raise ValueError(f"{{{field}}} is not a config key{hint}")
+        if conversion:
+            raise ValueError(f"{{{field}!{conversion}}}: conversions are not supported, write {{{field}}}")
+        if "{" in (spec or "") or _spec_width(spec or "") > _MAX_FIELD_WIDTH:
+            raise ValueError(f"{{{field}:{spec}}} asks for a field wider than {_MAX_FIELD_WIDTH} characters")
+        try:
+            out.append(format(values[field], spec or ""))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"cannot fill in {{{field}:{spec}}} ({exc})") from None
+    return "".join(out)
+
+
+def _spec_width(spec: str) -> int:
+    digits = "".join(ch if ch.isdigit() else " " for ch in spec).split()
+    return max((int(d) for d in digits), default=0)
 
 
 def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -284,6 +403,28 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         elif out.get(key) == "":
             out[key] = None
     return out
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; a config with `lora_rank` set twice is refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:
+                continue  # an unhashable key; the base class reports it
+            if first != key_node.start_mark.line:
+                raise _DuplicateKey(None, None, f"{key}: set twice (lines {first + 1} and "
+                                    f"{key_node.start_mark.line + 1}); YAML would silently keep the second value. "
+                                    "Keep one of them", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
@@ -311,10 +452,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise ConfigError(source, [f"config file {path} does not exist"])
         try:
             text = path.read_text(encoding="utf-8-sig")
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)
         except UnicodeDecodeError as exc:
             raise ConfigError(source, [f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
                                        "re-save it as UTF-8"]) from None
+        except _DuplicateKey as exc:
+            raise ConfigError(source, [exc.problem]) from None
         except yaml.YAMLError as exc:
             raise ConfigError(source, [_yaml_problem(exc, text)]) from None
         if loaded is not None and not isinstance(loaded, dict):

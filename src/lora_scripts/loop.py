@@ -21,7 +21,7 @@ from .checkpoints import Position, checkpoint_dir, latest_checkpoint, load_state
 from .errors import TrainingError, TrainingInterrupted
 from .export import RunFacts, save_diffusers
 from .metrics import MetricsLogger
-from .runs import config_hash
+from .runs import RESOLVED_MARK, config_hash, hashed_config, resolved_config_path
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -203,7 +203,9 @@ def _start_outputs(trainer: Trainer, resume_step: int) -> MetricsLogger:
     config = trainer.config
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    # Never over a config.yaml of the user's own (resolved_config_path then picks config.resolved.yaml).
+    atomic_write_text(resolved_config_path(out),
+                      f"{RESOLVED_MARK}\n" + yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
     log.info("%d images (%d with repeats), %d steps per epoch, %d steps, %d UNet + %d text-encoder LoRA modules",
              len(trainer.samples), len(trainer.items), trainer.steps_per_epoch, trainer.max_steps,
              len(trainer.unet_modules), len(trainer.te_modules))
@@ -231,10 +233,13 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
     config, acc = trainer.config, trainer.accelerator
     trainer.unet.train()
     trainer.text_encoder.train(config.train_text_encoder)
-    accum_loss, micro = 0.0, 0
+    accum_loss, micro, window = 0.0, 0, 1
+    per_epoch = len(trainer.loader)  # this process's batches in a full epoch (before any resume skip)
     for batch in _batches(trainer, loop):
+        if micro == 0:  # a new optimizer step: how many batches it gathers (fewer at the end of an epoch)
+            window = min(config.gradient_accumulation_steps, max(1, per_epoch - loop.consumed))
         loop.consumed += 1
-        accum_loss += trainer.micro_step(batch, loop.step, micro) / config.gradient_accumulation_steps
+        accum_loss += trainer.micro_step(batch, loop.step, micro, window) / window
         micro += 1
         loop.grads_finite = trainer.grads_finite
         if not acc.sync_gradients:
@@ -332,7 +337,7 @@ def save_checkpoint(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metri
         trainer.save_lora(folder / f"{config.name}.safetensors", facts, loop.step, loop.epoch)
         lora = {c: {k: v.detach().cpu().clone() for k, v in s.items()} for c, s in trainer.lora_states().items()}
         save_state(folder, Position(loop.step, loop.epoch, loop.consumed), lora, trainer.optimizer.state_dict(),
-                   trainer.lr_scheduler.state_dict(), config_hash(config), acc.num_processes)
+                   trainer.lr_scheduler.state_dict(), config_hash(config), acc.num_processes, hashed_config(config))
         prune_checkpoints(config.output_dir, config.save_last_n)
         if metrics:
             metrics.plot()

@@ -8,6 +8,7 @@ from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 
 from .config import TrainConfig
+from .errors import ConfigError
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -44,6 +45,33 @@ def text_encoder_target_modules(text_encoder: nn.Module, targets: str | list[str
         n for n, m in text_encoder.named_modules()
         if ".layers." in f".{n}" and isinstance(m, nn.Linear) and any(n.endswith("." + s) for s in suffixes)
     )
+
+
+def check_targets(unet: nn.Module, text_encoder: nn.Module, config: TrainConfig, unet_modules: list[str],
+                  te_modules: list[str]) -> None:
+    """An explicit lora_targets list is checked name by name before anything is injected, so a typo or a list
+    made for the other model is a config error naming the key, not a peft ValueError."""
+    targets = config.lora_targets
+    if isinstance(targets, str):
+        return
+    layers = [n for n, m in unet.named_modules() if _is_linear_or_1x1(m)]
+    layers += [n for n, m in text_encoder.named_modules() if isinstance(m, nn.Linear)]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    hint = ("UNet layer names end in to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2; "
+            "text-encoder ones in q_proj, k_proj, v_proj, out_proj, fc1, fc2. Or use a preset: kohya, attn, qv")
+    problems = []
+    if unknown:
+        problems.append(f"lora_targets = {targets!r}: {', '.join(map(repr, unknown))} names no layer of the model. "
+                        + hint)
+    elif not unet_modules:
+        problems.append(f"lora_targets = {targets!r}: no UNet layer is named, and the UNet is what a LoRA trains "
+                        "first; add UNet names (to_q, to_k, to_v, to_out.0) or use a preset")
+    elif config.train_text_encoder and not te_modules:
+        problems.append(f"lora_targets = {targets!r}: train_text_encoder is true, but no name in the list is a "
+                        "text-encoder layer; add q_proj, k_proj, v_proj, out_proj (fc1, fc2), or set "
+                        "train_text_encoder: false")
+    if problems:
+        raise ConfigError("the config", problems)
 
 
 def lora_config(config: TrainConfig, modules: list[str]) -> LoraConfig:

@@ -22,14 +22,15 @@ from .data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
 from .data.cache import LatentCache, TextCache, latent_cache_plan, sample_latents, text_cache_plan, vae_identity
 from .data.check import dataset_warnings
 from .data.scan import scan_dataset
-from .errors import DatasetError, TrainingError
+from .errors import DatasetError, TrainingError, TrainingInterrupted
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from .families.loading import BaseModel, load_base_model
 from .hashes import file_sha256, legacy_model_hash
-from .lora import inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
+from .lora import check_targets, inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 from .loop import ProgressCallback, TrainResult, fit
 from .losses import diffusion_loss, sample_noise, training_target
-from .runs import check_output_dir, record_run
+from .runlock import OutputLock
+from .runs import check_output_dir, record_run, report_resume
 from .samples import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 
@@ -144,10 +145,12 @@ class Trainer:
         model.vae.to(device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
         model.vae.requires_grad_(False)
         self.unet_modules = unet_target_modules(model.unet, cfg.lora_targets)
-        self.lora_configs = {"unet": inject_lora(model.unet, cfg, self.unet_modules)}
         self.te_modules: list[str] = []
         if cfg.train_text_encoder:
             self.te_modules = text_encoder_target_modules(model.text_encoder, cfg.lora_targets)
+        check_targets(model.unet, model.text_encoder, cfg, self.unet_modules, self.te_modules)
+        self.lora_configs = {"unet": inject_lora(model.unet, cfg, self.unet_modules)}
+        if cfg.train_text_encoder:
             self.lora_configs["text_encoder"] = inject_lora(model.text_encoder, cfg, self.te_modules)
         else:
             model.text_encoder.requires_grad_(False)
@@ -231,14 +234,19 @@ class Trainer:
         target = training_target(sched, latents, noise, timesteps)
         return diffusion_loss(pred, target, sched, timesteps, cfg.min_snr_gamma)
 
-    def micro_step(self, batch: dict, step: int, micro: int) -> float:
+    def micro_step(self, batch: dict, step: int, micro: int, window: int | None = None) -> float:
         """One batch: forward and backward; at an accumulation boundary, the optimizer step, unless a gradient
         is NaN/inf (checked after DDP averaged them, so every process decides alike; such a step never reaches
-        the weights and `grads_finite` says so). Returns the batch's loss."""
+        the weights and `grads_finite` says so). Returns the batch's loss.
+
+        window: how many batches this optimizer step really accumulates. accelerate divides every loss by
+        gradient_accumulation_steps, but the last step of an epoch may gather fewer batches (6 batches with
+        accumulation 4: 4, then 2); its gradient is then scaled back up so it is a mean over the batches it has."""
         acc = self.accelerator
+        n = self.config.gradient_accumulation_steps
         with acc.accumulate(self.unet):
             loss = self.compute_loss(batch, self.step_rng(step, micro))
-            acc.backward(loss)
+            acc.backward(loss * (n / window) if window and window != n else loss)
             if acc.sync_gradients:
                 self._optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -292,13 +300,40 @@ class Trainer:
         return save_kohya(path, state, meta)
 
     def restore(self, state: dict) -> None:
-        """Put LoRA weights, optimizer and scheduler back as a checkpoint holds them."""
+        """Put LoRA weights, optimizer and scheduler back as a checkpoint holds them, with this config's learning
+        rates, weight decay and schedule: those may change on resume, and the log and the files record them."""
         unwrap = self.accelerator.unwrap_model
         models = {"unet": unwrap(self.unet), "text_encoder": unwrap(self.text_encoder)}
+        current = self.lora_states()
         for component, weights in state["lora"].items():
+            _check_fits(component, weights, current.get(component))
             set_peft_model_state_dict(models[component], weights)
         self.optimizer.load_state_dict(state["optimizer"])
+        schedule = self.lr_scheduler.scheduler  # accelerate's wrapper around the LambdaLR
+        new_base_lrs = list(schedule.base_lrs)  # this config's learning rates (the checkpoint holds the old ones)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # The schedule's shape (warm-up, total steps) comes from this config's functions; the step from the state.
+        schedule.base_lrs = new_base_lrs
+        lrs = [base * f(schedule.last_epoch) for base, f in zip(new_base_lrs, schedule.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, new_base_lrs, lrs):
+            group.update(initial_lr=base, lr=lr, weight_decay=self.config.weight_decay)
+        schedule._last_lr = lrs
+
+
+def _check_fits(component: str, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor] | None) -> None:
+    """A checkpoint of another rank or other target layers cannot be loaded; say which, not 130 size errors."""
+    if current is None:
+        raise TrainingError(f"the checkpoint trains a {component} LoRA and this config does not "
+                            "(train_text_encoder changed?); set it back to resume, or start a new run")
+    if set(saved) != set(current):
+        raise TrainingError(f"the checkpoint's {component} LoRA covers {len(saved) // 2} layers, this config's "
+                            f"{len(current) // 2} (lora_targets changed?); set it back to resume, or start a new run")
+    for key, tensor in saved.items():
+        if tensor.shape != current[key].shape:
+            axis = 0 if "lora_A" in key else 1  # lora_A: (rank, in), lora_B: (out, rank)
+            rank, now = tensor.shape[axis], current[key].shape[axis]
+            raise TrainingError(f"the checkpoint's LoRA has rank {rank}, this config's lora_rank is {now}; set "
+                                f"lora_rank: {rank} to resume, or start a new run")
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -316,15 +351,49 @@ def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: boo
     on_progress: called on the main process after every optimizer step (the web UI's live view)."""
     trainer = Trainer(config)
     acc = trainer.accelerator
-    # Order matters: every check (output_dir, dataset, base model) runs before the first file is written, so a
-    # bad input leaves nothing behind. Judged before the others could see the main process's fresh run.json.
-    checkpoint = check_output_dir(config, resume, overwrite)
-    acc.wait_for_everyone()
-    trainer.setup()
+    lock = _lock_output_dir(config, acc)
+    try:
+        try:
+            # Order matters: every check (output_dir, dataset, base model) runs before the first file is written,
+            # so a bad input leaves nothing behind. Judged before the others could see the main process's run.json.
+            checkpoint = check_output_dir(config, resume, overwrite)
+            changes = report_resume(config, checkpoint) if checkpoint else None
+            acc.wait_for_everyone()
+            trainer.setup()
+        except KeyboardInterrupt:
+            # Ctrl-C before the training loop took over (data check, model load, caching): nothing to save yet,
+            # and nothing was written to output_dir.
+            raise TrainingInterrupted("stopped before training began; nothing was written. Run the same command "
+                                      "again to start.") from None
+        if acc.is_main_process:
+            record_run(config, checkpoint, overwrite, changes)
+        acc.wait_for_everyone()
+        return trainer.fit(checkpoint, on_progress)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _lock_output_dir(config: TrainConfig, acc: Accelerator) -> OutputLock | None:
+    """The main process locks output_dir for the whole run; every process stops if another run holds it."""
+    from accelerate.utils import broadcast_object_list
+
+    from .errors import OutputDirError
+    from .runs import check_writable
+
+    lock, refusal = None, None
     if acc.is_main_process:
-        record_run(config, checkpoint, overwrite)
-    acc.wait_for_everyone()
-    return trainer.fit(checkpoint, on_progress)
+        try:
+            check_writable(config.output_dir)  # its own message for a folder we may not write in
+            lock = OutputLock(config.output_dir).acquire()
+        except OutputDirError as exc:
+            refusal = str(exc)
+        except OSError as exc:
+            refusal = f"output_dir {config.output_dir}: cannot create it ({exc.strerror}); choose another output_dir"
+    refusal = broadcast_object_list([refusal])[0] if acc.num_processes > 1 else refusal
+    if refusal:
+        raise OutputDirError(refusal)
+    return lock
 
 
 def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:

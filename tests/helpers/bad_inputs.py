@@ -356,15 +356,26 @@ def catalogue() -> tuple[list[Refused], list[Accepted], list[Command], list[Http
 
 
 # --- running a case -------------------------------------------------------------------------------------------
-def run_refused(case: Refused, root: Path, base: Path) -> tuple[int, str]:
-    """Run `lora-scripts train --config ...` in-process; returns (exit code, message)."""
+def output_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root/output with its size and modification time, and every folder."""
+    out = root / "output"
+    if not out.is_dir():
+        return {}
+    return {str(p.relative_to(out)): (0, 0) if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in out.rglob("*")}
+
+
+def run_refused(case: Refused, root: Path, base: Path) -> tuple[int, str, bool]:
+    """Run `lora-scripts train --config ...` in-process; returns (exit code, message, whether anything under
+    root/output was created, changed or removed)."""
     from lora_scripts.cli import main
 
     config = case.make(root, base)
+    before = output_snapshot(root)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(["train", "--config", str(config)])
-    return code, err.getvalue()
+    return code, err.getvalue(), output_snapshot(root) != before
 
 
 def run_command(case: Command, root: Path, base: Path) -> tuple[int, str]:
