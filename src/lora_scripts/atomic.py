@@ -16,15 +16,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import DiskFullError
+from .errors import DiskFullError, OutputDirError
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise OutputDirError(f"{path} is a folder; give a file name to write (e.g. {path / 'NAME'}{path.suffix or ''})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file the user asked for, not our temporary one
+        if exc.errno in _NO_SPACE:
+            raise DiskFullError(disk_full_message(path)) from None
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

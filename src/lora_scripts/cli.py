@@ -220,10 +220,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:
         # A full disk outside our atomic writers (logs, TensorBoard) still gets a plain answer, not a traceback.
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"error: disk full ({exc}); free some space, then run the same command with --resume", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: disk full ({exc}); free some space, then run the same command with --resume",
+                  file=sys.stderr)
+            return 2
+        # Any other file-system refusal (permissions, a folder where a file belongs, a vanished file) is about a
+        # path the user gave or chose: name it and the reason instead of a traceback.
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
         return 2
+
+
+def _os_error(exc: OSError) -> str:
+    where = exc.filename
+    if where and exc.filename2:
+        where = f"{exc.filename} -> {exc.filename2}"
+    reason = exc.strerror or str(exc)
+    hints = {errno.EACCES: "choose a folder you own or fix its permissions",
+             errno.EPERM: "choose a folder you own or fix its permissions",
+             errno.EROFS: "the disk is read-only; choose another folder",
+             errno.EISDIR: "a folder is in the way; give a file name",
+             errno.ENOTDIR: "a file is in the way; give a folder",
+             errno.ENOENT: "check the path"}
+    hint = hints.get(exc.errno, "check the path and try again")
+    return f"{reason}: {where}; {hint}" if where else f"{reason}; {hint}"
 
 
 if __name__ == "__main__":

@@ -56,7 +56,22 @@ REFUSED: list[Refused] = [
             r"already holds another run; nothing was changed.*run\.json cannot be read"),
 ]
 
+def _images_only(root: Path) -> str:
+    from helpers.bad_inputs import _images
+
+    _images(root / "data")
+    return str(root / "data")
+
+
 COMMANDS: list[Command] = [
+    Command("init_output_folder", "init --output naming a folder",
+            lambda r, b: ["init", _images_only(r), "--output", str((r / "out").mkdir() or r / "out"), "--force"],
+            r"out is a folder; give a file name"),
+    Command("init_output_unwritable", "init --output in a folder nobody may write in",
+            lambda r, b: ["init", _images_only(r), "--output", "/sys/starter.yaml"],
+            r"Permission denied: /sys/starter\.yaml; choose a folder you own"),
+    Command("init_not_a_folder", "init given an image instead of its folder",
+            lambda r, b: ["init", _images_only(r) + "/img_00.png"], r"img_00\.png is not a folder"),
     Command("set_unparsable", "--set with a value that is not YAML (lora_rank=[8)", _train("--set", "lora_rank=[8"),
             r"lora_rank = '\[8': not a valid value"),
     Command("set_huge_seed", "--set seed=99999999999", _train("--set", "seed=99999999999"),
