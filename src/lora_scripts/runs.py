@@ -95,6 +95,10 @@ def check_output_dir(config: TrainConfig, resume: Path | bool | None, overwrite:
     Runs before the dataset and model are loaded, so a wrong choice costs seconds, not a model load."""
     out = config.output_dir
     check_writable(out)
+    lora = out / f"{config.name}.safetensors"
+    if lora.is_dir():  # found now, not as a failed save after the whole run
+        raise OutputDirError(f"{lora} is a folder, and the LoRA is written under that name; move it away or set "
+                             "output_name to another name")
     previous = _previous_run(out)
     if resume:
         checkpoint = latest_checkpoint(out) if resume is True else Path(resume)

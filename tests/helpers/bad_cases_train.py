@@ -52,6 +52,9 @@ REFUSED: list[Refused] = [
     Refused("targets_te_missing", "lora_targets list without text-encoder layers and train_text_encoder: true",
             lambda r, b: _tree(r, b, lora_targets=["to_q", "to_v"], train_text_encoder=True),
             r"train_text_encoder is true, but no name in the list is a text-encoder layer"),
+    Refused("lora_name_is_folder", "a folder where the LoRA file goes (output/run/run.safetensors/)",
+            lambda r, b: ((r / "output" / "run" / "run.safetensors").mkdir(parents=True), _tree(r, b))[1],
+            r"run\.safetensors is a folder, and the LoRA is written under that name"),
     Refused("run_json_corrupt", "output_dir whose run.json is damaged", lambda r, b: _with_run_json(r, b, "{\"config_h"),
             r"already holds another run; nothing was changed.*run\.json cannot be read"),
 ]
