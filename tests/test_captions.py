@@ -35,3 +35,37 @@ def test_csv_edit_keeps_other_rows_and_columns_and_adds_missing_images(tmp_path)
                     {"file_name": "y.png", "text": "changed", "score": "2"},
                     {"file_name": "z.png", "text": "new row", "score": ""}]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_upper_case_sidecar_is_read_and_edited_in_place(tmp_path):
+    _images(tmp_path, ["a.png"])
+    (tmp_path / "a.TXT").write_text("upper case\n", encoding="utf-8")
+    assert [i.caption for i in read_captions(tmp_path, None)] == ["upper case"]
+    assert set_caption(tmp_path / "a.png", "edited", tmp_path, None) == tmp_path / "a.TXT"
+    assert not (tmp_path / "a.txt").exists() and (tmp_path / "a.TXT").read_text() == "edited\n"
+
+
+def test_unreadable_caption_files_are_named_not_shown_empty(tmp_path):
+    import pytest
+
+    from lora_scripts.errors import DatasetError
+
+    _images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "a.txt").write_bytes("caf\xe9".encode("cp1252"))
+    (tmp_path / "b.txt").mkdir()
+    with pytest.raises(DatasetError) as err:
+        read_captions(tmp_path, None)
+    assert f"{tmp_path / 'a.txt'}: caption file is not UTF-8" in str(err.value)
+    assert f"{tmp_path / 'b.txt'}: is a folder, not a caption file" in str(err.value)
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="metadata.csv: not UTF-8 text"):
+        read_captions(tmp_path, tmp_path / "metadata.csv")
+
+
+def test_linked_folders_are_listed_once_and_hidden_ones_skipped(tmp_path):
+    from lora_scripts.data.captions import list_images
+
+    _images(tmp_path / "elsewhere", ["x.png"])
+    _images(tmp_path / "data" / ".cache", ["hidden.png"])
+    (tmp_path / "data" / "10_x").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert list_images(tmp_path / "data") == [tmp_path / "data" / "10_x" / "x.png"]

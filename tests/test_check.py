@@ -95,8 +95,10 @@ def test_train_prints_the_check_warnings_first(tmp_path, dataset, tiny_ckpt, cap
 
 
 def test_memory_estimate_moves_the_right_way_for_sd15(tmp_path):
+    (tmp_path / "data").mkdir()
+
     def est(**kw):
-        cfg = validate_config(dict(dict(train_data_dir=tmp_path, base_model=tmp_path, output_dir=tmp_path / "o",
+        cfg = validate_config(dict(dict(train_data_dir=tmp_path / "data", base_model=tmp_path, output_dir=tmp_path / "o",
                                         resolution=512, batch_size=1, mixed_precision="fp16"), **kw))
         return estimate_memory(cfg)
 
@@ -107,3 +109,80 @@ def test_memory_estimate_moves_the_right_way_for_sd15(tmp_path):
     assert 3.5 < b4.activations / base.activations < 4.5
     assert fp32.weights > 1.8 * base.weights
     assert 3.0 < base.total_gb < 6.0, base.as_dict()  # published SD1.5 LoRA runs at 512 px: ~4-6 GB in nvidia-smi
+
+
+LONG = "sci_lab, " + ", ".join(f"glowing console number {i} with blue light" for i in range(14)) + ", trigger_at_end"
+
+
+def _sidecars(folder, captions):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(captions):
+        Image.new("RGB", (64, 64), (20 * i, 40, 90)).save(folder / f"img_{i}.png")
+        (folder / f"img_{i}.txt").write_text(text, encoding="utf-8")
+
+
+def _config(tmp_path, tiny_ckpt, data="./data"):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train_data_dir: {data}\nbase_model: {tiny_ckpt}\noutput_dir: ./out\nresolution: 64\n"
+                      "batch_size: 1\nepochs: 12\n")
+    return config
+
+
+def test_captions_over_the_token_limit_are_counted_and_named(tmp_path, tiny_ckpt, capsys, caplog):
+    from lora_scripts.tokenizer import clip_tokenizer
+
+    _sidecars(tmp_path / "data", [LONG, LONG + ", more words", "sci_lab, a short caption, blue light, photo"])
+    tokens = len(clip_tokenizer()(LONG, add_special_tokens=False).input_ids)
+    assert tokens > 75
+    assert main(["check", "--config", str(_config(tmp_path, tiny_ckpt)), "--json"]) == 0
+    warnings = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["level"] == "warning"]
+    long = [f for f in warnings if "tokens the text encoder reads" in f["message"]]
+    assert len(long) == 1, warnings
+    lost = (tokens - 75) + (tokens + 3 - 75)  # ", more words" is 3 more tokens
+    assert long[0]["message"].startswith(f"2 captions are longer than the 75 tokens the text encoder reads; training "
+                                         f"cuts off their ends ({lost} tokens lost in all): img_0.txt ({tokens} tokens), "
+                                         f"img_1.txt ({tokens + 3} tokens)"), long[0]["message"]
+    assert [Path(f).name for f in long[0]["files"]] == ["img_0.txt", "img_1.txt"]
+    from lora_scripts.config import load_config
+    from lora_scripts.trainer import Trainer
+
+    with caplog.at_level(logging.WARNING):
+        Trainer(load_config(_config(tmp_path, tiny_ckpt))).check_data()
+    assert "check: 2 captions are longer than the 75 tokens the text encoder reads" in caplog.text
+
+
+def test_check_counts_a_linked_repeat_folder_and_warns_about_zero_repeats(tmp_path, tiny_ckpt, capsys):
+    _sidecars(tmp_path / "elsewhere" / "subject", [f"sci_lab, console {i}, blue neon light, painting" for i in range(3)])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "10_subject").symlink_to(tmp_path / "elsewhere" / "subject", target_is_directory=True)
+    _sidecars(tmp_path / "data" / "0_unused", ["sci_lab, an unused picture, dim light, photo"])
+    assert main(["check", "--config", str(_config(tmp_path, tiny_ckpt))]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: 3 usable images" in out and "10_subject: 3 images" in out
+    assert "30 steps per epoch" in out
+    assert "0_unused: repeat count 0, so its 1 image is not trained" in out
+
+
+def test_check_names_broken_links_and_refuses(tmp_path, tiny_ckpt, capsys):
+    _sidecars(tmp_path / "data", ["sci_lab, console, blue neon light, painting"])
+    (tmp_path / "data" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    assert main(["check", "--config", str(_config(tmp_path, tiny_ckpt))]) == 1
+    out = capsys.readouterr().out
+    assert "[images] " + str(tmp_path / "data" / "gone.png") + ": broken link" in out
+    assert "fix the errors above before training" in out
+
+
+def test_check_with_no_images_says_which_formats_are_read(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "photo.heic.txt").write_text("sci_lab")
+    assert main(["check", "--config", str(_config(tmp_path, tiny_ckpt))]) == 1
+    out = capsys.readouterr().out
+    assert "no usable images in" in out and ".png, .jpg, .jpeg, .jfif, .webp" in out
+
+
+def test_caption_files_without_an_image_are_named(tmp_path, tiny_ckpt, capsys):
+    _sidecars(tmp_path / "data", [f"sci_lab, console {i}, blue neon light, painting" for i in range(2)])
+    (tmp_path / "data" / "photo.txt").write_text("sci_lab, the image of this caption was deleted")
+    assert main(["check", "--config", str(_config(tmp_path, tiny_ckpt))]) == 0
+    assert ("1 caption files have no image beside them, so nothing is trained from them: photo.txt"
+            in capsys.readouterr().out)

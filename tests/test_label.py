@@ -59,6 +59,9 @@ def test_auto_label_py_with_the_articles_arguments(folder):
 def _tiny_blip(path):
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
+    import torch
+
+    torch.manual_seed(0)  # random weights: unseeded, some draws generate an empty caption
     path.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "lab", "with", "neon", "robot", "arm"]
     (path / "vocab.txt").write_text("\n".join(words) + "\n")
@@ -131,3 +134,87 @@ def test_wd14_backend_tags_through_onnxruntime(tmp_path):
     assert rows["red.png"] == "red thing, some character" or rows["red.png"] == "some character, red thing"
     assert rows["blue.png"] == "blue thing"
     assert rows["green.png"] == ""  # only the rating tag fired, and ratings are not caption tags
+
+
+# --- careless inputs (issue 16) ------------------------------------------------------------------------------------
+def test_empty_folder_is_refused_naming_the_formats(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert main(["label", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no images found in {tmp_path / 'empty'} (sub-folders included, hidden ones skipped)" in err
+    assert ".png, .jpg, .jpeg, .jfif, .webp" in err
+    assert not (tmp_path / "empty" / "metadata.csv").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "{folder}"], "--output {folder} is a folder; give a file name, e.g. {folder}/metadata.csv"),
+    (["--output", "{folder}/cap.png"], "--output {folder}/cap.png: captions are written as a .csv file"),
+    (["--output", "{folder}/robot_arm_01.png/x.csv"], "robot_arm_01.png is a file, not a folder"),
+    (["--threshold", "2"], "--threshold 2.0: a tag probability between 0 and 1"),
+    (["--threshold", "nan"], "--threshold nan: a tag probability between 0 and 1"),
+    (["--backend", "wd14", "--model", "{folder}/missing"], "--model {folder}/missing: no such folder; a WD14 tagger"),
+    (["--backend", "wd14", "--model", "{folder}/robot_arm_01.png"], "robot_arm_01.png: not a folder; a WD14 tagger"),
+    (["--backend", "blip", "--model", "{folder}/robot_arm_01.png"], "robot_arm_01.png is a file; BLIP needs the model's folder"),
+])
+def test_bad_label_arguments_are_refused_with_one_message(folder, capsys, argv, message):
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["label", str(folder)] + [a.format(folder=folder) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message.format(folder=folder) in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_damaged_wd14_model_and_tags_are_named(folder, tmp_path, capsys):
+    model = _tiny_wd14(tmp_path / "wd14")
+    (model / "selected_tags.csv").write_text("id,label\n1,red\n")
+    assert main(["label", str(folder), "--backend", "wd14", "--model", str(model)]) == 2
+    assert "selected_tags.csv needs the columns tag_id,name,category,count" in capsys.readouterr().err
+    (model / "model.onnx").write_bytes(b"not an onnx model")
+    assert main(["label", str(folder), "--backend", "wd14", "--model", str(model)]) == 2
+    assert "model.onnx cannot be loaded as a WD14 tagger" in capsys.readouterr().err
+
+
+def test_existing_csv_columns_are_kept_and_unreadable_ones_refused(folder, capsys):
+    csv_path = folder / "metadata.csv"
+    csv_path.write_text("file_name,text,score\nrobot_arm_01.png,my arm caption,5\n", encoding="utf-8")
+    assert main(["label", str(folder)]) == 0
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = {r["file_name"]: r for r in csv.DictReader(f)}
+    assert rows["robot_arm_01.png"] == {"file_name": "robot_arm_01.png", "text": "my arm caption", "score": "5"}
+    assert rows["neon_console.png"]["score"] == "" and rows["neon_console.png"]["text"]
+    csv_path.write_bytes("file_name,text\nrobot_arm_01.png,caf\xe9\n".encode("latin-1"))
+    assert main(["label", str(folder)]) == 2
+    assert f"{csv_path}: not UTF-8 text (byte 0xe9" in capsys.readouterr().err
+    csv_path.write_text("image,caption\nrobot_arm_01.png,mine\n", encoding="utf-8")
+    assert main(["label", str(folder)]) == 2
+    assert "has no file_name column (columns: ['image', 'caption']); label would replace it" in capsys.readouterr().err
+    assert csv_path.read_text() == "image,caption\nrobot_arm_01.png,mine\n"
+
+
+def test_sidecar_captions_in_upper_case_are_kept_and_unreadable_ones_refused(folder, capsys):
+    (folder / "robot_arm_01.TXT").write_text("an upper-case caption, kept", encoding="utf-8")
+    assert main(["label", str(folder)]) == 0
+    assert _rows(folder / "metadata.csv")["robot_arm_01.png"] == "an upper-case caption, kept"
+    (folder / "neon_console.txt").write_bytes("caf\xe9 console".encode("cp1252"))
+    assert main(["label", str(folder), "--output", str(folder / "other.csv")]) == 2
+    assert f"{folder / 'neon_console.txt'}: caption file is not UTF-8" in capsys.readouterr().err
+    assert not (folder / "other.csv").exists()
+
+
+def test_labels_linked_images_and_names_broken_links(folder, tmp_path, capsys):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "outside.png")
+    (folder / "linked.png").symlink_to(tmp_path / "outside.png")
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
+    assert main(["label", str(folder)]) == 0
+    assert "linked.png" in _rows(folder / "metadata.csv")
+    out = capsys.readouterr()
+    assert f"{folder / 'gone.png'}: broken link" in out.err
+
+
+@pytest.mark.parametrize("template, why", [("{foo}", "unknown field {foo}"),
+                                           ("{subject", "not a valid template (expected '}' before end of string)")])
+def test_a_bad_template_is_refused_before_any_work(folder, capsys, template, why):
+    assert main(["label", str(folder), "--template", template]) == 2
+    assert f"--template {template!r}: {why}. Use the fields {{trigger}}, {{subject}}" in capsys.readouterr().err
+    assert not (folder / "metadata.csv").exists()

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from .config import TrainConfig
-from .data.images import IMAGE_EXTENSIONS
+from .data.images import list_images
 
 DEFAULT_BASE = "./models/Stable-diffusion/v1-5-pruned.safetensors"
 # The nine keys every config has come first, in the order creators think about them.
@@ -27,7 +27,7 @@ PRESET_SIZES = ("lora_targets file size at rank 16, SD1.5, fp16: kohya 13.6 MB (
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return list_images(folder)  # the one listing train and check use (links followed, hidden files skipped)
 
 
 def _rel(path: Path, start: Path) -> str:

@@ -64,3 +64,31 @@ def clip_tokenizer() -> CLIPTokenizer:
         folder = write_clip_tokenizer_files(Path(tmp))
         # A folder with only vocab + merges would leave model_max_length at 1e30; the config pins 77.
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def tokenizer_for(base_model: Path | str | None) -> CLIPTokenizer:
+    """The tokenizer training will use: a diffusers folder's own `tokenizer/`, else the CLIP ViT-L/14 one that
+    every SD1.x single-file checkpoint is loaded with (families/loading.py writes these same files)."""
+    folder = Path(base_model) / "tokenizer" if base_model else None
+    if folder is not None and folder.is_dir():
+        try:
+            return _folder_tokenizer(str(folder.resolve()))
+        except (OSError, ValueError, TypeError):  # an incomplete folder: the model load names it later
+            pass
+    return clip_tokenizer()
+
+
+@lru_cache(maxsize=4)
+def _folder_tokenizer(folder: str) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def caption_overflow(captions: list[str], base_model: Path | str | None = None) -> list[tuple[int, int, int]]:
+    """(index, tokens, limit) for each caption longer than the text encoder reads: model_max_length less the
+    start and end tokens (75 for SD1.x). Training truncates those captions at the limit."""
+    tok = tokenizer_for(base_model)
+    limit = tok.model_max_length - 2
+    if not captions:
+        return []
+    ids = tok(list(captions), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    return [(i, len(t), limit) for i, t in enumerate(ids) if len(t) > limit]

@@ -465,4 +465,7 @@ def _all_messages() -> dict[str, str]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `helpers.bad_cases_*` as under pytest
-    sys.stdout.write(render(_all_messages()))
+    # The case modules build their cases with helpers.bad_inputs' classes, not this script's __main__ copies.
+    from helpers import bad_inputs
+
+    sys.stdout.write(bad_inputs.render(bad_inputs._all_messages()))

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..errors import DatasetError
-from .images import IMAGE_EXTENSIONS
+from .images import list_images
+
+__all__ = ["CaptionedImage", "list_images", "read_captions", "set_caption", "sidecar_for"]
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,17 @@ class CaptionedImage:
 
 
 def _csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]], str]:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DatasetError([f"{csv_path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
+                            f"{exc.start})"], "Re-save it as UTF-8 (in Excel: Save As > CSV UTF-8).") from None
+    except (csv.Error, OSError) as exc:
+        raise DatasetError([f"{csv_path}: cannot read it as a CSV file ({exc})"],
+                           "metadata.csv needs a header line file_name,text and one row per image.") from None
     if "file_name" not in columns:
         raise DatasetError([f"{csv_path}: no 'file_name' column (columns: {columns})"],
                            "metadata.csv needs a header line: file_name,text")
@@ -42,9 +52,20 @@ def _image_key(image: Path, data_dir: Path, csv_path: Path) -> str:
     return image.relative_to(base).as_posix()
 
 
-def list_images(data_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(data_dir).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(data_dir).parts))
+def sidecar_for(image: Path, extension: str = ".txt") -> Path:
+    """The caption file beside `image`: IMAGE_STEM + extension, or when there is none, the same name with the
+    extension in other letter case (photo.TXT), which case-insensitive Windows and macOS disks find anyway.
+    Returns the expected path when neither exists, so callers can name it."""
+    exact = Path(image).with_suffix(extension)
+    if os.path.lexists(exact):
+        return exact
+    wanted = exact.name.lower()
+    stem = Path(image).stem
+    try:
+        names = sorted(n for n in os.listdir(exact.parent) if n.startswith(stem) and n.lower() == wanted)
+    except OSError:
+        return exact
+    return exact.parent / names[0] if names else exact
 
 
 def read_captions(data_dir: Path, csv_path: Path | None, extension: str = ".txt") -> list[CaptionedImage]:
@@ -61,19 +82,44 @@ def read_captions(data_dir: Path, csv_path: Path | None, extension: str = ".txt"
             key = _image_key(im, data_dir, csv_path)
             out.append(CaptionedImage(im, texts.get(key, texts.get(im.relative_to(data_dir).as_posix(), "")), key))
         return out
-    out = []
+    out, problems = [], []
     for im in images:
-        side = im.with_suffix(extension)
-        text = side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""
+        side = sidecar_for(im, extension)
+        text, problem = read_sidecar(side)
+        if problem:
+            problems.append(problem)
         out.append(CaptionedImage(im, text, side.relative_to(data_dir).as_posix()))
+    if problems:  # shown as empty, the next edit would overwrite the creator's own words
+        raise DatasetError(problems, "Fix these caption files (or delete them), then reload.")
     return out
+
+
+def read_sidecar(path: Path) -> tuple[str, str | None]:
+    """(caption, problem): '' and None when there is no caption file; a problem names a caption file that exists
+    but cannot be read (not UTF-8, a folder, a broken link, no permission)."""
+    from .images import link_problem
+
+    if os.path.islink(path) and not os.path.exists(path):
+        return "", link_problem(path)
+    if not os.path.lexists(path):
+        return "", None
+    if path.is_dir():
+        return "", f"{path}: is a folder, not a caption file; rename or remove it"
+    try:
+        return path.read_text(encoding="utf-8-sig").strip(), None
+    except UnicodeDecodeError as exc:
+        # Guessing a legacy code page would silently garble accented words into the captions.
+        return "", (f"{path}: caption file is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at position "
+                    f"{exc.start}); re-save it as UTF-8")
+    except OSError as exc:
+        return "", f"{path}: cannot read the caption file ({exc.strerror}); fix its permissions"
 
 
 def set_caption(image: Path, caption: str, data_dir: Path, csv_path: Path | None, extension: str = ".txt") -> Path:
     """Write `caption` for `image`; returns the file that was rewritten."""
     caption = " ".join(caption.split())  # one line: a newline would end the CSV row or the sidecar's caption
     if csv_path is None:
-        return atomic_write_text(Path(image).with_suffix(extension), caption + "\n")
+        return atomic_write_text(sidecar_for(Path(image), extension), caption + "\n")
     csv_path = Path(csv_path)
     key = _image_key(Path(image), Path(data_dir), csv_path)
     columns, rows, col = (["file_name", "text"], [], "text") if not csv_path.is_file() else _csv_rows(csv_path)

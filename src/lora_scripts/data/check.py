@@ -21,8 +21,8 @@ from PIL import Image
 
 from ..config import TrainConfig
 from ..errors import DatasetError
-from .images import IMAGE_EXTENSIONS
-from .scan import Sample, collect
+from .images import list_images, open_rgb
+from .scan import Sample, collect, no_images_hint
 
 ERROR, WARNING, ADVICE = "error", "warning", "advice"
 # Two images whose 64-bit difference hashes differ in at most this many bits look the same at a glance.
@@ -80,10 +80,9 @@ class CheckReport:
 def fingerprint(path: Path) -> tuple[int, np.ndarray]:
     """A 64-bit difference hash (brightness gradients of a 9x8 thumbnail; survives resizing and recompression)
     and an 8x8 colour thumbnail: flat images of different colours share a hash but not their colours."""
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
-        small = np.asarray(rgb.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-        colours = np.asarray(rgb.resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+    rgb = open_rgb(path)  # as trained: rotated, 16-bit and float images scaled, transparency on white
+    small = np.asarray(rgb.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    colours = np.asarray(rgb.resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
     bits = (small[:, 1:] > small[:, :-1]).flatten()
     return int("".join("1" if b else "0" for b in bits), 2), colours
 
@@ -129,7 +128,7 @@ def _orphans(samples: list[Sample], config: TrainConfig, report: CheckReport) ->
     if not config.metadata_path:
         return
     named = {s.path.resolve() for s in samples}
-    images = [p for p in config.train_data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    images = list_images(config.train_data_dir)
     missing = sorted(p for p in images if p.resolve() not in named)
     if missing:
         report.add(WARNING, "captions", f"{len(missing)} images have no row in {config.metadata_path.name} and are "
@@ -137,6 +136,31 @@ def _orphans(samples: list[Sample], config: TrainConfig, report: CheckReport) ->
 
 
 # --- captions ---------------------------------------------------------------------------------------------
+def _token_findings(samples: list[Sample], config: TrainConfig, report: CheckReport) -> None:
+    """Captions longer than the text encoder reads are cut at its limit in training: the words at the end (often
+    the trigger word or the style) are silently lost. Counted with the base model's own tokenizer."""
+    from ..tokenizer import caption_overflow
+
+    long = caption_overflow([s.caption for s in samples], config.base_model)
+    if not long:
+        return
+    limit = long[0][2]
+    files = [_caption_file(samples[i], config) for i, _, _ in long]
+    lost = sum(n - limit for _, n, _ in long)
+    shown = ", ".join(f"{f.name} ({n} tokens)" for f, (_, n, _) in zip(files[:5], long[:5]))
+    report.add(WARNING, "captions", f"{len(long)} captions are longer than the {limit} tokens the text encoder reads; "
+               f"training cuts off their ends ({lost} tokens lost in all): {shown}"
+               + (f" and {len(long) - 5} more" if len(long) > 5 else "")
+               + ". Shorten them, or put the words that matter (trigger word first) at the start", files)
+
+
+def _caption_file(sample: Sample, config: TrainConfig) -> Path:
+    """The caption's own file, or the image for a row of metadata.csv."""
+    from .captions import sidecar_for
+
+    return sample.path if config.metadata_path else sidecar_for(sample.path, config.caption_extension)
+
+
 def content_words(caption: str) -> list[str]:
     return [w for w in re.findall(r"[a-z0-9']+", caption.lower()) if w not in _STOP]
 
@@ -177,6 +201,20 @@ def _caption_findings(samples: list[Sample], config: TrainConfig, trigger: str |
         if stray:
             report.add(WARNING, "captions", f"{len(stray)} {other} files found but caption_extension is "
                        f"{config.caption_extension}: they are ignored (e.g. {stray[0].name})", stray)
+        _captions_without_images(config, report)
+
+
+def _captions_without_images(config: TrainConfig, report: CheckReport) -> None:
+    """A caption file with no image beside it usually means an image in a format that is not read (or a
+    deleted image): say so instead of training fewer images without a word."""
+    stems = {(p.parent, p.stem) for p in list_images(config.train_data_dir)}
+    lonely = sorted(p for p in config.train_data_dir.rglob("*") if p.suffix.lower() == config.caption_extension
+                    and (p.parent, p.stem) not in stems and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(config.train_data_dir).parts))
+    if lonely:
+        report.add(WARNING, "captions", f"{len(lonely)} caption files have no image beside them, so nothing is "
+                   f"trained from them: {', '.join(p.name for p in lonely[:5])}. Is the image missing, or in a "
+                   "format that is not read (the other checks name those)?", lonely)
 
 
 # --- settings ----------------------------------------------------------------------------------------------
@@ -210,6 +248,7 @@ def dataset_warnings(samples: list[Sample], config: TrainConfig) -> list[Finding
     """The image and caption warnings of `check`, for `train` to print before it starts (it already refuses
     errors through scan_dataset)."""
     report = CheckReport()
+    _token_findings(samples, config, report)  # first: train prints only the first few, and this one loses words
     _image_findings(samples, config, report)
     _orphans(samples, config, report)
     _caption_findings(samples, config, None, report)
@@ -218,17 +257,21 @@ def dataset_warnings(samples: list[Sample], config: TrainConfig) -> list[Finding
 
 def check_dataset(config: TrainConfig, trigger: str | None = None, vram_gb: float | None = None) -> CheckReport:
     report = CheckReport()
+    notes: list[str] = []
     try:
-        samples, problems = collect(config)
+        samples, problems = collect(config, notes)
     except DatasetError as exc:
         for p in exc.problems:
             report.add(ERROR, "captions", p)
         return report
     for p in problems:
-        report.add(ERROR, "images" if "image" in p or "not found" in p else "captions", p, [p.split(":")[0]])
+        report.add(ERROR, "captions" if "caption" in p else "images", p, [p.split(": ")[0]])
+    for note in notes:
+        report.add(WARNING, "images", note, [note.split(": ")[0]])
     if not samples:
-        report.add(ERROR, "images", f"no usable images in {config.train_data_dir}")
+        report.add(ERROR, "images", f"no usable images in {config.train_data_dir}. {no_images_hint(config)}")
         return report
+    _token_findings(samples, config, report)
     _image_findings(samples, config, report)
     _orphans(samples, config, report)
     _caption_findings(samples, config, trigger, report)

@@ -59,6 +59,21 @@ def style_words(im: Image.Image) -> str:
     return "flat colour illustration" if unique < 24 else "detailed image"
 
 
+FIELDS = ("trigger", "subject", "environment", "lighting", "style")
+
+
+def check_template(template: str) -> None:
+    """Refuse a --template that would fail on every image (an unknown {field}, an unclosed brace)."""
+    from ..errors import LoraScriptsError
+
+    try:
+        template.format(**dict.fromkeys(FIELDS, "x"))
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        why = f"unknown field {{{exc.args[0]}}}" if isinstance(exc, KeyError) else f"not a valid template ({exc})"
+        raise LoraScriptsError(f"--template {template!r}: {why}. Use the fields "
+                               f"{', '.join('{' + f + '}' for f in FIELDS)} (write {{{{ and }}}} for literal braces)") from None
+
+
 def basic_caption(path: Path, root: Path, trigger: str = "", template: str = DEFAULT_TEMPLATE) -> str:
     im = open_rgb(path)
     folder = path.parent if path.parent != root else root

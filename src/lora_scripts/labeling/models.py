@@ -22,9 +22,12 @@ class BlipCaptioner:
         import torch
         from transformers import AutoConfig, AutoProcessor
 
+        if Path(model).exists() and not Path(model).is_dir():
+            raise LoraScriptsError(f"--model {model} is a file; BLIP needs the model's folder (config.json, weights, "
+                                   "processor files), e.g. a download of Salesforce/blip-image-captioning-large")
         try:
             config = AutoConfig.from_pretrained(model, local_files_only=True)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise LoraScriptsError(f"--model {model}: no BLIP model there or in the local Hugging Face cache ({exc}). "
                                    "Download it once on a connected machine (e.g. Salesforce/blip-image-"
                                    "captioning-large) and pass its folder.") from None
@@ -35,8 +38,12 @@ class BlipCaptioner:
         else:
             raise LoraScriptsError(f"--model {model} is a {config.model_type!r} model, not BLIP or BLIP-2")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.processor = AutoProcessor.from_pretrained(model, local_files_only=True)
-        self.model = Model.from_pretrained(model, local_files_only=True).to(self.device).eval()
+        try:
+            self.processor = AutoProcessor.from_pretrained(model, local_files_only=True)
+            self.model = Model.from_pretrained(model, local_files_only=True).to(self.device).eval()
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise LoraScriptsError(f"--model {model}: the BLIP model there is incomplete or damaged ({exc}); "
+                                   "download it again") from None
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, path: Path) -> str:
@@ -55,6 +62,9 @@ class WD14Tagger:
                  underscores_to_spaces: bool = True):
         folder_path = Path(folder)
         model, tags = folder_path / "model.onnx", folder_path / "selected_tags.csv"
+        if not folder_path.is_dir():
+            raise LoraScriptsError(f"--model {folder}: {'not a folder' if folder_path.exists() else 'no such folder'}; "
+                                   "a WD14 tagger folder holds model.onnx and selected_tags.csv")
         if not model.is_file() or not tags.is_file():
             raise LoraScriptsError(f"--model {folder}: a WD14 tagger folder needs model.onnx and selected_tags.csv")
         try:
@@ -62,13 +72,21 @@ class WD14Tagger:
         except ImportError:
             raise LoraScriptsError("the wd14 backend needs onnxruntime: pip install 'lora-scripts[wd14]'") from None
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(model), providers=providers)
-        inp = self.session.get_inputs()[0]
-        self.input_name, self.size = inp.name, int(inp.shape[1])  # NHWC, square
-        with open(tags, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        self.names = [r["name"].replace("_", " ") if underscores_to_spaces else r["name"] for r in rows]
-        self.categories = [int(r["category"]) for r in rows]
+        try:
+            self.session = ort.InferenceSession(str(model), providers=providers)
+            inp = self.session.get_inputs()[0]
+            self.input_name, self.size = inp.name, int(inp.shape[1])  # NHWC, square
+        except Exception as exc:  # onnxruntime raises its own exception types for a damaged or foreign model
+            raise LoraScriptsError(f"--model {folder}: model.onnx cannot be loaded as a WD14 tagger "
+                                   f"({type(exc).__name__}: {exc}); download it again") from None
+        try:
+            with open(tags, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+            self.names = [r["name"].replace("_", " ") if underscores_to_spaces else r["name"] for r in rows]
+            self.categories = [int(r["category"]) for r in rows]
+        except (KeyError, ValueError, TypeError, csv.Error) as exc:
+            raise LoraScriptsError(f"--model {folder}: selected_tags.csv needs the columns tag_id,name,category,count "
+                                   f"with a whole-number category on every row ({type(exc).__name__}: {exc})") from None
         self.threshold, self.character_threshold = threshold, character_threshold
 
     def preprocess(self, path: Path) -> np.ndarray:
