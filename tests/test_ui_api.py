@@ -37,7 +37,9 @@ def write_config(ws: Path, name: str, **changes) -> str:
     return f"{name}.yaml"
 
 
-def wait_for(predicate, timeout=120.0, every=0.25):
+# A deadline only (a passing wait returns as soon as its condition holds): generous, so that a slow or busy
+# machine (two test workers on two cores) cannot fail a test that would pass given the time.
+def wait_for(predicate, timeout=600.0, every=0.25):
     end = time.time() + timeout
     while time.time() < end:
         value = predicate()
@@ -110,7 +112,7 @@ def test_non_loopback_bind_requires_the_token(ws):
 def test_uploads_are_checked_and_size_limited(ws, monkeypatch):
     import io
 
-    import lora_scripts.ui.api as api
+    import lora_scripts.ui.uploads as uploads
 
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), "red").save(buf, "PNG")
@@ -127,7 +129,7 @@ def test_uploads_are_checked_and_size_limited(ws, monkeypatch):
         escape = c.post("/api/upload", params={"folder": "../"}, headers=HEADERS,
                         files=[("files", ("x.png", buf.getvalue(), "image/png"))])
         assert escape.status_code == 403 and not (ws.parent / "x.png").exists()
-        monkeypatch.setattr(api, "MAX_UPLOAD_BYTES", 100)
+        monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 100)
         big = c.post("/api/upload", params={"folder": "data/neon_lab"}, headers=HEADERS,
                      files=[("files", ("big.png", buf.getvalue(), "image/png"))])
         assert big.status_code == 413
@@ -189,7 +191,7 @@ def _status(c, job_id):
 
 
 def test_a_crashed_job_fails_and_the_next_one_still_runs(ws):
-    slow = write_config(ws, "slow", max_train_steps=2000)
+    slow = write_config(ws, "slow", max_train_steps=100_000)  # still running when killed, however fast the machine
     quick = write_config(ws, "quick", max_train_steps=3)
     with client(ws) as c:
         first = c.post("/api/jobs", headers=HEADERS, json={"config": slow}).json()
@@ -198,7 +200,7 @@ def test_a_crashed_job_fails_and_the_next_one_still_runs(ws):
         running = wait_for(lambda: (j := _status(c, first["id"]))["progress"] and
                            j["progress"].get("phase") == "training" and j)
         os.kill(running["pid"], signal.SIGKILL)  # what the kernel's out-of-memory killer does
-        failed = wait_for(lambda: (j := _status(c, first["id"]))["status"] == "failed" and j, timeout=30)
+        failed = wait_for(lambda: (j := _status(c, first["id"]))["status"] == "failed" and j)
         assert "killed by signal 9" in failed["error"]
         done = wait_for(lambda: (j := _status(c, second["id"]))["status"] in ("done", "failed") and j)
         assert done["status"] == "done", done
@@ -263,15 +265,19 @@ def test_a_job_with_bad_input_fails_with_the_clis_message(ws):
 
 
 def test_stop_saves_a_checkpoint_and_resume_finishes(ws):
-    cfg = write_config(ws, "stopme", max_train_steps=400, save_steps=0)
+    # Never finishes by itself however fast the machine: Stop always lands mid-run.
+    cfg = write_config(ws, "stopme", max_train_steps=100_000, save_steps=0)
     with client(ws) as c:
         job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
         wait_for(lambda: (_status(c, job["id"])["progress"] or {}).get("step", 0) >= 2)
         c.post(f"/api/jobs/{job['id']}/stop", headers=HEADERS)
         stopped = wait_for(lambda: (j := _status(c, job["id"]))["status"] not in ("running", "queued") and j)
         assert stopped["status"] == "stopped" and "checkpoint saved" in stopped["error"]
+        # The worker reports the step Stop saved (unthrottled) before it writes exit.json, which is what the
+        # server reads to call the job stopped: no timing involved.
         step = stopped["progress"]["step"]
-        assert (ws / f"output/stopme/checkpoints/step-{step}").is_dir()
+        assert stopped["progress"]["saved"] and step >= 2
+        assert sorted(p.name for p in (ws / "output/stopme/checkpoints").iterdir()) == [f"step-{step}"]
         ws_cfg = yaml.safe_load((ws / cfg).read_text())
         ws_cfg["max_train_steps"] = step + 2  # finish soon after the resume
         (ws / cfg).write_text(yaml.safe_dump(ws_cfg))
@@ -324,3 +330,313 @@ def test_a_workspace_with_files_is_not_seeded(tmp_path):
     (own / "photo.png").write_bytes(b"")
     create_app(own, run_queue=False)
     assert sorted(p.name for p in own.iterdir()) == [".lora-scripts-ui", "photo.png"]
+
+
+# --- workspace confinement of jobs (issue 16) ----------------------------------------------------------------
+def test_a_job_whose_lora_would_land_outside_the_workspace_is_refused(ws):
+    cfg = write_config(ws, "escape", output_name="../../../escape/pwned", max_train_steps=1)
+    with client(ws, run_queue=False) as c:
+        r = c.post("/api/jobs", headers=HEADERS, json={"config": cfg})
+        assert r.status_code == 400 and "output_name" in r.json()["error"], r.text
+        assert c.get("/api/jobs").json() == []  # never queued
+        values = c.get("/api/config", params={"path": cfg}).json()["values"]
+        v = c.post("/api/config/validate", headers=HEADERS, json={"path": cfg, "values": values}).json()
+        assert not v["ok"] and any("output_name" in m for m in v["fields"]["output_name"])
+    assert not (ws.parent.parent / "escape").exists() and not (ws.parent / "escape").exists()
+
+
+def test_the_ui_checks_every_path_a_run_reads_or_writes(ws, tmp_path):
+    from lora_scripts.config import load_config
+    from lora_scripts.ui.workspace import config_escapes
+
+    root = Workspace(ws).root
+    (tmp_path / "elsewhere").mkdir()
+    (ws / "output").mkdir(exist_ok=True)
+    (ws / "output/linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (ws / "output/lora_link").mkdir()
+    (ws / "output/lora_link/lora_link.safetensors").symlink_to(tmp_path / "elsewhere/x.safetensors")
+    (ws / "output/logs_link").mkdir()
+    (ws / "output/logs_link/logs").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    cases = {"output_dir": str(tmp_path / "out"), "logging_dir": "../logs", "cache_dir": "/tmp/cache",
+             "base_model": str(root / "models/../../toy.safetensors"), "validation_dir": str(tmp_path / "elsewhere")}
+    for key, value in cases.items():
+        if key == "base_model":
+            (tmp_path / "toy.safetensors").write_bytes((ws / "models/toy-sd15.safetensors").read_bytes())
+        config = load_config(ws / write_config(ws, f"bad_{key}"), {key: value})
+        assert set(config_escapes(config, root)) == {key}, key
+    # a link inside the workspace that leads out counts as outside: the folder, the LoRA file, the default logs
+    for name, key in (("linked", "output_dir"), ("lora_link", "output_name"), ("logs_link", "logging_dir")):
+        linked = load_config(ws / write_config(ws, name, output_dir=f"./output/{name}"))
+        assert set(config_escapes(linked, root)) == {key}, name
+    # the UI's own folder is off limits for a run's files
+    state = load_config(ws / write_config(ws, "state", output_dir="./.lora-scripts-ui/jobs/1"))
+    assert "the UI's own folder" in config_escapes(state, root)["output_dir"]
+    assert config_escapes(load_config(ws / "demo_neon_lab.yaml"), root) == {}
+    # output_name is checked by the UI itself too, whatever the config module accepts
+    from lora_scripts.ui.workspace import path_escapes
+
+    for name in ("../../../escape/pwned", "sub/name", "..", "a\\b", "C:evil"):
+        assert set(path_escapes({"output_dir": root / "output/x"}, root, name)) == {"output_name"}, name
+    assert path_escapes({"output_dir": root / "output/x"}, root, "my_lora.v2") == {}
+
+
+def test_a_refused_config_save_writes_nothing_and_the_job_runs_what_was_validated(ws, tmp_path, monkeypatch):
+    import subprocess
+
+    import lora_scripts.ui.jobs as jobs_module
+    from lora_scripts.config import load_config
+
+    cfg = write_config(ws, "edited", max_train_steps=3)
+    original = (ws / cfg).read_bytes()
+    with client(ws, run_queue=False) as c:
+        job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
+        values = c.get("/api/config", params={"path": cfg}).json()["values"]
+        for key, value in (("output_dir", str(tmp_path / "stolen")), ("base_model", "../../x.safetensors")):
+            r = c.put("/api/config", headers=HEADERS, json={"path": cfg, "values": {**values, key: value}})
+            assert r.status_code == 403 and "outside the workspace" in r.json()["error"] and r.json()["saved"] is None
+            assert (ws / cfg).read_bytes() == original  # a refused write writes nothing
+        # edited behind the server's back (a text editor): the queued job still runs the copy validated at submit
+        (ws / cfg).write_text((ws / cfg).read_text().replace("./output/edited", str(tmp_path / "stolen")))
+        launched = []
+
+        class FakeProcess:
+            pid = os.getpid()
+
+            def __init__(self, cmd, **kw):
+                launched.append(cmd)
+
+            def poll(self):
+                return None
+
+        monkeypatch.setattr(jobs_module.subprocess, "Popen", FakeProcess)
+        c.app.state.queue.tick()
+        monkeypatch.setattr(jobs_module.subprocess, "Popen", subprocess.Popen)
+    [cmd] = launched
+    snapshot = ws / f".lora-scripts-ui/jobs/{job['id']}/config.yaml"
+    assert cmd[cmd.index("lora_scripts.ui.worker") + 2] == str(snapshot) and str(ws / cfg) not in cmd
+    assert cmd[cmd.index("--workspace") + 1] == str(Workspace(ws).root)
+    assert load_config(snapshot).output_dir == (ws / "output/edited").resolve()
+    # the snapshot itself cannot be rewritten through the API
+    with client(ws, run_queue=False) as c:
+        r = c.put("/api/config", headers=HEADERS, json={"path": snapshot.relative_to(ws).as_posix(), "values": values})
+        assert r.status_code == 403 and "UI's own folder" in r.json()["error"]
+
+
+def test_the_worker_refuses_a_config_that_leaves_the_workspace(ws, tmp_path, tiny_ckpt):
+    import json
+
+    from lora_scripts.ui.worker import run
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    snapshot = job_dir / "config.yaml"
+    raw = yaml.safe_load((ws / "demo_neon_lab.yaml").read_text())
+    raw.update(train_data_dir=str(ws / "data/neon_lab"), metadata_path=str(ws / "data/neon_lab/metadata.csv"),
+               base_model=str(tiny_ckpt), output_dir=str(tmp_path / "stolen"))
+    snapshot.write_text(yaml.safe_dump(raw))
+    assert run(job_dir, snapshot, False, Workspace(ws).root) == 2
+    result = json.loads((job_dir / "exit.json").read_text())
+    assert result["status"] == "failed" and "leaves the workspace" in result["error"]
+    assert "base_model" in result["error"] and "output_dir" in result["error"]
+    assert not (tmp_path / "stolen").exists()
+
+
+def test_resume_validates_the_config_again(ws):
+    cfg = write_config(ws, "again", max_train_steps=3)
+    with client(ws, run_queue=False) as c:
+        job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
+        c.app.state.queue.store.update(job["id"], status="stopped")
+        raw = yaml.safe_load((ws / cfg).read_text())
+        (ws / cfg).write_text(yaml.safe_dump({**raw, "output_dir": "../../elsewhere"}))
+        r = c.post(f"/api/jobs/{job['id']}/resume", headers=HEADERS)
+        assert r.status_code == 400 and "output_dir" in r.json()["error"] and "outside the workspace" in r.json()["error"]
+        assert _status(c, job["id"])["status"] == "stopped"
+        snapshot = yaml.safe_load((ws / f".lora-scripts-ui/jobs/{job['id']}/config.yaml").read_text())
+        assert snapshot["output_dir"] == str(Workspace(ws).root / "output/again")  # the validated copy is untouched
+
+
+# --- captions and uploads ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", [".png", "png", ".yaml", ".PNG"])
+def test_a_caption_is_never_written_over_an_image_or_as_a_config(ws, ext):
+    data = ws / "data/neon_lab"
+    (data / "metadata.csv").unlink()
+    image = data / "neon_003.png"
+    before = image.read_bytes()
+    raw = yaml.safe_load((ws / "demo_neon_lab.yaml").read_text())
+    raw.pop("metadata_path")
+    (ws / "side.yaml").write_text(yaml.safe_dump({**raw, "caption_extension": ext}))
+    with client(ws, run_queue=False) as c:
+        r = c.put("/api/caption", headers=HEADERS,
+                  json={"config": "side.yaml", "image": "data/neon_lab/neon_003.png", "caption": "a caption"})
+        assert r.status_code == 400 and "caption_extension" in r.json()["error"], r.text
+        assert c.get("/api/dataset", params={"config": "side.yaml"}).status_code == 400
+        configs = c.get("/api/info").json()["configs"]
+    assert image.read_bytes() == before
+    assert not list(data.glob("*.yaml")) and not any(p.startswith("data/") for p in configs)
+
+
+def test_caption_edits_go_to_text_files_only(ws):
+    raw = yaml.safe_load((ws / "demo_neon_lab.yaml").read_text())
+    (ws / "meta_png.yaml").write_text(yaml.safe_dump({**raw, "metadata_path": "./data/neon_lab/neon_001.png"}))
+    before = (ws / "data/neon_lab/neon_001.png").read_bytes()
+    with client(ws, run_queue=False) as c:
+        r = c.put("/api/caption", headers=HEADERS,
+                  json={"config": "meta_png.yaml", "image": "data/neon_lab/neon_003.png", "caption": "x"})
+        assert r.status_code == 400 and "metadata_path" in r.json()["error"]
+        r = c.put("/api/caption", headers=HEADERS,
+                  json={"config": "demo_neon_lab.yaml", "image": "data/neon_lab", "caption": "x"})
+        assert r.status_code == 400 and "not an image file" in r.json()["error"]
+    assert (ws / "data/neon_lab/neon_001.png").read_bytes() == before
+
+
+def _png(color, size=40) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_an_upload_never_replaces_an_existing_image(ws):
+    data = ws / "data/neon_lab"
+    before = (data / "neon_000.png").read_bytes()
+    with client(ws, run_queue=False) as c:
+        r = c.post("/api/upload", params={"folder": "data/neon_lab"}, headers=HEADERS,
+                   files=[("files", ("neon_000.png", _png("red"), "image/png")),
+                          ("files", ("neon_001.png", (data / "neon_001.png").read_bytes(), "image/png"))])
+        assert r.status_code == 200, r.text
+        out = r.json()
+    assert (data / "neon_000.png").read_bytes() == before
+    assert (data / "neon_000_2.png").read_bytes() == _png("red")
+    assert out["saved"] == ["data/neon_lab/neon_000_2.png"] and out["skipped"] == ["neon_001.png"]
+    assert out["renamed"] == [{"from": "neon_000.png", "to": "data/neon_lab/neon_000_2.png"}]
+    assert "saved as neon_000_2.png" in out["notes"][0] and "already there" in out["notes"][1]
+    assert not (data / "neon_001_2.png").exists()
+
+
+def _asgi_upload(app, chunks, headers):
+    """POST /api/upload straight through ASGI, one body chunk per receive(); returns (status, body, chunks read).
+    TestClient reads the whole body before the app runs, so it cannot show when the app stops reading."""
+    import asyncio
+    import json
+
+    read, sent = [0], {}
+
+    async def receive():
+        if read[0] < len(chunks):
+            read[0] += 1
+            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            sent["body"] = sent.get("body", b"") + message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/upload", "raw_path": b"/api/upload", "query_string": b"folder=data/neon_lab",
+             "root_path": "", "server": ("127.0.0.1", 7860), "client": ("127.0.0.1", 50000),
+             "headers": [(b"host", b"127.0.0.1:7860"), (b"x-requested-with", b"test")] +
+                        [(k.encode(), v.encode()) for k, v in headers.items()]}
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+
+    asyncio.run(go())
+    return sent["status"], json.loads(sent["body"]), read[0]
+
+
+def test_uploads_are_refused_as_soon_as_a_limit_is_passed(ws, monkeypatch):
+    import lora_scripts.ui.uploads as uploads
+
+    boundary = "XyZ"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    chunks = [head] + [b"\0" * 1024] * 200 + [f"\r\n--{boundary}--\r\n".encode()]
+    ctype = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    app = create_app(ws, run_queue=False)
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 4096)
+    status, body, read = _asgi_upload(app, chunks, ctype)  # no Content-Length: counted while streaming
+    assert status == 413 and "big.png: larger than" in body["error"] and read < 10
+    monkeypatch.setattr(uploads, "MAX_REQUEST_BYTES", 10_000)
+    status, body, read = _asgi_upload(app, chunks, {**ctype, "content-length": str(sum(map(len, chunks)))})
+    assert status == 413 and "smaller batches" in body["error"] and read == 0  # refused on the header alone
+    assert not (ws / "data/neon_lab/big.png").exists() and not list((ws / ".lora-scripts-ui/uploads").glob("*"))
+
+
+def test_decompression_bombs_are_refused_by_name(ws):
+    from helpers.bad_inputs import _huge_png
+
+    (ws / "data/neon_lab/huge.png").write_bytes(_huge_png())
+    with client(ws, run_queue=False) as c:
+        r = c.post("/api/upload", params={"folder": "data/neon_lab"}, headers=HEADERS,
+                   files=[("files", ("bomb.png", _huge_png(), "image/png"))])
+        assert r.status_code == 400 and "bomb.png: image too large" in r.json()["error"]
+        r = c.post("/api/upload", params={"folder": "data/neon_lab"}, headers=HEADERS,
+                   files=[("files", ("big.png", _huge_png(9000, 9000), "image/png"))])  # under PIL's own limit
+        assert r.status_code == 400 and "big.png: image too large (9000x9000" in r.json()["error"]
+        r = c.get("/api/file", params={"path": "data/neon_lab/huge.png"})
+        assert r.status_code == 422 and "huge.png: image too large" in r.json()["error"]
+        assert c.get("/api/dataset", params={"config": "demo_neon_lab.yaml"}).status_code == 200
+    assert not (ws / "data/neon_lab/bomb.png").exists() and not (ws / "data/neon_lab/big.png").exists()
+
+
+# --- links leading out, odd ids, Stop at start-up ------------------------------------------------------------
+def test_links_leading_out_are_listed_as_refused_not_a_500(ws, tmp_path):
+    (tmp_path / "secret.png").write_bytes(_png("blue"))
+    (tmp_path / "secret.txt").write_text("not for you")
+    (ws / "data/neon_lab/evil.png").symlink_to(tmp_path / "secret.png")
+    (ws / "output/x").mkdir(parents=True)
+    (ws / "output/x/stolen.safetensors").symlink_to(ws / "models/toy-sd15.safetensors")  # inside: fine
+    (ws / "output/x/outside.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    import shutil
+
+    shutil.copy(ws / "models/toy-sd15.safetensors", tmp_path / "outside.safetensors")
+    with client(ws, run_queue=False) as c:
+        r = c.get("/api/dataset", params={"config": "demo_neon_lab.yaml"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["images"]) == 60 and "not for you" not in r.text
+        assert body["refused"] == [{"path": "data/neon_lab/evil.png",
+                                    "reason": "a link to a file outside the workspace; not shown"}]
+        r = c.get("/api/loras")
+        assert r.status_code == 200, r.text
+        refused = [l for l in r.json() if l.get("refused")]
+        assert [l["path"] for l in refused] == ["output/x/outside.safetensors"]
+        models = c.get("/api/models")
+        assert models.status_code == 200 and "output/x/outside.safetensors" not in models.json()
+    # sidecar captions: a caption file that links out is not read into the page
+    raw = yaml.safe_load((ws / "demo_neon_lab.yaml").read_text())
+    raw.pop("metadata_path")
+    (ws / "side.yaml").write_text(yaml.safe_dump(raw))
+    for p in (ws / "data/neon_lab").glob("*.png"):
+        p.with_suffix(".txt").write_text("a caption")
+    (ws / "data/neon_lab/neon_002.txt").unlink()
+    (ws / "data/neon_lab/neon_002.txt").symlink_to(tmp_path / "secret.txt")
+    with client(ws, run_queue=False) as c:
+        r = c.get("/api/dataset", params={"config": "side.yaml"})
+        assert r.status_code == 200 and "not for you" not in r.text
+        assert {x["path"] for x in r.json()["refused"]} == {"data/neon_lab/evil.png", "data/neon_lab/neon_002.png"}
+
+
+@pytest.mark.parametrize("job_id", ["99999999999999999999999", "9223372036854775808", "0", "-1"])
+def test_any_job_id_that_names_no_job_is_a_404(ws, job_id):
+    with client(ws, run_queue=False) as c:
+        for method, url in (("GET", ""), ("GET", "/curves"), ("POST", "/stop"), ("POST", "/resume")):
+            r = c.request(method, f"/api/jobs/{job_id}{url}", headers=HEADERS)
+            assert r.status_code == 404 and f"no job {job_id}" in r.json()["error"], (url, r.text)
+        r = c.post("/api/compare", headers=HEADERS, json={"jobs": [int(job_id)], "prompt": "x"})
+        assert r.status_code == 404
+
+
+def test_stop_while_the_worker_starts_ends_as_stopped(ws):
+    cfg = write_config(ws, "early", max_train_steps=100_000)
+    with client(ws) as c:
+        job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
+        wait_for(lambda: _status(c, job["id"])["pid"], every=0.02)  # launched: still importing torch
+        c.post(f"/api/jobs/{job['id']}/stop", headers=HEADERS)
+        ended = wait_for(lambda: (j := _status(c, job["id"]))["status"] not in ("running", "queued") and j)
+    assert ended["status"] == "stopped", ended
+    assert not (ws / "output/early/checkpoints").exists()

@@ -3,27 +3,30 @@ page shows as it is (the CLI's wording)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse
-from PIL import Image, UnidentifiedImageError
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from ..atomic import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_text
 from ..config import TrainConfig, resolve_paths
 from ..data.captions import read_captions, set_caption
 from ..data.images import IMAGE_EXTENSIONS
 from ..metrics import read_curves
 from ..render import Settings
-from .forms import form_fields, form_values, to_yaml, validate_raw, validate_values
+from . import uploads
+from .forms import form_fields, form_values, snapshot_yaml, to_yaml, validate_raw, validate_values
 from .workspace import OutsideWorkspace, Workspace
 
-MAX_UPLOAD_BYTES = 25 * 2**20  # one image; larger files are refused before they are written
 SERVED_SUFFIXES = set(IMAGE_EXTENSIONS) | {".yaml", ".yml", ".csv", ".txt", ".json"}
+# Where the UI may write a caption: text files only, so a config's caption_extension can never make it write over
+# an image or create a YAML file (kohya/OneTrainer sidecars are .txt or .caption).
+CAPTION_SUFFIXES = (".txt", ".caption", ".text", ".tags")
+SEED_MAX = 2**32 - 1  # A1111's seeds are 32-bit; torch refuses numbers past 64 bits
 
 router = APIRouter(prefix="/api")
 
@@ -72,7 +75,7 @@ class ToolBody(BaseModel):
 class CompareBody(BaseModel):
     jobs: list[int] = Field(..., min_length=1)
     prompt: str
-    seed: int = 1
+    seed: int = Field(1, ge=0, le=SEED_MAX - 1)  # the sheet uses seed and seed + 1
     weight: float = 1.0
     steps: int = Field(20, ge=1, le=150)
     cfg: float = Field(5.0, ge=0, le=30)
@@ -82,7 +85,7 @@ class GenerateBody(BaseModel):
     base_model: str
     prompt: str
     negative: str = ""
-    seed: int = 1
+    seed: int = Field(1, ge=0, le=SEED_MAX)
     steps: int = Field(25, ge=1, le=150)
     cfg: float = Field(5.0, ge=0, le=30)
     sampler: str = "euler_a"
@@ -105,6 +108,8 @@ def _read_yaml(ws: Workspace, rel: str) -> dict:
     path = ws.path(rel, must_exist=True)
     if path.suffix not in (".yaml", ".yml"):
         raise HTTPException(400, f"{rel}: configs are .yaml files")
+    if not path.is_file():
+        raise HTTPException(400, f"{rel}: is a folder, not a config file")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -127,50 +132,95 @@ def validate(request: Request, body: ConfigBody) -> dict:
 
 
 @router.put("/config")
-def save_config(request: Request, body: ConfigBody) -> dict:
-    """Saved even with errors (a draft); the answer carries them, and a job refuses an invalid file."""
+def save_config(request: Request, body: ConfigBody):
+    """Saved even with errors (a draft); the answer carries them, and a job refuses an invalid file. A config
+    whose paths leave the workspace is not saved at all (403): the UI never writes such a file."""
     ws = _ws(request)
-    path = ws.path(body.path)
+    path = ws.path(body.path, write=True)
     if path.suffix not in (".yaml", ".yml"):
         raise HTTPException(400, f"{body.path}: give the config a .yaml name")
+    if path.is_dir():
+        raise HTTPException(400, f"{body.path}: is a folder; give the config a file name")
     config, errors = validate_values(body.values, path.parent, ws)
+    if errors["outside"]:
+        message = f"{body.path}: not saved, its paths must stay in the workspace:\n" + "\n".join(errors["outside"])
+        return JSONResponse({"error": message, "ok": False, "saved": None, **errors}, status_code=403)
     atomic_write_text(path, to_yaml(body.values))
     return {"ok": config is not None, "saved": ws.rel(path), **errors}
 
 
-def _config(ws: Workspace, rel: str) -> TrainConfig:
-    config, errors = validate_raw(_read_yaml(ws, rel), ws.path(rel).parent, ws)
+def _validated(ws: Workspace, rel: str) -> tuple[TrainConfig, str]:
+    """(config, snapshot): the config file validated as a job would run it, and the YAML text of exactly what was
+    validated (what a job runs; reading the file twice could pick up an edit made in between)."""
+    raw = _read_yaml(ws, rel)
+    config, errors = validate_raw(raw, ws.path(rel).parent, ws)
     if config is None:
         problems = [m for msgs in errors["fields"].values() for m in msgs] + errors["general"]
         raise HTTPException(400, f"{rel} has problems:\n" + "\n".join(problems))
-    return config
+    return config, snapshot_yaml(raw, ws.path(rel).parent, rel)
+
+
+def _config(ws: Workspace, rel: str) -> TrainConfig:
+    return _validated(ws, rel)[0]
 
 
 def _data_location(ws: Workspace, rel: str) -> tuple[Path, Path | None, str]:
     """(train_data_dir, metadata_path, caption_extension) from a config, read leniently: the dataset page works
     while other keys of the config are still wrong."""
     raw = _read_yaml(ws, rel)
+    for key in ("train_data_dir", "metadata_path", "caption_extension"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise HTTPException(400, f"{rel}: {key} = {raw[key]!r}: expected text (a path, or for "
+                                     "caption_extension an extension such as .txt)")
     if not raw.get("train_data_dir"):
         raise HTTPException(400, f"{rel}: set train_data_dir first")
     paths = resolve_paths(raw, ws.path(rel).parent)  # as load_config reads them: relative to the config file
-    data_dir = Path(paths["train_data_dir"]).resolve()
-    csv_path = Path(paths["metadata_path"]).resolve() if paths.get("metadata_path") else None
+    data_dir = Path(paths["train_data_dir"])
+    csv_path = Path(paths["metadata_path"]) if paths.get("metadata_path") else None
     for key, p in (("train_data_dir", data_dir), ("metadata_path", csv_path)):
-        if p is not None and not ws.contains(p):
-            raise OutsideWorkspace(f"{key} = {raw[key]!r}: outside the workspace ({ws.root})")
+        if p is not None and (not ws.contains(p) or ws.in_state(p)):
+            raise OutsideWorkspace(f"{key} = {raw[key]!r}: outside the workspace ({ws.root}), or in its "
+                                   f"{ws.state.name} folder; the web UI only reads and writes inside it")
+    data_dir, csv_path = data_dir.resolve(), csv_path.resolve() if csv_path else None
     if not data_dir.is_dir():
         raise HTTPException(400, f"train_data_dir = {raw['train_data_dir']!r}: folder does not exist")
-    return data_dir, csv_path, str(raw.get("caption_extension") or ".txt")
+    if csv_path is not None and csv_path.suffix.lower() != ".csv":
+        raise HTTPException(400, f"metadata_path = {raw['metadata_path']!r}: captions are edited in a .csv file "
+                                 "(file_name,text); point it at metadata.csv, or remove it to use .txt captions")
+    return data_dir, csv_path, _caption_extension(raw.get("caption_extension"))
+
+
+def _caption_extension(value: str | None) -> str:
+    """caption_extension as the UI will use it, checked against CAPTION_SUFFIXES whatever the config module says:
+    the UI writes IMAGE_STEM + this extension, so an image or YAML extension here would destroy files."""
+    ext = (value or ".txt").strip()
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext.lower() not in CAPTION_SUFFIXES:
+        raise HTTPException(400, f"caption_extension = {value!r}: captions are text files; use one of "
+                                 f"{', '.join(CAPTION_SUFFIXES)} (an image or config extension would make the UI "
+                                 "write captions over those files)")
+    return ext
 
 
 # --- dataset -------------------------------------------------------------------------------------------------
 @router.get("/dataset")
 def dataset(request: Request, config: str) -> dict:
+    """The images with their captions. An image (or its caption file) that is a link leading out of the workspace
+    is left out and listed under "refused": the page never shows or edits what lies outside."""
     ws = _ws(request)
     data_dir, csv_path, ext = _data_location(ws, config)
-    items = read_captions(data_dir, csv_path, ext)
+    images, refused = [], []
+    for item in read_captions(data_dir, csv_path, ext):
+        shown = item.path.relative_to(ws.root).as_posix() if item.path.is_relative_to(ws.root) else str(item.path)
+        side = None if csv_path else data_dir / item.key
+        if not ws.contains(item.path):
+            refused.append({"path": shown, "reason": "a link to a file outside the workspace; not shown"})
+        elif side is not None and not ws.contains(side):
+            refused.append({"path": shown, "reason": f"its caption file {item.key} links outside the workspace"})
+        else:
+            images.append({"path": ws.rel(item.path), "caption": item.caption})
     return {"data_dir": ws.rel(data_dir), "captions_in": ws.rel(csv_path) if csv_path else f"sidecar {ext} files",
-            "images": [{"path": ws.rel(i.path), "caption": i.caption} for i in items]}
+            "images": images, "refused": refused}
 
 
 @router.put("/caption")
@@ -178,10 +228,24 @@ def caption(request: Request, body: CaptionBody) -> dict:
     ws = _ws(request)
     data_dir, csv_path, ext = _data_location(ws, body.config)
     image = ws.path(body.image, must_exist=True)
+    if not image.is_file() or image.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise HTTPException(400, f"{body.image}: not an image file; captions belong to images")
     if not image.is_relative_to(data_dir):
         raise HTTPException(400, f"{body.image} is not in this config's train_data_dir")
+    _caption_target_ok(ws, body.image, image.with_suffix(ext) if csv_path is None else csv_path, image)
     written = set_caption(image, body.caption, data_dir, csv_path, ext)
     return {"written": ws.rel(written), "caption": " ".join(body.caption.split())}
+
+
+def _caption_target_ok(ws: Workspace, shown: str, target: Path, image: Path) -> None:
+    """The file a caption edit rewrites: a text file in the workspace (not the image, not a folder, not a link
+    that leads out, not the UI's own folder)."""
+    if target.suffix.lower() not in CAPTION_SUFFIXES + (".csv",) or target.resolve() == image.resolve():
+        raise HTTPException(400, f"{shown}: its caption would be written to {target.name}, which is not a text file")
+    if not ws.contains(target) or ws.in_state(target):
+        raise OutsideWorkspace(f"{shown}: its caption file {target.name} leads outside the workspace ({ws.root})")
+    if target.is_dir():
+        raise HTTPException(400, f"{shown}: {target.name} is a folder, not a caption file; rename or remove it")
 
 
 @router.post("/label")
@@ -206,26 +270,29 @@ def check(request: Request, body: CheckBody) -> dict:
 
 
 @router.post("/upload")
-async def upload(request: Request, folder: str = Query(...), files: list[UploadFile] = File(...)) -> dict:
+async def upload(request: Request, folder: str = Query(...)) -> dict:
+    """Images into a workspace folder. Read as they stream in: a request or a file over its limit is refused as
+    soon as that is known (Content-Length first), before the rest is read. Every file is checked to be a readable
+    image of a sane size before any is placed. An existing file is never replaced: the same picture again is
+    skipped, a different one under the same name is saved as NAME_2.png (and the answer says so)."""
     ws = _ws(request)
-    ws.path(folder)  # a folder outside the workspace is refused before any upload is read
-    saved = []
-    for up in files:
-        name = Path(up.filename or "").name
-        if not name or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-            raise HTTPException(400, f"{up.filename!r}: only images ({', '.join(sorted(IMAGE_EXTENSIONS))}) can be uploaded")
-        data = await up.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise HTTPException(400, f"{name}: not a readable image ({exc})") from None
-        dest = ws.path(Path(folder) / name)
-        atomic_write_bytes(dest, data)
-        saved.append(ws.rel(dest))
-    return {"saved": saved}
+    dest = ws.path(folder, write=True)  # a folder outside the workspace is refused before any upload is read
+    if dest.exists() and not dest.is_dir():
+        raise HTTPException(400, f"{folder}: is a file, not a folder; upload into a folder")
+    received = await uploads.receive(request, ws.state / "uploads")
+    try:
+        for item in received:
+            await run_in_threadpool(uploads.check_image, item)
+        dest.mkdir(parents=True, exist_ok=True)
+        placed = [uploads.place(item, dest) for item in received]
+    finally:
+        uploads.discard(received)
+    saved = [ws.rel(p) for p, how in placed if how != "duplicate"]
+    renamed = [{"from": item.name, "to": ws.rel(p)} for item, (p, how) in zip(received, placed) if how == "renamed"]
+    skipped = [item.name for item, (_, how) in zip(received, placed) if how == "duplicate"]
+    notes = [f"{r['from']}: a different image of that name is already there; saved as {Path(r['to']).name}"
+             for r in renamed] + [f"{name}: already there (same picture); not added again" for name in skipped]
+    return {"saved": saved, "renamed": renamed, "skipped": skipped, "notes": notes}
 
 
 @router.get("/file")
@@ -233,6 +300,10 @@ def file(request: Request, path: str) -> FileResponse:
     target = _ws(request).path(path, must_exist=True)
     if not target.is_file() or target.suffix.lower() not in SERVED_SUFFIXES:
         raise HTTPException(404, f"{path}: not a file the UI serves")
+    if target.suffix.lower() in IMAGE_EXTENSIONS:
+        problem = uploads.too_large_to_show(target)
+        if problem:  # the browser would try to decode gigabytes for a thumbnail
+            raise HTTPException(422, f"{path}: {problem}")
     return FileResponse(target)
 
 
@@ -252,8 +323,10 @@ def jobs(request: Request) -> list[dict]:
 @router.post("/jobs")
 def start_job(request: Request, body: JobBody) -> dict:
     ws = _ws(request)
-    config = _config(ws, body.config)  # refused here, with the CLI's messages, rather than failing in the queue
-    return _job_view(request, request.app.state.queue.submit(ws.rel(ws.path(body.config)), ws.rel(config.output_dir)))
+    # Refused here, with the CLI's messages, rather than failing in the queue; the job runs this validated copy.
+    config, snapshot = _validated(ws, body.config)
+    job = request.app.state.queue.submit(ws.rel(ws.path(body.config)), ws.rel(config.output_dir), snapshot)
+    return _job_view(request, job)
 
 
 def _job(request: Request, job_id: int):
@@ -277,9 +350,17 @@ def stop_job(request: Request, job_id: int) -> dict:
 
 @router.post("/jobs/{job_id}/resume")
 def resume_job(request: Request, job_id: int) -> dict:
-    _job(request, job_id)
+    """Resume runs the config as it is now (a creator stops, raises max_train_steps, resumes), validated again
+    like a new job; if the file is gone, the copy the job last ran."""
+    ws = _ws(request)
+    job = _job(request, job_id)
+    if job.status not in ("stopped", "interrupted", "failed"):
+        raise HTTPException(409, f"job {job_id} is {job.status}; only a stopped, interrupted or failed job can resume")
+    snapshot = None
+    if ws.path(job.config).is_file():
+        snapshot = _validated(ws, job.config)[1]
     try:
-        return _job_view(request, request.app.state.queue.resume(job_id))
+        return _job_view(request, request.app.state.queue.resume(job_id, snapshot))
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
 
@@ -301,8 +382,11 @@ def curves(request: Request, job_id: int) -> dict:
 # --- LoRA library --------------------------------------------------------------------------------------------
 @router.get("/loras")
 def loras(request: Request) -> list[dict]:
+    """Every LoRA file in the workspace, described; one that is a link leading out of the workspace is listed
+    with "refused" (and its reason) instead, and is never loaded."""
     studio = request.app.state.studio
-    return [{"name": name, **studio.describe(path)} for name, path in sorted(studio.loras().items())]
+    found = [{"name": name, **studio.describe(path)} for name, path in sorted(studio.loras().items())]
+    return found + studio.refused_loras()
 
 
 @router.get("/models")

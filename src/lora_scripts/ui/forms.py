@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import PATH_KEYS, TrainConfig, config_from_dict, problem_key
+from ..config import TrainConfig, config_from_dict, problem_key, resolve_paths
 from ..errors import ConfigError
-from .workspace import Workspace
+from .workspace import Workspace, config_escapes, path_escapes
 
 # The nine keys every config has come first in TrainConfig; the form shows them open, the rest folded.
 ESSENTIAL = ("train_data_dir", "metadata_path", "base_model", "lora_rank", "batch_size", "epochs", "learning_rate",
@@ -95,7 +95,8 @@ def validate_values(values: dict[str, Any], config_dir: Path, ws: Workspace) -> 
 
 
 def validate_raw(raw: dict[str, Any], config_dir: Path, ws: Workspace) -> tuple[TrainConfig | None, dict]:
-    """Config keys as a YAML file holds them -> the same as validate_values."""
+    """Config keys as a YAML file holds them -> the same as validate_values, plus "outside": the messages of
+    paths that leave the workspace (a config with any is never saved nor run by the UI)."""
     fields: dict[str, list[str]] = {}
     general: list[str] = []
     config = None
@@ -105,16 +106,27 @@ def validate_raw(raw: dict[str, Any], config_dir: Path, ws: Workspace) -> tuple[
         for problem in exc.problems:
             key = problem_key(problem)
             (fields.setdefault(key, []) if key else general).append(problem)
+    # Checked on the paths as written too, so that a draft with other mistakes is still refused when it
+    # points outside; then on the validated config (templated output_dir filled in, defaults included).
+    outside = path_escapes(resolve_paths(raw, Path(config_dir).resolve()), ws.root, raw.get("output_name"),
+                           typed=raw)
     if config is not None:
-        for key in PATH_KEYS:
-            path = getattr(config, key)
-            if path is not None and not ws.contains(path):
-                fields.setdefault(key, []).append(
-                    f"{key} = {raw.get(key)!r}: outside the workspace ({ws.root}); the web UI only reads and "
-                    "writes inside it (copy or move the file there)")
-        if fields:
-            config = None
-    return config, {"fields": fields, "general": general}
+        outside = {**config_escapes(config, ws.root), **outside}
+    for key, message in outside.items():
+        if not fields.get(key):  # the config module may already have said it (output_name with a '/')
+            fields.setdefault(key, []).append(message)
+    if fields:
+        config = None
+    return config, {"fields": fields, "general": general, "outside": list(outside.values())}
+
+
+def snapshot_yaml(raw: dict[str, Any], config_dir: Path, source: str) -> str:
+    """The config a job runs: the keys as validated, with every path made absolute (the copy lives in the job's
+    folder, not beside the original), so later edits of the original cannot change what runs."""
+    resolved = resolve_paths(raw, Path(config_dir).resolve())
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in resolved.items()}
+    return f"# the validated copy of {source} this job runs (edits of {source} apply from the next Resume)\n" + \
+        yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
 
 
 def to_yaml(values: dict[str, Any]) -> str:

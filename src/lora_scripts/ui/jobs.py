@@ -1,9 +1,10 @@
 """Training jobs: a queue kept in SQLite (it survives a server restart) and run one at a time, each in its own
 process, so a crash, an out-of-memory kill or a Ctrl-C of a job never takes the server down.
 
-A job's folder (workspace/.lora-scripts-ui/jobs/ID) holds what the worker process writes: progress.json after
-every step, exit.json when it ends, log.txt (its stdout and stderr). The server only reads those files and the
-process id, so it can also pick up a job that outlived a server restart.
+A job's folder (workspace/.lora-scripts-ui/jobs/ID) holds config.yaml, the copy of the config that was validated
+when the job was submitted (or resumed) and the only one the worker runs, and what the worker process writes:
+progress.json after every step, exit.json when it ends, log.txt (its stdout and stderr). The server only reads
+those files and the process id, so it can also pick up a job that outlived a server restart.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from .workspace import Workspace
+
+SNAPSHOT = "config.yaml"  # in the job's folder: the validated config the worker runs
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer; a larger id in an address names no job
 
 # Statuses: queued -> running -> done | failed | stopped (checkpoint saved, resumable) | interrupted (the server
 # went away while it ran; resumable from its last checkpoint).
@@ -79,6 +84,8 @@ class JobStore:
         return self.get(job_id)
 
     def get(self, job_id: int) -> Job | None:
+        if not 0 < job_id <= MAX_JOB_ID:
+            return None
         with self._connect() as con:
             row = con.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job(**dict(row)) if row else None
@@ -136,36 +143,55 @@ class JobQueue:
         self.jobs_dir.mkdir(exist_ok=True)
         self.poll = poll
         self._procs: dict[int, subprocess.Popen] = {}
+        self._stop_sent: set[int] = set()  # jobs sent SIGINT: an end without exit.json is then a stop, not a crash
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- requests ------------------------------------------------------------------------------------------
-    def submit(self, config_rel: str, output_dir_rel: str | None = None) -> Job:
-        return self.store.add(config_rel, output_dir_rel)
+    def submit(self, config_rel: str, output_dir_rel: str | None = None, snapshot: str | None = None) -> Job:
+        """Queue a job. `snapshot`: the YAML text that was validated; the worker runs it and nothing else (a job
+        without one fails at launch rather than run an unchecked file)."""
+        with self._lock:  # the queue thread must not launch it before its snapshot is written
+            job = self.store.add(config_rel, output_dir_rel)
+            if snapshot is not None:
+                self._write_snapshot(job.id, snapshot)
+        return job
+
+    def _write_snapshot(self, job_id: int, snapshot: str) -> None:
+        folder = self.job_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / SNAPSHOT, snapshot)
 
     def stop(self, job_id: int) -> Job:
         """Ask a running job to stop: SIGINT, which the trainer answers by saving a checkpoint. A queued job
         is just taken off the queue."""
-        job = self.store.get(job_id)
-        if job is None:
-            raise KeyError(job_id)
-        if job.status == "queued":
-            self.store.update(job_id, status="stopped", finished=time.time(), error="removed from the queue")
-        elif job.status == "running" and job.pid:
-            try:
-                os.kill(job.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+        with self._lock:  # not while the queue thread is launching it (the stop would be lost)
+            job = self.store.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.status == "queued":
+                self.store.update(job_id, status="stopped", finished=time.time(), error="removed from the queue")
+            elif job.status == "running" and job.pid:
+                try:
+                    os.kill(job.pid, signal.SIGINT)
+                    self._stop_sent.add(job_id)
+                except ProcessLookupError:
+                    pass
         return self.store.get(job_id)
 
-    def resume(self, job_id: int) -> Job:
-        job = self.store.get(job_id)
-        if job is None:
-            raise KeyError(job_id)
-        if job.status not in ("stopped", "interrupted", "failed"):
-            raise ValueError(f"job {job_id} is {job.status}; only a stopped, interrupted or failed job can resume")
-        self.store.update(job_id, status="queued", resume=1, error=None, finished=None)
+    def resume(self, job_id: int, snapshot: str | None = None) -> Job:
+        """Queue a stopped job again with --resume. `snapshot`: the config as validated now (the creator may have
+        changed max_train_steps since); without one the job's previous snapshot runs."""
+        with self._lock:
+            job = self.store.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.status not in ("stopped", "interrupted", "failed"):
+                raise ValueError(f"job {job_id} is {job.status}; only a stopped, interrupted or failed job can resume")
+            if snapshot is not None:
+                self._write_snapshot(job_id, snapshot)
+            self.store.update(job_id, status="queued", resume=1, error=None, finished=None)
         return self.store.get(job_id)
 
     def job_dir(self, job_id: int) -> Path:
@@ -220,8 +246,15 @@ class JobQueue:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("exit.json", "progress.json"):
             (folder / name).unlink(missing_ok=True)
-        config = self.ws.path(job.config)
-        cmd = [sys.executable, "-m", "lora_scripts.ui.worker", str(folder), str(config)]
+        config = folder / SNAPSHOT
+        if not config.is_file():
+            self.store.update(job.id, status="failed", finished=time.time(),
+                              error=f"no validated copy of {job.config} for this job (it was queued by an older "
+                                    "version); start it again from the Config page")
+            return
+        # The worker checks the workspace again itself: the snapshot is a file, and files can be edited.
+        cmd = [sys.executable, "-m", "lora_scripts.ui.worker", str(folder), str(config),
+               "--workspace", str(self.ws.root)]
         if job.resume:
             cmd.append("--resume")
         log = open(folder / "log.txt", "ab")
@@ -234,12 +267,18 @@ class JobQueue:
 
     def _finish(self, job: Job, returncode: int | None) -> None:
         self._procs.pop(job.id, None)
+        stop_sent = job.id in self._stop_sent
+        self._stop_sent.discard(job.id)
         folder = self.job_dir(job.id)
         result = _read_json(folder / "exit.json")
         if result:
             status, error = result["status"], result.get("error")
         elif returncode is None:
             status, error = "interrupted", "the server stopped while this job ran; resume continues from its last checkpoint"
+        elif returncode == -signal.SIGINT or (stop_sent and returncode >= 0):
+            # Stop pressed while the worker was still starting (importing torch, before its own handler): Python
+            # ends such a process by the signal, or with code 1 when the interrupt hit an import.
+            status, error = "stopped", "stopped before training began (no checkpoint yet); Resume starts it again"
         elif returncode < 0:
             status = "failed"
             error = f"the training process was killed by signal {-returncode} " + (

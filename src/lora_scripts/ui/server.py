@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from ..errors import LoraScriptsError
 from .api import router
@@ -66,11 +68,45 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str | None = Non
     async def _user_error(request: Request, exc: LoraScriptsError):
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError):
+        # A folder where a file was expected, no permission, a full disk: the file and the reason, not a 500.
+        where = f"{exc.filename}: " if exc.filename else ""
+        return JSONResponse({"error": f"{where}{exc.strerror or exc}"}, status_code=400)
+
+    @app.exception_handler(HTTPException)  # starlette's: FastAPI's own (a body that is not JSON) included
     async def _http(request: Request, exc: HTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        detail = exc.detail
+        if detail == "There was an error parsing the body":
+            detail = "the request body is not valid JSON text (UTF-8); send a JSON object"
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": validation_message(exc.errors())}, status_code=422)
 
     return app
+
+
+def validation_message(errors) -> str:
+    """FastAPI's list of validation errors as one line per input: 'job_id (in the address) = 'abc': Input
+    should be a valid integer'."""
+    places = {"path": "in the address", "query": "in the query string", "header": "a header"}
+    lines = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())]
+        where, name = (loc[0], ".".join(loc[1:])) if loc else ("body", "")
+        if where == "body":
+            label = name or "the request body"
+        else:
+            label = f"{name} ({places.get(where, where)})"
+        if err.get("type") == "missing":
+            lines.append(f"{label}: required, but missing")
+            continue
+        value = repr(err.get("input"))
+        value = value if len(value) <= 80 else value[:77] + "..."
+        lines.append(f"{label} = {value}: {err.get('msg', 'invalid')}")
+    return "\n".join(lines) or "invalid request"
 
 
 def serve(workspace: Path, host: str = "127.0.0.1", port: int = 7860) -> None:

@@ -33,15 +33,27 @@ class Studio:
         self._descriptions: dict[Path, tuple[float, dict]] = {}
         self.lock = threading.Lock()  # one generation at a time: the model is shared
 
+    def _indexed(self) -> dict[str, Path]:
+        return {name: path for name, path in index_loras([self.ws.root]).items() if STATE_DIR not in path.parts}
+
     def loras(self) -> dict[str, Path]:
-        return {name: path for name, path in index_loras([self.ws.root]).items()
-                if STATE_DIR not in path.parts and _is_lora(path)}
+        """LoRA files in the workspace. A link that leads out of it is left out (refused_loras names it): the
+        library never describes, serves nor loads a file outside the workspace."""
+        return {name: path for name, path in self._indexed().items() if self.ws.contains(path) and _is_lora(path)}
+
+    def refused_loras(self) -> list[dict]:
+        return [{"name": name, "path": path.relative_to(self.ws.root).as_posix(),
+                 "refused": "a link to a file outside the workspace; not loaded (copy the file into the workspace)"}
+                for name, path in sorted(self._indexed().items()) if not self.ws.contains(path)]
 
     def base_models(self) -> list[str]:
-        """Checkpoints in the workspace that are not LoRAs (the toy base, a v1-5-pruned.safetensors, ...)."""
+        """Checkpoints in the workspace that are not LoRAs (the toy base, a v1-5-pruned.safetensors, ...); links
+        that lead out of the workspace are left out."""
         found = []
         for path in sorted(self.ws.root.rglob("*")):
             if path.suffix not in (".safetensors", ".ckpt") or STATE_DIR in path.parts or "checkpoints" in path.parts:
+                continue
+            if not self.ws.contains(path) or not path.is_file():
                 continue
             if path.suffix == ".ckpt" or not _is_lora(path):
                 found.append(self.ws.rel(path))
@@ -51,7 +63,12 @@ class Studio:
         mtime = path.stat().st_mtime
         cached = self._descriptions.get(path)
         if cached is None or cached[0] != mtime:
-            d = describe(path)
+            try:
+                d = describe(path)
+            except Exception as exc:  # one odd file must not take the whole library page down
+                return {"path": self.ws.rel(path), "size_bytes": path.stat().st_size, "format": "?", "family": "?",
+                        "dtype": "?", "modules": 0, "ranks": {}, "alphas": {}, "trigger_words": [],
+                        "warnings": [f"cannot be described: {exc}"], "metadata": {}, "modified": mtime}
             cached = (mtime, {"path": self.ws.rel(path), "size_bytes": d.size_bytes, "format": d.format,
                               "family": d.family, "dtype": d.dtype, "modules": d.modules, "ranks": d.ranks,
                               "alphas": d.alphas, "trigger_words": d.trigger_words, "warnings": d.warnings,

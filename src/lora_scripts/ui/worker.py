@@ -1,9 +1,13 @@
-"""One training job in its own process: `python -m lora_scripts.ui.worker JOB_DIR CONFIG [--resume]`.
+"""One training job in its own process:
+`python -m lora_scripts.ui.worker JOB_DIR CONFIG --workspace ROOT [--resume]`.
 
 Runs the library's `train` exactly as `lora-scripts train` does, and leaves what the server reads: progress.json
 after each step (at most four times a second, and always at the last step and at every checkpoint, Stop's
-included) and exit.json at the end. SIGINT (the
-UI's Stop button) reaches the trainer's Ctrl-C handler, which saves a checkpoint.
+included) and exit.json at the end. SIGINT (the UI's Stop button) reaches the trainer's Ctrl-C handler, which
+saves a checkpoint; a SIGINT that arrives while the worker is still starting ends it as stopped too.
+
+CONFIG is the job's validated copy; the worker checks once more that every path it reads or writes stays in the
+workspace ROOT (the server checked it at submit time, but a file can be edited after that).
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+# Nothing heavy at the top (lora_scripts.atomic imports torch): a Stop that arrives while torch loads must meet
+# main()'s KeyboardInterrupt handler, not end the process from inside an import.
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    from ..atomic import atomic_write_text as write
+
+    return write(path, text)
 
 
 class ProgressFile:
@@ -34,39 +45,63 @@ class ProgressFile:
         self.phase("training", **progress.to_dict())
 
 
-def run(job_dir: Path, config_path: Path, resume: bool) -> int:
-    from ..cli import _quiet_libraries
-    from ..config import load_config
-    from ..errors import LoraScriptsError, TrainingInterrupted
-    from ..trainer import train
+class Refused(Exception):
+    """The config names a path outside the workspace."""
 
-    _quiet_libraries()
+
+def _confine(config, workspace: Path) -> None:
+    from .workspace import config_escapes
+
+    problems = config_escapes(config, workspace)
+    if problems:
+        raise Refused("refused: this job's config leaves the workspace " + f"({workspace}):\n"
+                      + "\n".join(problems.values()))
+
+
+def run(job_dir: Path, config_path: Path, resume: bool, workspace: Path) -> int:
     progress = ProgressFile(job_dir / "progress.json")
     exit_path = job_dir / "exit.json"
     output_dir = None
     try:
+        # Imports inside the try: Stop can arrive while torch is still loading.
+        from ..cli import _quiet_libraries
+        from ..config import load_config
+        from ..trainer import train
+
+        _quiet_libraries()
         progress.phase("preparing")  # checking the dataset, loading the base model, caching latents
         config = load_config(config_path)
+        _confine(config, workspace)
         output_dir = str(config.output_dir)
         result = train(config, resume=resume or None, on_progress=progress)
-    except TrainingInterrupted as exc:
-        _write_exit(exit_path, "stopped", str(exc), output_dir)
-        return 130
     except KeyboardInterrupt:
         _write_exit(exit_path, "stopped", "stopped before training began (no checkpoint yet)", output_dir)
         return 130
-    except LoraScriptsError as exc:
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        _write_exit(exit_path, "failed", str(exc), None)
+        return 2
+    except Exception as exc:
+        return _failed(exc, exit_path, output_dir)
+    _write_exit(exit_path, "done", None, str(result.output_dir), str(result.lora_path), result.verified)
+    return 0
+
+
+def _failed(exc: Exception, exit_path: Path, output_dir: str | None) -> int:
+    from ..errors import LoraScriptsError, TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        _write_exit(exit_path, "stopped", str(exc), output_dir)
+        return 130
+    if isinstance(exc, LoraScriptsError):
         print(f"error: {exc}", file=sys.stderr)
         _write_exit(exit_path, "failed", str(exc), output_dir)
         return 2
-    except Exception as exc:
-        import traceback
+    import traceback
 
-        traceback.print_exc()
-        _write_exit(exit_path, "failed", f"unexpected error: {exc!r} (the log has the traceback)", output_dir)
-        return 1
-    _write_exit(exit_path, "done", None, str(result.output_dir), str(result.lora_path), result.verified)
-    return 0
+    traceback.print_exc()
+    _write_exit(exit_path, "failed", f"unexpected error: {exc!r} (the log has the traceback)", output_dir)
+    return 1
 
 
 def _write_exit(path: Path, status: str, error: str | None, output_dir: str | None, lora: str | None = None,
@@ -79,9 +114,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("job_dir", type=Path)
     p.add_argument("config", type=Path)
+    p.add_argument("--workspace", type=Path, required=True, help="every path the config names must stay in it")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
-    return run(args.job_dir, args.config, args.resume)
+    try:
+        return run(args.job_dir, args.config, args.resume, args.workspace.resolve())
+    except KeyboardInterrupt:  # Stop while run() was not yet in its try (or while it wrote exit.json)
+        _write_exit(args.job_dir / "exit.json", "stopped", "stopped before training began (no checkpoint yet)", None)
+        return 130
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ async function loadDataset() {
       grid.append(el("div", { className: "thumb" }, [el("img", { src: fileUrl(item.path), alt: item.path }),
         el("div", { className: "name", textContent: item.path.split("/").pop() }), el("div", {}, [text]), saved]));
     }
-    setStatus(status, data.images.length + " images", "");
+    const refused = data.refused || [];
+    setStatus(status, data.images.length + " images" + (refused.length ? ` · ${refused.length} left out: ` +
+      refused.map((r) => `${r.path} (${r.reason})`).join("; ") : ""), refused.length ? "bad" : "");
   } catch (e) { setStatus(status, e.message, "bad"); }
 }
 $("#run-label").addEventListener("click", async () => {
@@ -174,7 +176,8 @@ $("#upload").addEventListener("change", async (e) => {
   for (const f of e.target.files) form.append("files", f);
   try {
     const r = await api("POST", "/api/upload?folder=" + encodeURIComponent(state.dataDir), form);
-    await loadDataset(); setStatus($("#dataset-status"), `added ${r.saved.length} images`, "good");
+    await loadDataset();
+    setStatus($("#dataset-status"), `added ${r.saved.length} images` + (r.notes && r.notes.length ? " · " + r.notes.join("; ") : ""), "good");
   } catch (err) { setStatus($("#dataset-status"), err.message, "bad"); }
   e.target.value = "";
 });
@@ -281,6 +284,11 @@ async function loadLibrary() {
   const [loras, models] = await Promise.all([api("GET", "/api/loras"), api("GET", "/api/models")]);
   const body = $("#lora-table tbody"); body.innerHTML = "";
   for (const l of loras) {
+    if (l.refused) {  // a link leading out of the workspace: named, never loaded
+      body.append(el("tr", {}, [el("td", {}, [el("b", { textContent: l.name }), el("div", { className: "muted", textContent: l.path })]),
+        el("td", { colSpan: 6, className: "errors", textContent: l.refused })]));
+      continue;
+    }
     const rank = Object.keys(l.ranks).join("/");
     body.append(el("tr", { id: "lora-" + l.name }, [
       el("td", {}, [el("b", { textContent: l.name }), el("div", { className: "muted", textContent: l.path })]),
