@@ -187,3 +187,36 @@ def test_validation_dir_is_read_like_the_training_folder(tmp_path, dataset, tiny
     result = train(load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=2, batch_size=4,
                                            validation_dir=str(val), verify_after_training=False)))
     assert result.num_images == 8 and [s for s, _ in result.validation] == [2]  # all 8 train; 2 separate ones validate
+
+
+# --- careless inputs (issue 16) -------------------------------------------------------------------------------
+def test_generate_refuses_a_nan_lora_and_writes_nothing(tiny_ckpt, tmp_path, capsys):
+    from helpers.bad_cases_interop import lora
+
+    lora(tmp_path / "loras", "broken.safetensors", poison=float("nan"))
+    out = tmp_path / "gen"
+    code = main(["generate", "--base", str(tiny_ckpt), "--prompt", "a lab, <lora:broken:0.8>", "--lora-dir",
+                 str(tmp_path / "loras"), "--steps", "2", "--out", str(out)])
+    assert code == 2 and "1 of 6 weight tensors holds NaN" in capsys.readouterr().err
+    assert not out.exists()  # not even the folder: no half-made output to clean up
+
+
+def test_bad_settings_are_refused_for_every_caller(tiny_ckpt):
+    """The web UI builds Settings and seeds itself: the same checks answer it (a 400, not a sampler crash)."""
+    for bad in (dict(steps=0), dict(cfg=float("nan")), dict(size=(0, 64)), dict(size=(60, 64)),
+                dict(scheduler="bogus")):
+        with pytest.raises(LoraScriptsError):
+            Settings(**bad)
+    with pytest.raises(LoraScriptsError, match="seed"):
+        Renderer(tiny_ckpt, [], FAST).render("a lab", [2**40])
+
+
+def test_prompts_from_a_file(loras, tiny_ckpt, tmp_path):
+    _, dirs = loras
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# tried on Monday\na lab, <lora:style_a:0.8>\n\nan arm\n", encoding="utf-8")
+    args = ["generate", "--base", str(tiny_ckpt), "--prompt-file", str(prompts), "--steps", "2", "--scheduler",
+            "ddim", "--out", str(tmp_path / "gen")] + [x for d in dirs for x in ("--lora-dir", str(d))]
+    assert main(args) == 0
+    written = sorted((tmp_path / "gen").glob("*.png"))
+    assert [parse_parameters(read_parameters(p))["prompt"] for p in written] == ["a lab, <lora:style_a:0.8>", "an arm"]

@@ -224,3 +224,82 @@ def test_sd15_table_names_every_golden_module_and_its_checkpoint_key():
     e = table["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"]
     assert e.ldm_key == "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"
     assert e.shape == (320, 768)
+
+
+# --- careless inputs (issue 16): what a message says is what was written; nothing is written on a refusal --------
+def _ranks(path):
+    return sorted({m.rank for m in read_lora(path).modules.values()})
+
+
+def test_resize_and_merge_say_the_rank_they_wrote(tmp_path, capsys):
+    from helpers.bad_cases_interop import lora
+
+    a, b = lora(tmp_path, "a.safetensors", rank=4), lora(tmp_path, "b.safetensors", rank=8)
+    cases = [(["resize", b, str(tmp_path / "r_big.safetensors"), "--rank", "100000"], [8],
+              "kept rank 8 (the file's rank; a LoRA cannot gain rank"),
+             (["resize", b, str(tmp_path / "r2.safetensors"), "--rank", "2"], [2], "rank 8 -> 2,"),
+             (["merge", "--lora", a, "--lora", b, "--out", str(tmp_path / "m.safetensors")], [12],
+              "ranks stacked to rank 12 (exact)"),
+             (["merge", "--lora", a, "--lora", b, "--rank", "100000", "--out", str(tmp_path / "m_big.safetensors")],
+              [12], "kept rank 12 (the sum of the inputs' ranks"),
+             (["merge", "--lora", a, "--lora", b, "--rank", "3", "--out", str(tmp_path / "m3.safetensors")], [3],
+              "rank 3 by SVD")]
+    for argv, ranks, said in cases:
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert said in out, out
+        written = argv[argv.index("--out") + 1] if "--out" in argv else argv[2]
+        assert _ranks(written) == ranks, argv
+    meta = _meta(tmp_path / "r_big.safetensors")
+    assert meta["ss_network_dim"] == "8" and "resized to rank 8 " in meta["ss_training_comment"]
+
+
+@pytest.mark.parametrize("rank", ["0", "-1", "four"])
+def test_a_rank_below_one_is_refused_before_anything_is_read(tmp_path, capsys, rank):
+    from helpers.bad_cases_interop import lora
+
+    for argv in (["resize", lora(tmp_path), str(tmp_path / "r.safetensors"), "--rank", rank],
+                 ["merge", "--lora", lora(tmp_path), "--rank", rank, "--out", str(tmp_path / "r.safetensors")]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "argument --rank" in capsys.readouterr().err
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_an_existing_output_is_kept_without_force_and_a_folder_is_never_an_output(tmp_path):
+    from helpers.bad_cases_interop import lora
+
+    src, other = lora(tmp_path, "a.safetensors"), lora(tmp_path, "b.safetensors", rank=8)
+    before = (tmp_path / "b.safetensors").read_bytes()
+    for argv in (["convert", src, other, "--to", "kohya"], ["resize", src, other, "--rank", "2"],
+                 ["merge", "--lora", src, "--out", other]):
+        assert main(argv) == 2
+    assert (tmp_path / "b.safetensors").read_bytes() == before
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    for argv in (["convert", src, str(folder), "--to", "kohya", "--force"],
+                 ["resize", src, str(folder), "--rank", "2", "--force"]):
+        assert main(argv) == 2
+    assert folder.is_dir() and not any(folder.iterdir())
+    assert main(["convert", src, other, "--to", "kohya", "--force"]) == 0  # --force does replace a file
+
+
+def test_nan_loras_and_mismatched_shapes_write_nothing(tmp_path, capsys):
+    from helpers.bad_cases_interop import lora
+
+    nan = lora(tmp_path, "nan.safetensors", poison=float("nan"))
+    good, wide = lora(tmp_path, "good.safetensors"), lora(tmp_path, "wide.safetensors", widen=2)
+    out = tmp_path / "out.safetensors"
+    for argv in (["convert", nan, str(out), "--to", "kohya"], ["resize", nan, str(out), "--rank", "2"],
+                 ["merge", "--lora", good, "--lora", nan, "--out", str(out)],
+                 ["merge", "--lora", good, "--lora", wide, "--out", str(out)]):
+        assert main(argv) == 2, argv
+        assert not out.exists()
+    assert "different shapes" in capsys.readouterr().err
+
+
+def test_verify_fails_a_nan_lora_instead_of_passing_it(tmp_path, tiny_ckpt):
+    from helpers.bad_cases_interop import lora
+
+    report = verify(lora(tmp_path, poison=float("inf")), tiny_ckpt)
+    assert not report.ok and "NaN or infinite" in report.problems()[0]

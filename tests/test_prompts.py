@@ -24,3 +24,21 @@ def test_spaces_extra_fields_negative_and_repeated_tags():
 def test_unclosed_or_nameless_tags_are_errors(bad):
     with pytest.raises(ValueError, match="not closed|no name|not a number"):
         parse_prompt(bad)
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
+def test_non_finite_weights_are_errors_every_caller_can_report(weight):
+    from lora_scripts.errors import LoraScriptsError
+
+    with pytest.raises(LoraScriptsError, match="not a finite number"):  # the CLI prints it; the UI answers 400
+        parse_prompt(f"a lab <lora:neon:{weight}>")
+
+
+def test_a_sweep_reads_tags_with_the_same_parser():
+    from lora_scripts.errors import LoraScriptsError
+    from lora_scripts.sweeps import with_strength
+
+    swept = with_strength("a lab, <lora: neon :0.3>, <lora:arm:1>", 0.5)
+    assert swept == ("a lab, <lora:neon:0.5>, <lora:arm:1>", "neon")
+    with pytest.raises(LoraScriptsError, match="'abc' is not a number"):  # not silently swept
+        with_strength("a lab <lora:neon:0.3> <lora:arm:abc>", 0.5)

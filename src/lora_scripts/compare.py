@@ -64,7 +64,8 @@ def read_run(folder: Path, step: int | None = None) -> Run:
         raise LoraScriptsError(f"{cfg_path} cannot be read ({str(exc).splitlines()[0]}); it is the run's record of "
                                "its settings: restore it from the run or train again") from None
     if not isinstance(config, dict):
-        raise LoraScriptsError(f"{cfg_path} holds no settings (it should be the run's config); give finished run folders")
+        raise LoraScriptsError(f"{cfg_path} holds no settings (it should be the run's config); give finished "
+                               "run folders")
     name = config.get("output_name") or folder.name
     lora = (folder / "checkpoints" / f"step-{step}" / f"{name}.safetensors") if step else folder / f"{name}.safetensors"
     if not lora.is_file():

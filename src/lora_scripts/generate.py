@@ -16,6 +16,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image
 
 from .families.loading import BaseModel, quiet_loading
+from .interop.lora_file import LoraFileError, read_lora, require_finite, shape_problems
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler,
               "dpm++": DPMSolverMultistepScheduler}
@@ -37,6 +38,7 @@ class LoraSet:
         self.pipe = pipe
         self.loaded: dict[str, Path] = {}
         self._stamps: dict[str, tuple[Path, float]] = {}
+        self._layer_shapes: dict[str, tuple[int, ...]] | None = None
 
     def load(self, name: str, path: Path) -> None:
         """Load once; a name that now points at another file, or at a file changed on disk since (a run trained
@@ -44,13 +46,57 @@ class LoraSet:
         stamp = (Path(path), Path(path).stat().st_mtime)
         if self._stamps.get(name) == stamp:
             return
+        self.check(path)
         if name in self.loaded:
             self.pipe.delete_adapters(name)
+            del self.loaded[name]  # a failed reload below must not leave a name without its adapter
+            self._stamps.pop(name, None)
         logging.getLogger("diffusers").setLevel(logging.ERROR)
-        with quiet_loading():
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
+        try:
+            with quiet_loading():
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+            self._forget(name)
+            raise LoraFileError(_load_failure(Path(path), exc)) from exc
         self.loaded[name] = Path(path)
         self._stamps[name] = stamp
+
+    def _forget(self, name: str) -> None:
+        """A failed load may leave half an adapter (the UNet's) behind; a long-lived pipeline must not keep it."""
+        try:
+            self.pipe.delete_adapters(name)
+        except (ValueError, KeyError, AttributeError):
+            pass
+
+    def check(self, path: Path) -> None:
+        """Before diffusers sees the file: a readable LoRA, no NaN/inf (never draw garbage), and every module
+        fitting a layer of this base model (a LoRA for SDXL or SD2 does not fit SD1)."""
+        lora = read_lora(Path(path))
+        require_finite(lora, Path(path))
+        unmatched, wrong = shape_problems(lora, self._shapes())
+        if wrong:
+            raise LoraFileError(f"{path} does not fit this base model: {len(wrong)} modules have other shapes (e.g. "
+                                f"{wrong[0]}); it was trained on another model family or size. Use it with the "
+                                "base model it was made for")
+        ldm_names = any(k in n for n in unmatched for k in ("_input_blocks_", "_middle_block_", "_output_blocks_"))
+        if len(unmatched) == len(lora.modules) and not ldm_names:  # LDM-layout names: diffusers maps them itself
+            raise LoraFileError(f"{path}: none of its {len(lora.modules)} modules names a layer of this base model "
+                                f"(e.g. {unmatched[0]}); it was made for another model family (SDXL? SD2?) and "
+                                "would change nothing")
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """kohya module name -> weight shape of every Linear/Conv2d layer a LoRA can target."""
+        if self._layer_shapes is None:
+            from .formats.kohya import kohya_module_name
+
+            shapes = {}
+            for component, model in (("unet", self.pipe.unet), ("text_encoder", self.pipe.text_encoder)):
+                for path, m in model.named_modules():
+                    # A layer already wrapped by peft shows as `<path>.base_layer`; its lora_A/B are not layers.
+                    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in path:
+                        shapes[kohya_module_name(component, path.replace(".base_layer", ""))] = tuple(m.weight.shape)
+            self._layer_shapes = shapes
+        return self._layer_shapes
 
     def apply(self, weights: dict[str, float]) -> None:
         if not self.loaded:
@@ -62,6 +108,20 @@ class LoraSet:
             return
         self.pipe.enable_lora()
         self.pipe.set_adapters(list(active), adapter_weights=list(active.values()))
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """What our checks do not foresee, in diffusers' own words (first line), with what to do about it."""
+    import diffusers
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "infer state dict type" in first:
+        # Measured with diffusers 0.42.1: a kohya text-encoder LoRA on q_proj/v_proj only is refused.
+        return (f"{path}: diffusers {diffusers.__version__} cannot read this kohya file itself ({first}); A1111 and "
+                f"ComfyUI can. Convert it once: lora-scripts convert {path} {path.with_name(path.stem + '_diffusers')}"
+                ".safetensors --to diffusers --base MODEL, and use the converted file")
+    return (f"{path}: diffusers cannot load this LoRA into the base model ({first}); "
+            f"`lora-scripts verify {path} --base MODEL` tells what is wrong with it")
 
 
 @torch.no_grad()

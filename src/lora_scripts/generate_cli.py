@@ -3,27 +3,94 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LoraScriptsError
 
 
+def ranged(kind: type, key: str) -> Callable[[str], float]:
+    """argparse type: a number within render.LIMITS[key], refused before the model loads, naming the flag."""
+    def parse(text: str):
+        from .render import out_of_range
+
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if why := out_of_range(key, value):
+            raise argparse.ArgumentTypeError(why)
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    m = text.lower().split("x")
-    try:
-        w, h = int(m[0]), int(m[1] if len(m) > 1 else m[0])
-    except (ValueError, IndexError):
-        raise LoraScriptsError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512") from None
+    from .render import out_of_range
+
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m:
+        raise LoraScriptsError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
+    w, h = int(m[1]), int(m[2] or m[1])
+    for side in (w, h):
+        if why := out_of_range("side", side):
+            raise LoraScriptsError(f"--size {text}: {why}")
     if w % 8 or h % 8:
         raise LoraScriptsError(f"--size {text}: both sides must be multiples of 8 (the VAE works in 8-pixel cells)")
     return w, h
 
 
 def parse_strengths(text: str) -> list[float]:
+    from .sweeps import check_strengths
+
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        strengths = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LoraScriptsError(f"--sweep {text!r}: expected numbers separated by commas, e.g. 0,0.4,0.6,0.8,1") from None
+    check_strengths(strengths)
+    return strengths
+
+
+def read_prompt_files(files: list[str] | None) -> list[str]:
+    """One prompt per line, as A1111's "prompts from file" script reads them; blank lines and # comments skipped."""
+    prompts = []
+    for name in files or []:
+        path = Path(name)
+        if path.is_dir():
+            raise LoraScriptsError(f"--prompt-file {path} is a folder; give a text file with one prompt per line")
+        if not path.is_file():
+            raise LoraScriptsError(f"--prompt-file {path} does not exist; give a text file with one prompt per line")
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise LoraScriptsError(f"--prompt-file {path} is not UTF-8 text (byte {exc.object[exc.start]:#x} at "
+                                   f"position {exc.start}); save it as UTF-8") from None
+        found = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not found:
+            raise LoraScriptsError(f"--prompt-file {path} holds no prompts (one per line; # starts a comment)")
+        prompts += found
+    return prompts
+
+
+def check_out_folder(out: Path) -> None:
+    """--out is a folder of PNGs: not a file, and not under one."""
+    if out.exists() and not out.is_dir():
+        raise LoraScriptsError(f"--out {out} is a file; --out names the folder the PNGs go into (e.g. --out generated)")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise LoraScriptsError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+
+
+def _check_prompts(prompts: list[str], dirs: list[Path]) -> None:
+    """Every tag readable and every LoRA found, before the base model takes its time to load."""
+    from .lora_index import index_loras, resolve
+    from .prompts import parse_prompt
+
+    index = index_loras(dirs)
+    for prompt in prompts:
+        for ref in parse_prompt(prompt)[1]:
+            resolve(ref.name, index, dirs)
 
 
 def _next_index(out: Path) -> int:
@@ -33,65 +100,96 @@ def _next_index(out: Path) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .lora_index import DEFAULT_DIRS
     from .pnginfo import save_png
-    from .render import Renderer, Settings
+    from .render import Renderer, Settings, check_seeds
     from .sweeps import strength_sweep
 
+    prompts = list(args.prompt or []) + read_prompt_files(args.prompt_file)
+    if not prompts:
+        raise LoraScriptsError("no prompt given; add --prompt \"TEXT\" or --prompt-file FILE")
     settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler,
                         size=parse_size(args.size) if args.size else None, negative=args.negative or "")
-    dirs = [Path(d) for d in args.lora_dir] if args.lora_dir else None
-    renderer = Renderer(Path(args.base), dirs, settings) if dirs else Renderer(Path(args.base), settings=settings)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    strengths = parse_strengths(args.sweep) if args.sweep is not None else None
     seeds = [args.seed + i for i in range(args.n)]
+    check_seeds(seeds)
+    out = Path(args.out)
+    check_out_folder(out)
+    dirs = [Path(d) for d in args.lora_dir] if args.lora_dir else list(DEFAULT_DIRS)
+    _check_prompts(prompts, dirs)
+    if strengths is not None:
+        from .sweeps import with_strength
+
+        for p in prompts:
+            with_strength(p, 1.0)
+    renderer = Renderer(Path(args.base), dirs, settings)
+    if strengths is not None:
+        sheet, results = strength_sweep(renderer, prompts, seeds, strengths)
+    else:
+        results = [r for p in prompts for r in renderer.render(p, seeds)]
+    out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
-    if args.sweep:
-        sheet, results = strength_sweep(renderer, args.prompt, seeds, parse_strengths(args.sweep))
+    if strengths is not None:
         sheet_path = out / f"{index:05d}-sweep.png"
         sheet.save(sheet_path)
         index += 1
-    else:
-        results = [r for p in args.prompt for r in renderer.render(p, seeds)]
     written = []
     for r in results:
         written.append(save_png(r.image, out / f"{index:05d}-{r.params.seed}.png", r.params))
         index += 1
-    print(f"wrote {len(written)} images to {out}" + (f"; sweep sheet: {sheet_path}" if args.sweep else ""))
+    print(f"wrote {len(written)} images to {out}" + (f"; sweep sheet: {sheet_path}" if strengths is not None else ""))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import image_grid, read_run, table_markdown, write_comparison
-    from .render import Renderer, Settings
+    from .render import Renderer, Settings, check_seeds
 
+    settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler,
+                        size=parse_size(args.size) if args.size else None, negative=args.negative or "")
+    seeds = [args.seed + i for i in range(args.n)]
+    check_seeds(seeds)
+    check_out_folder(Path(args.out))
     runs = [read_run(Path(d), args.step) for d in args.runs]
     bases = {str(r.config.get("base_model")) for r in runs}
     if not args.base and len(bases) > 1:
         raise LoraScriptsError(f"the runs used different base models ({', '.join(sorted(bases))}); pick one with --base")
     base = Path(args.base or bases.pop())
-    settings = Settings(steps=args.steps, cfg=args.cfg, scheduler=args.scheduler,
-                        size=parse_size(args.size) if args.size else None, negative=args.negative or "")
     renderer = Renderer(base, [], settings)
-    sheet = image_grid(renderer, runs, args.prompt, [args.seed + i for i in range(args.n)], args.weight)
+    sheet = image_grid(renderer, runs, args.prompt, seeds, args.weight)
     paths = write_comparison(Path(args.out), sheet, runs)
     print(table_markdown(runs))
     print(f"images: {paths['sheet']}\nloss curves: {paths['losses']}\ntable: {paths['table']}")
     return 0
 
 
+def _weight(text: str) -> float:
+    from .prompts import parse_weight
+
+    try:
+        return parse_weight(text, text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sampling_arguments(p: argparse.ArgumentParser, n_help: str) -> None:
+    p.add_argument("--n", type=ranged(int, "count"), default=1, help=n_help)
+    p.add_argument("--seed", type=ranged(int, "seed"), default=0)
+    p.add_argument("--steps", type=ranged(int, "steps"), default=30)
+    p.add_argument("--cfg", type=ranged(float, "cfg"), default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
+    p.add_argument("--scheduler", default="euler_a", choices=("euler_a", "euler", "ddim", "dpm++"))
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="generate images; <lora:NAME:WEIGHT> in the prompt loads LoRAs")
     p.add_argument("--base", required=True, help="base checkpoint (.safetensors/.ckpt) or diffusers folder")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable; A1111 <lora:NAME:W> tags allowed")
+    p.add_argument("--prompt", action="append", help="repeatable; A1111 <lora:NAME:W> tags allowed")
+    p.add_argument("--prompt-file", action="append", metavar="FILE", help="text file, one prompt per line (repeatable)")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--lora-dir", action="append", help="folder to find LoRAs in (repeatable; default ./output and "
                    "./models/Lora)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (seeds SEED, SEED+1, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
-    p.add_argument("--scheduler", default="euler_a", choices=("euler_a", "euler", "ddim", "dpm++"))
+    _sampling_arguments(p, "images per prompt (seeds SEED, SEED+1, ...)")
     p.add_argument("--sweep", metavar="0,0.4,0.6,0.8,1", help="strengths for the prompt's first LoRA: a labelled grid")
     p.add_argument("--out", default="generated", help="folder for the PNGs (numbered; never overwritten)")
     p.set_defaults(func=cmd_generate)
@@ -100,14 +198,10 @@ def add_commands(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir folders of finished runs")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; each run's LoRA is added to it")
     p.add_argument("--negative")
-    p.add_argument("--weight", type=float, default=1.0, help="strength of each run's LoRA")
-    p.add_argument("--step", type=int, help="use each run's checkpoint at this step instead of its final file")
+    p.add_argument("--weight", type=_weight, default=1.0, help="strength of each run's LoRA")
+    p.add_argument("--step", type=ranged(int, "step"), help="use each run's checkpoint at this step instead of its "
+                   "final file")
     p.add_argument("--base", help="base model (default: the one the runs trained on)")
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--size")
-    p.add_argument("--scheduler", default="euler_a", choices=("euler_a", "euler", "ddim", "dpm++"))
+    _sampling_arguments(p, "images per prompt")
     p.add_argument("--out", default="compare", help="folder for compare.png, compare_loss.png, compare.md")
     p.set_defaults(func=cmd_compare)

@@ -37,7 +37,15 @@ def resolve(name: str, index: dict[str, Path], dirs: list[Path]) -> Path:
         return index[name]
     close = difflib.get_close_matches(name, list(index), n=3, cutoff=0.5)
     where = ", ".join(str(d) for d in dirs) or "(no folders given)"
-    hint = f" Did you mean: {', '.join(close)}?" if close else (
-        f" Known LoRAs: {', '.join(sorted(index)[:10])}." if index else " No LoRA files were found there.")
+    missing = [str(d) for d in dirs if not Path(d).exists()]
+    if missing:
+        where += f" ({', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist)"
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    if index:
+        names = sorted(index)
+        more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+        hint += f" Available: {', '.join(names[:20])}{more}."
+    else:
+        hint += " No LoRA files (.safetensors) were found there."
     raise LoraScriptsError(f"<lora:{name}:...>: no LoRA named {name!r} in {where}.{hint} "
                            "Add its folder with --lora-dir.")

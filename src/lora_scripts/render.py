@@ -7,16 +7,45 @@ strengths its prompt asks for, and LoRAs the prompt does not mention are switche
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from .errors import LoraScriptsError
 from .families.loading import load_base_model
 from .generate import SCHEDULERS, LoraSet, generate, make_pipeline
 from .lora_index import DEFAULT_DIRS, index_loras, resolve
 from .pnginfo import Parameters
 from .prompts import parse_prompt
+
+
+# Accepted ranges (inclusive) and what to say about them; the CLI's argparse types read the same table.
+LIMITS = {
+    "steps": (1, 500, "sampling steps", "typical: 20 to 40"),
+    "cfg": (0.0, 30.0, "the guidance scale (cfg)", "typical: 5 to 8"),
+    "side": (8, 2048, "an image side in pixels", "SD1.x draws best at 512"),
+    "seed": (0, 2**32 - 1, "a seed", "any whole number; the same seed gives the same image"),
+    "count": (1, 100, "images per prompt", "run the command again for more"),
+    "step": (1, 10**9, "a checkpoint step", "the N of a run's checkpoints/step-N folder"),
+}
+
+
+def out_of_range(key: str, value: float) -> str | None:
+    """None when `value` is acceptable for LIMITS[key], else why not (nan and inf are never acceptable)."""
+    lo, hi, what, hint = LIMITS[key]
+    if not math.isfinite(value) or not lo <= value <= hi:
+        return f"{_number(value)} is not allowed for {what}: use {_number(lo)} to {_number(hi)} ({hint})"
+    return None
+
+
+def _number(value: float) -> str:
+    """Whole numbers in full (a seed of 4294967295, not 4.29497e+09); others as short as they read."""
+    if isinstance(value, int):
+        text = str(value)
+        return text if len(text) <= 20 else text[:12] + f"... ({len(text)} digits)"
+    return f"{value:g}"
 
 
 @dataclass
@@ -26,6 +55,27 @@ class Settings:
     scheduler: str = "euler_a"
     size: tuple[int, int] | None = None  # (width, height); None = the model's native size
     negative: str = ""
+
+    def __post_init__(self) -> None:
+        """Every caller (CLI, web UI, compare) gets the same refusal instead of a sampler error or a black image."""
+        problems = [f"{name} {why}" for name, key, v in (("steps", "steps", self.steps), ("cfg", "cfg", self.cfg))
+                    if (why := out_of_range(key, v))]
+        for side in self.size or ():
+            if why := out_of_range("side", side):
+                problems.append(f"size {why}")
+            elif side % 8:
+                problems.append(f"size {side}: both sides must be multiples of 8 (the VAE works in 8-pixel cells)")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if problems:
+            raise LoraScriptsError("; ".join(problems))
+
+
+def check_seeds(seeds: list[int]) -> None:
+    for seed in seeds:
+        if why := out_of_range("seed", seed):
+            span = f"the seeds run {seeds[0]} to {seeds[-1]}: " if len(seeds) > 1 else "seed "
+            raise LoraScriptsError(f"{span}{why}")
 
 
 @dataclass
@@ -41,8 +91,6 @@ class Renderer:
     settings: Settings = field(default_factory=Settings)
 
     def __post_init__(self) -> None:
-        if self.settings.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.settings.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         self.model = load_base_model(self.base)
         self.pipe = make_pipeline(self.model, self.settings.scheduler)
         self.loras = LoraSet(self.pipe)
@@ -55,6 +103,7 @@ class Renderer:
         self.index[name] = Path(path)
 
     def render(self, prompt: str, seeds: list[int]) -> list[Rendered]:
+        check_seeds(seeds)
         text, refs = parse_prompt(prompt)
         weights = {name: 0.0 for name in self.loras.loaded}
         for ref in refs:

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Sequence
 
 from PIL import Image
 
 from .errors import LoraScriptsError
+from .prompts import lora_tags, parse_prompt, without_tags
 from .render import Rendered, Renderer
 from .sheets import contact_sheet
-
-_FIRST_TAG = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>")
 
 
 def with_strength(prompt: str, strength: float) -> tuple[str, str]:
     """The prompt with its first <lora:...> tag set to `strength`, and that LoRA's name."""
-    m = _FIRST_TAG.search(prompt)
-    if not m:
+    parse_prompt(prompt)  # the whole prompt must read, not only its first tag
+    tag = next(lora_tags(prompt), None)
+    if tag is None:
         raise LoraScriptsError(f"--sweep needs a <lora:NAME> tag in the prompt to sweep; none in {prompt!r}")
-    return prompt[: m.start()] + f"<lora:{m[1]}:{strength:g}>" + prompt[m.end():], m[1]
+    return prompt[: tag.start] + f"<lora:{tag.ref.name}:{strength:g}>" + prompt[tag.end:], tag.ref.name
+
+
+def check_strengths(strengths: Sequence[float]) -> None:
+    if not strengths:
+        raise LoraScriptsError("--sweep: no strengths given; list them separated by commas, e.g. 0,0.4,0.6,0.8,1")
+    bad = [s for s in strengths if not math.isfinite(s)]
+    if bad:
+        raise LoraScriptsError(f"--sweep: strength {bad[0]} is not a finite number; use values such as 0,0.5,1")
 
 
 def strength_sweep(renderer: Renderer, prompts: Sequence[str], seeds: Sequence[int],
                    strengths: Sequence[float]) -> tuple[Image.Image, list[Rendered]]:
     """Rows: prompt x seed; columns: strengths. Same seeds in every column, so only the strength differs."""
+    check_strengths(strengths)
     grid, rows, done, names = [], [], [], set()
     for prompt in prompts:
         variants = [with_strength(prompt, s) for s in strengths]
@@ -39,4 +48,4 @@ def strength_sweep(renderer: Renderer, prompts: Sequence[str], seeds: Sequence[i
 
 
 def _strip(prompt: str) -> str:
-    return _FIRST_TAG.sub("", prompt).strip(" ,")
+    return without_tags(prompt)

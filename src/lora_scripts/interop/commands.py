@@ -7,17 +7,33 @@ import json
 import sys
 from pathlib import Path
 
-from .files import DTYPES, convert_file, refuse_overwrite, resize_file
+from ..errors import LoraScriptsError
+from .files import DTYPES, check_base, check_rank, convert_file, ranks_text, refuse_overwrite, resize_file
+
+
+def positive_int(text: str) -> int:
+    """argparse type for --rank: refused before anything is read, with the reason."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 8)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: a rank must be at least 1 (typical: 4 to 32)")
+    return value
 
 
 def _lora_arg(text: str) -> tuple[Path, float]:
-    """A.safetensors:0.8 -> (path, 0.8); no weight = 1.0. A Windows drive letter is not a weight."""
+    """A.safetensors:0.8 -> (path, 0.8); no weight = 1.0. A Windows drive letter is not a weight; a weight that
+    is not a number is an error, not part of the file name."""
+    from ..prompts import parse_weight
+
     head, sep, tail = text.rpartition(":")
-    if sep and head and not tail.startswith(("\\", "/")):
+    if sep and head and tail and not tail.startswith(("\\", "/")) and not Path(text).exists():
         try:
-            return Path(head), float(tail)
+            return Path(head), parse_weight(tail, f"--lora {text}")
         except ValueError:
-            pass
+            if Path(head).exists():
+                raise
     return Path(text), 1.0
 
 
@@ -40,7 +56,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_overwrite(out, args.force)
     r = resize_file(Path(args.input), out, args.rank, args.dtype)
-    print(f"wrote {out}: rank {r.rank_before} -> {r.rank}, {out.stat().st_size / 2**20:.2f} MiB")
+    print(f"wrote {out}: {r.rank_change()}, {out.stat().st_size / 2**20:.2f} MiB")
     print(f"kept energy (share of the update's squared singular values): mean {r.mean_energy:.4f}, "
           f"lowest {r.worst.energy:.4f} in {r.worst.name}")
     if args.verbose:
@@ -51,27 +67,36 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .describe import guess_family
-    from .lora_file import kohya_state, read_lora
+    from .files import read_checked
+    from .lora_file import kohya_state
     from .metadata import derived_metadata
-    from .ops import bake, combine
+    from .ops import bake, check_same_shapes, combine
     from ..atomic import atomic_save_safetensors
 
+    check_rank(args.rank)
+    if args.base and args.rank:
+        raise LoraScriptsError("--rank applies when LoRAs are merged into one LoRA; with --base they are baked into "
+                               "the checkpoint at full strength. Drop --rank or --base")
     out = Path(args.out)
     refuse_overwrite(out, args.force)
-    loras = [(read_lora(p), w) for p, w in map(_lora_arg, args.lora)]
-    names = ", ".join(f"{Path(p).name}:{w:g}" for p, w in map(_lora_arg, args.lora))
-    if args.base:
+    base = check_base(Path(args.base)) if args.base else None
+    parsed = [_lora_arg(a) for a in args.lora]
+    loras = [(read_checked(p, "merging"), w) for p, w in parsed]
+    names = ", ".join(f"{p.name}:{w:g}" for p, w in parsed)
+    check_same_shapes(loras, [p.name for p, _ in parsed])
+    if base is not None:
         from .table import base_configs, module_table
 
-        path, changed = bake(Path(args.base), loras, module_table(base_configs(Path(args.base))), out,
+        path, changed = bake(base, loras, module_table(base_configs(base)), out,
                              {"lora_scripts.merged_loras": names})
-        print(f"wrote {path}: {Path(args.base).name} with {names} baked in ({changed} weights changed); "
+        print(f"wrote {path}: {base.name} with {names} baked in ({changed} weights changed); "
               "load it in A1111/ComfyUI as a checkpoint")
         return 0
+    _same_family(loras, [p.name for p, _ in parsed])
     result, kept = combine(loras, args.rank)
     state = kohya_state(result, DTYPES[args.dtype] if args.dtype else result.dtype)
     first = loras[0][0]
-    how = f"rank {args.rank} by SVD" if args.rank else "ranks stacked (exact)"
+    how = _merge_how(args.rank, kept, [state[k].shape[0] for k in state if k.endswith(".lora_down.weight")])
     meta = derived_metadata(first, result, state, guess_family(first), f"merged {names} by lora-scripts, {how}")
     atomic_save_safetensors(state, out, meta)
     energies = [k.energy for k in kept]
@@ -80,10 +105,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_how(rank: int | None, kept, written: list[int]) -> str:
+    """How the file was made, with the rank it really has (figures from the tensors written)."""
+    stacked = max(k.rank_before for k in kept)
+    if rank is None:
+        return f"ranks stacked to rank {ranks_text(written)} (exact)"
+    if rank >= stacked:
+        return (f"kept rank {ranks_text(written)} (the sum of the inputs' ranks; --rank {rank} would only add "
+                "zeros), exact")
+    return f"rank {ranks_text(written)} by SVD"
+
+
+def _same_family(loras, labels: list[str]) -> None:
+    """LoRAs whose layers tell their family apart must agree (an SDXL and an SD1 LoRA share no layer to sum)."""
+    from .describe import guess_family
+
+    families = [(label, guess_family(lora)) for (lora, _), label in zip(loras, labels)]
+    known = [(label, f) for label, f in families if not f.startswith("unknown")]
+    if len({f for _, f in known}) > 1:
+        listed = ", ".join(f"{label} is {f}" for label, f in known)
+        raise LoraScriptsError(f"cannot merge LoRAs for different model families ({listed}); merge only LoRAs "
+                               "trained on the same base model")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(Path(args.file), Path(args.base))
+    report = verify(Path(args.file), check_base(Path(args.base)))
     if args.json:
         print(json.dumps({"ok": report.ok, "modules": report.modules, "problems": report.problems(),
                           "max_rel_error": report.max_rel_error}, indent=2))
@@ -111,7 +159,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
     p.add_argument("--base", help="checkpoint to bake the LoRAs into; without it the LoRAs become one LoRA")
     p.add_argument("--out", required=True)
-    p.add_argument("--rank", type=int, help="LoRA merge: SVD to this rank (default: stack ranks, exact)")
+    p.add_argument("--rank", type=positive_int, help="LoRA merge: SVD to this rank (default: stack ranks, exact)")
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
@@ -119,7 +167,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("resize", help="change a LoRA's rank by SVD (like sd-scripts resize_lora)")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--rank", type=positive_int, required=True, help="the rank to cut to (at least 1; a LoRA "
+                   "cannot gain rank, so a value above the file's keeps its rank)")
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--verbose", "-v", action="store_true", help="kept energy per module")
     p.add_argument("--force", action="store_true")

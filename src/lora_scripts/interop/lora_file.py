@@ -10,6 +10,7 @@ tools can say what a loader would drop instead of dropping it silently.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,24 +73,101 @@ class LoraFile:
 
 def read_lora(path: Path) -> LoraFile:
     path = Path(path)
-    if not path.is_file():
-        raise LoraFileError(f"{path} does not exist")
+    _check_is_file(path)
     try:
         with safe_open(str(path), "pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
             metadata = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise LoraFileError(f"cannot read {path}: {exc}. Is it a complete .safetensors file?") from exc
+        raise LoraFileError(f"cannot read {path}: {exc}. It is not a complete .safetensors file: truncated (an "
+                            "interrupted download or copy?) or another kind of file; copy or download it "
+                            "again") from exc
     if any(_PEFT_KEY.match(k) for k in state):
         lora = _from_peft(state, metadata)
     else:
         lora = _from_kohya(state, metadata)
     if not lora.modules:
+        hint = (" It looks like a full model checkpoint, not a LoRA." if len(state) > 100 or any(
+            k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in state) else "")
         raise LoraFileError(f"{path} holds no LoRA weights this tool understands "
-                            f"({len(state)} keys, e.g. {sorted(state)[:2]})")
+                            f"({len(state)} keys, e.g. {sorted(state)[:2]}).{hint}")
+    _check_modules(lora, path)
     floats = [v.dtype for m in lora.modules.values() for v in (m.down, m.up)]
     lora.dtype = Counter(floats).most_common(1)[0][0]
     return lora
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise LoraFileError(f"{path} is a folder, not a LoRA file; give the .safetensors file itself{hint}")
+    if not path.is_file():
+        raise LoraFileError(f"{path} does not exist; check the path (LoRA files end in .safetensors)")
+    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
+        # Pickled files can run code when loaded; every current trainer and loader writes .safetensors.
+        raise LoraFileError(f"{path} is a pickled {path.suffix} file; only .safetensors LoRA files are read "
+                            "(pickles can run code when opened). Use the .safetensors version of this LoRA")
+
+
+def _check_modules(lora: LoraFile, path: Path) -> None:
+    """Shapes that no loader can apply: up and down of different ranks, rank 0, odd dimensions, a non-scalar
+    alpha. One message for the file, so every later step can trust `m.rank` and `m.delta()`."""
+    bad = []
+    for name, m in sorted(lora.modules.items()):
+        if m.down.dim() not in (2, 4) or m.up.dim() != m.down.dim():
+            bad.append(f"{name}: lora_down {tuple(m.down.shape)} and lora_up {tuple(m.up.shape)} are not a LoRA pair")
+        elif m.down.shape[0] == 0 or m.up.shape[1] != m.down.shape[0]:
+            bad.append(f"{name}: lora_down has rank {m.down.shape[0]} but lora_up has rank {m.up.shape[1]}")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise LoraFileError(f"{path} is damaged: {bad[0]}{more}. No loader can apply it; use another copy or "
+                            "an earlier checkpoint")
+
+
+def nonfinite_tensors(lora: LoraFile) -> tuple[list[str], int]:
+    """Names of the weight tensors holding NaN or infinity, and how many tensors there are in all."""
+    bad, total = [], 0
+    for name, m in sorted(lora.modules.items()):
+        for suffix, t in (("lora_down.weight", m.down), ("lora_up.weight", m.up)):
+            total += 1
+            if not bool(torch.isfinite(t).all()):
+                bad.append(f"{name}.{suffix}")
+        if m.alpha is not None:
+            total += 1
+            if not math.isfinite(m.alpha):
+                bad.append(f"{name}.alpha")
+    return bad, total
+
+
+def require_finite(lora: LoraFile, path: Path) -> None:
+    """Refuse a file with NaN/inf weights: every image drawn with it, and every file made from it, is garbage."""
+    bad, total = nonfinite_tensors(lora)
+    if bad:
+        raise LoraFileError(f"{path}: {len(bad)} of {total} weight tensors {_hold(len(bad))} NaN or infinite "
+                            f"values (first: {bad[0]}); it would turn every image black or into noise. Training went unstable "
+                            "before it was saved: use an earlier checkpoint, or train again with a lower learning_rate")
+
+
+def _hold(n: int) -> str:
+    return "holds" if n == 1 else "hold"
+
+
+def shape_problems(lora: LoraFile, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+    """Against a model's layers (kohya name -> weight shape): modules with no such layer, and modules whose
+    update does not fit the layer (a LoRA for another model family)."""
+    unmatched, wrong = [], []
+    for name, m in sorted(lora.modules.items()):
+        if name not in shapes:
+            unmatched.append(name)
+        elif tuple(update_shape(m)) != tuple(shapes[name]):
+            wrong.append(f"{name}: {tuple(update_shape(m))} vs the model's {tuple(shapes[name])}")
+    return unmatched, wrong
+
+
+def update_shape(m: LoraModule) -> tuple[int, ...]:
+    """The shape of up @ down, without computing it."""
+    return (m.up.shape[0], *m.down.shape[1:])
 
 
 def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
@@ -104,6 +182,9 @@ def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
     modules = {}
     for name, p in parts.items():
         if "down" in p and "up" in p:
+            if "alpha" in p and p["alpha"].numel() != 1:
+                unknown.append(f"{name}.alpha (holds {p['alpha'].numel()} values, not one)")
+                p.pop("alpha")
             modules[name] = LoraModule(p["down"], p["up"], float(p["alpha"]) if "alpha" in p else None)
         else:
             unknown += [f"{name}.{k} (its partner is missing)" for k in p]

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ..atomic import atomic_save_safetensors
-from .lora_file import LoraFile, LoraFileError, LoraModule
+from .lora_file import LoraFile, LoraFileError, LoraModule, update_shape
 from .table import Entry
 
 
@@ -47,6 +47,8 @@ def factorize(delta: Tensor, rank: int, like: LoraModule | None = None) -> tuple
 
 def resize(lora: LoraFile, rank: int) -> tuple[LoraFile, list[Kept]]:
     """Every module cut (or kept) to at most `rank`; modules already at or below it are refactorised exactly."""
+    if rank < 1:
+        raise LoraFileError(f"rank {rank}: a LoRA's rank must be at least 1")
     modules, report = {}, []
     for name, m in sorted(lora.modules.items()):
         new, energy = factorize(m.delta(), min(rank, m.rank))
@@ -57,22 +59,40 @@ def resize(lora: LoraFile, rank: int) -> tuple[LoraFile, list[Kept]]:
 
 def combine(loras: list[tuple[LoraFile, float]], rank: int | None = None) -> tuple[LoraFile, list[Kept]]:
     """Several LoRAs at their strengths as ONE file. rank None: exact, by stacking the ranks (down rows
-    concatenated, up columns scaled by strength x alpha/rank); a rank: the sum's best rank-R approximation."""
+    concatenated, up columns scaled by strength x alpha/rank); a rank: the sum's best rank-R approximation,
+    never above the stacked rank (the sum has no more non-zero singular values than that)."""
+    check_same_shapes(loras)
     names = sorted({n for lora, _ in loras for n in lora.modules})
     modules, report = {}, []
     for name in names:
         parts = [(lora.modules[name], w) for lora, w in loras if name in lora.modules]
+        stacked = sum(m.rank for m, _ in parts)
         if rank is None:
             down = torch.cat([m.down.float() for m, _ in parts])
             up = torch.cat([m.up.float() * (w * m.scale) for m, w in parts], dim=1)
             modules[name] = LoraModule(down, up, float(down.shape[0]))
-            report.append(Kept(name, down.shape[0], down.shape[0], 1.0))
+            report.append(Kept(name, stacked, down.shape[0], 1.0))
         else:
             delta = sum(m.delta() * w for m, w in parts)
-            modules[name], energy = factorize(delta, rank)
-            report.append(Kept(name, sum(m.rank for m, _ in parts), modules[name].rank, energy))
+            modules[name], energy = factorize(delta, min(rank, stacked))
+            report.append(Kept(name, stacked, modules[name].rank, energy))
     dtype = loras[0][0].dtype
     return LoraFile(modules, {}, loras[0][0].format, [], dtype), report
+
+
+def check_same_shapes(loras: list[tuple[LoraFile, float]], labels: list[str] | None = None) -> None:
+    """A module name in two files must change a layer of one shape: otherwise the files are for different
+    models (SD1 vs SD2 vs SDXL) and no sum of them means anything."""
+    labels = labels or [f"LoRA {i + 1}" for i in range(len(loras))]
+    seen: dict[str, tuple[tuple[int, ...], str]] = {}
+    for (lora, _), label in zip(loras, labels):
+        for name, m in sorted(lora.modules.items()):
+            shape = update_shape(m)
+            first = seen.setdefault(name, (shape, label))
+            if first[0] != shape:
+                raise LoraFileError(f"{first[1]} and {label} change {name} with different shapes ({first[0]} vs "
+                                    f"{shape}): they were trained on different base models and cannot be merged; "
+                                    "merge only LoRAs of one model family")
 
 
 def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry], out: Path,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..families.loading import quiet_loading, read_checkpoint_info
-from .lora_file import LoraFile, read_lora
+from .files import check_base
+from .lora_file import LoraFile, nonfinite_tensors, read_lora
 from .table import base_configs, module_table
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,21 @@ class VerifyReport:
     not_applied: list[str] = field(default_factory=list)  # diffusers left the layer unchanged
     wrong_strength: list[str] = field(default_factory=list)  # applied, but not as alpha/rank says
     zero: bool = False  # every update is zero: the LoRA does nothing
+    nonfinite: list[str] = field(default_factory=list)  # tensors holding NaN/inf: every image would be garbage
     max_rel_error: float = 0.0
     notes: list[str] = field(default_factory=list)  # loader limitations worked around (not failures)
 
     @property
     def ok(self) -> bool:
         return not (self.unmatched or self.wrong_shape or self.unknown_keys or self.not_applied
-                    or self.wrong_strength or self.zero)
+                    or self.wrong_strength or self.zero or self.nonfinite)
 
     def problems(self) -> list[str]:
         out = []
+        if self.nonfinite:
+            n = len(self.nonfinite)
+            out.append(f"{n} weight tensor{'s hold' if n > 1 else ' holds'} NaN or infinite values "
+                       f"(e.g. {self.nonfinite[0]}): every image drawn with this LoRA would be black or noise; use an earlier checkpoint")
         for label, items in (("match no layer of the base (A1111/ComfyUI would skip them)", self.unmatched),
                              ("do not fit the base layer's shape", self.wrong_shape),
                              ("are not LoRA weights any loader applies", self.unknown_keys),
@@ -65,10 +71,12 @@ class VerifyReport:
 
 def verify(lora_path: Path, base_path: Path) -> VerifyReport:
     lora = read_lora(lora_path)
+    check_base(Path(base_path))
     report = VerifyReport(Path(lora_path), len(lora.modules), unknown_keys=list(lora.unknown))
     _check_names(lora, Path(base_path), report)
     report.zero = all(float(m.up.abs().max()) == 0.0 for m in lora.modules.values())
-    if not report.unmatched and not report.wrong_shape:
+    report.nonfinite = nonfinite_tensors(lora)[0]
+    if not report.unmatched and not report.wrong_shape and not report.nonfinite:
         _check_diffusers(lora, Path(lora_path), Path(base_path), report)
     return report
 
