@@ -20,6 +20,12 @@ from lora_scripts.toy.stats import (
 from lora_scripts.trainer import train
 
 SEEDS = (1, 2, 3)
+# The combination statistics judge whether an arm is drawn, image by image: on 2 prompts x 3 seeds one flipped
+# image moves the arm probability by 0.17, and CPU kernels differ between processors (the LoRAs and the
+# classifier are trained in the test), so the same test read 0.423 on one machine and 0.482 on another against
+# a margin of 0.15 over the base. Over 12 seeds per prompt the spread measured across thread counts and kernels
+# (benchmarks/toy_combination_spread.py, docs/toy_world.md) stays far from the margins.
+COMBO_SEEDS = tuple(range(1, 13))
 ARM_PROMPTS = [Scene("robotic arm", c, b, p).caption for c, b, p in
                (("red", "white", "in the center"), ("blue", "gray", "on the left"), ("yellow", "black", "on the right"))]
 # The combination prompt names both the new subject and the new style.
@@ -35,21 +41,23 @@ def classifier():
     return train_shape_classifier(seed=0)
 
 
-@pytest.fixture(scope="module")
-def toy_loras(tmp_path_factory):
-    """A style LoRA (neon lab) and a subject LoRA (robotic arm) trained on the shipped base, as users would."""
-    root = tmp_path_factory.mktemp("toy")
+def toy_lora_configs(root):
+    """The style set (neon lab) and subject set (robotic arm) written under root, and a config for each."""
     base = toy_base_path()
     write_neon_set(root / "neon_lab", count=60, seed=0)
     write_arm_set(root / "robotic_arm", count=60, seed=0)
-    out = {}
-    for name in ("neon_lab", "robotic_arm"):
-        cfg = load_config(None, {
-            "train_data_dir": str(root / name), "metadata_path": str(root / name / "metadata.csv"),
-            "base_model": str(base), "output_dir": str(root / "out" / name), "lora_rank": 8, "batch_size": 8,
-            "epochs": 40, "learning_rate": 1e-3, "resolution": 32, "bucket_reso_steps": 32, "save_steps": 0})
-        out[name] = train(cfg).lora_path
-    return base, out
+    return base, {name: load_config(None, {
+        "train_data_dir": str(root / name), "metadata_path": str(root / name / "metadata.csv"),
+        "base_model": str(base), "output_dir": str(root / "out" / name), "lora_rank": 8, "batch_size": 8,
+        "epochs": 40, "learning_rate": 1e-3, "resolution": 32, "bucket_reso_steps": 32, "save_steps": 0})
+        for name in ("neon_lab", "robotic_arm")}
+
+
+@pytest.fixture(scope="module")
+def toy_loras(tmp_path_factory):
+    """A style LoRA (neon lab) and a subject LoRA (robotic arm) trained on the shipped base, as users would."""
+    base, configs = toy_lora_configs(tmp_path_factory.mktemp("toy"))
+    return base, {name: train(cfg).lora_path for name, cfg in configs.items()}
 
 
 def test_quick_rebuild_is_reproducible(tmp_path):
@@ -162,35 +170,48 @@ def test_style_lora_lowers_held_out_loss(toy_loras):
     assert after <= 0.8 * before, (before, after)
 
 
-def _combo(toy_loras, classifier, style, subject):
+@pytest.fixture(scope="module")
+def combo(toy_loras, classifier):
+    """(neon fraction, arm probability) of the combination prompts at given strengths, each drawn once."""
     base, loras = toy_loras
-    ims = Sampler.open(base, loras).images(COMBO_PROMPTS, SEEDS, {"neon_lab": style, "robotic_arm": subject})
-    return neon_fraction(ims), arm_probability(classifier, ims)
+    sampler = Sampler.open(base, loras)
+    seen = {}
+
+    def stats(style: float, subject: float) -> tuple[float, float]:
+        if (style, subject) not in seen:
+            ims = sampler.images(COMBO_PROMPTS, COMBO_SEEDS, {"neon_lab": style, "robotic_arm": subject})
+            seen[style, subject] = neon_fraction(ims), arm_probability(classifier, ims)
+        return seen[style, subject]
+
+    return stats
 
 
-def test_each_lora_moves_only_its_own_statistic(toy_loras, classifier):
-    """Measured 2026-11-25 on prompts naming a glowing robotic arm: base neon 0.000 / arm 0.234; style alone
-    0.185 / 0.001; subject alone 0.000 / 0.593."""
-    base_neon, base_arm = _combo(toy_loras, classifier, 0.0, 0.0)
-    style_neon, _ = _combo(toy_loras, classifier, 1.0, 0.0)
-    subject_neon, subject_arm = _combo(toy_loras, classifier, 0.0, 1.0)
+def test_each_lora_moves_only_its_own_statistic(combo):
+    """Measured 2026-11-25 on prompts naming a glowing robotic arm (seeds 1-3): base neon 0.000 / arm 0.234;
+    style alone 0.185 / 0.001; subject alone 0.000 / 0.593."""
+    base_neon, base_arm = combo(0.0, 0.0)
+    style_neon, _ = combo(1.0, 0.0)
+    subject_neon, subject_arm = combo(0.0, 1.0)
     assert style_neon > base_neon + 0.08, (base_neon, style_neon)
     assert subject_arm > base_arm + 0.15 and subject_neon < base_neon + 0.02, (base_arm, subject_arm, subject_neon)
 
 
-def test_style_and_subject_combine(toy_loras, classifier):
+def test_style_and_subject_combine(combo):
     """Like Lego: both LoRAs together give the new subject in the new style, with the style LoRA at 0.75 as
-    users combine LoRAs (below 1 each). Measured 2026-11-25 (seeds 1-3): base neon 0.000 / arm 0.234,
-    style 0.75 + subject 1 gives 0.205 / 0.482 (seeds 4-6: 0.217 / 0.671 against a base of 0.000 / 0.194)."""
-    base_neon, base_arm = _combo(toy_loras, classifier, 0.0, 0.0)
-    both_neon, both_arm = _combo(toy_loras, classifier, 0.75, 1.0)
-    assert both_neon > base_neon + 0.04 and both_arm > base_arm + 0.15, (base_neon, base_arm, both_neon, both_arm)
+    users combine LoRAs (below 1 each). Measured 2026-11-30 over seeds 1-12 (benchmarks/toy_combination_spread.py)
+    with 1 thread, 1 thread on AVX2 kernels and 2 threads: base neon 0.000 / arm 0.121, 0.121, 0.161; style 0.75 +
+    subject 1 gives neon 0.205 / arm 0.509, 0.509, 0.504 - an arm gain of 0.34-0.39. One seed's arm value spreads
+    with a standard deviation of 0.33 (the arm is drawn or not), so the 12-seed mean has 0.095: the margin of 0.12
+    is 2.4 of those below the lowest measured gain, and fails nine times in ten if the effect is gone."""
+    base_neon, base_arm = combo(0.0, 0.0)
+    both_neon, both_arm = combo(0.75, 1.0)
+    assert both_neon > base_neon + 0.04 and both_arm > base_arm + 0.12, (base_neon, base_arm, both_neon, both_arm)
 
 
 @pytest.mark.xfail(reason="known gap (issue 4): at full strength the style LoRA redraws the subject as its own "
                           "shapes on half the prompts; measured: style 1 + subject 1 gives neon 0.284, arm 0.243 "
                           "against a base arm of 0.234 (seeds 1-3; seeds 4-6: 0.427 against 0.194)", strict=False)
-def test_style_and_subject_combine_at_full_strength(toy_loras, classifier):
-    base_neon, base_arm = _combo(toy_loras, classifier, 0.0, 0.0)
-    both_neon, both_arm = _combo(toy_loras, classifier, 1.0, 1.0)
+def test_style_and_subject_combine_at_full_strength(combo):
+    base_neon, base_arm = combo(0.0, 0.0)
+    both_neon, both_arm = combo(1.0, 1.0)
     assert both_neon > base_neon + 0.04 and both_arm > base_arm + 0.15, (base_neon, base_arm, both_neon, both_arm)

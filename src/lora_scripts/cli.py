@@ -147,8 +147,16 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument gets one line naming it and where the options are listed, like every other refusal,
+    instead of argparse's whole usage block above it. Sub-commands inherit this class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-scripts", description="Train Stable Diffusion LoRAs from a YAML config.")
+    parser = _Parser(prog="lora-scripts", description="Train Stable Diffusion LoRAs from a YAML config.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a LoRA from a YAML config")
     p.add_argument("--config", required=True, help="YAML file (see `lora-scripts init`)")
@@ -205,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()  # first: checking an argument may already import diffusers/transformers
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     try:
         return args.func(args)
     except TrainingInterrupted as exc:
