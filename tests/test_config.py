@@ -109,3 +109,15 @@ def test_config_reference_doc_is_up_to_date():
     from lora_scripts.config_docs import config_reference
 
     assert (REPO / "docs" / "config.md").read_text() == config_reference(), "run: python -m lora_scripts.config_docs > docs/config.md"
+
+
+def test_duplicate_keys_are_refused_also_on_one_line_and_merge_keys_still_work():
+    import yaml
+
+    from lora_scripts.config import _UniqueKeyLoader, parse_override
+
+    with pytest.raises(ConfigError, match=r"prompt: set twice \(twice on line 1\)"):
+        parse_override("sample_prompts=[{prompt: a, prompt: b}]")
+
+    merged = yaml.load("base: &b {lora_rank: 4, epochs: 2}\nrun: {<<: *b, lora_rank: 8}\n", Loader=_UniqueKeyLoader)
+    assert merged["run"] == {"lora_rank": 8, "epochs": 2}

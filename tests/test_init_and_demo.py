@@ -25,6 +25,15 @@ def test_init_writes_a_commented_yaml_that_trains_as_is(tmp_path, tiny_ckpt, cap
     assert "already exists" in capsys.readouterr().err
 
 
+def test_init_inside_the_image_folder_puts_outputs_beside_it(tmp_path, tiny_ckpt):
+    data = tmp_path / "my_set"
+    make_images(data, 4)
+    out = data / "my_set.yaml"
+    assert main(["init", str(data), "--base", str(tiny_ckpt), "--output", str(out)]) == 0
+    cfg = load_config(out)  # outputs inside the dataset would be refused
+    assert cfg.output_dir == tmp_path / "output" / "my_set_lora"
+
+
 def test_demo_runs_offline(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--set", "max_train_steps=2", "--set", "save_steps=0"]) == 0
     out = tmp_path / "output" / "neon_lab"

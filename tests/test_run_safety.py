@@ -204,3 +204,36 @@ def test_a_short_last_accumulation_is_a_mean_over_the_batches_it_has(tmp_path, d
     for step2, step4 in zip(grads2, grads4):
         for a, b in zip(step2, step4):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        lock = OutputLock(tmp_path / "run").acquire()
+    assert "cannot lock the output folder on this file system" in caplog.text
+    lock.release()
+
+
+def test_a_new_run_keeps_the_users_own_files_in_output_dir(tmp_path, dataset, tiny_ckpt):
+    out = tmp_path / "output" / "sci_lab_lora"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "my_notes.txt").write_text("mine")
+    (out / "loss.png").write_bytes(b"my chart")
+    train(load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=1, logging_dir="./output/tb", **SMALL)))
+    assert (out / "logs" / "my_notes.txt").read_text() == "mine"
+
+
+def test_compare_reads_a_run_made_before_the_resolved_config_mark(tmp_path, dataset, tiny_ckpt):
+    from lora_scripts.compare import read_run
+    from lora_scripts.runs import RESOLVED_MARK
+
+    result = train(load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=1, **SMALL)))
+    path = result.output_dir / "config.yaml"
+    path.write_text(path.read_text().replace(RESOLVED_MARK + "\n", ""))  # as older versions wrote it
+    assert read_run(result.output_dir).config["lora_rank"] == 4

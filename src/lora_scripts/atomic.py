@@ -50,10 +50,34 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+def _proc_umask() -> int | None:
+    """The umask as Linux shows it in /proc (no side effect); None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _set_and_restore_umask() -> int:
+    # Elsewhere the only way to read it is to set it and put it straight back: done once, at import, before
+    # any thread of ours could create a file in between (threads would otherwise race on a umask of 0).
+    mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _proc_umask()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _set_and_restore_umask()
+
+
+def _umask() -> int:
+    now = _proc_umask()
+    return _UMASK_AT_IMPORT if now is None else now
 
 
 def disk_full_message(path: Path) -> str:

@@ -50,9 +50,9 @@ def _number(value) -> str:
 
 def read_run(folder: Path, step: int | None = None) -> Run:
     folder = Path(folder)
-    from .runs import resolved_config_path
+    from .runs import read_resolved_config_path
 
-    cfg_path = resolved_config_path(folder)  # config.yaml, or config.resolved.yaml beside a user's own config.yaml
+    cfg_path = read_resolved_config_path(folder)  # config.yaml, or config.resolved.yaml beside a user's own config.yaml
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise LoraScriptsError(f"{folder} {what}; give the output_dir folders of finished training runs")

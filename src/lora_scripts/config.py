@@ -410,20 +410,25 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys without a word; a config with `lora_rank` set twice is refused."""
+    """PyYAML keeps the last of two equal keys without a word; a config with `lora_rank` set twice is refused.
+    Keys merged in with `<<:` may be overridden, as YAML intends."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
+                first = seen.get(key)
             except TypeError:
                 continue  # an unhashable key; the base class reports it
-            if first != key_node.start_mark.line:
-                raise _DuplicateKey(None, None, f"{key}: set twice (lines {first + 1} and "
-                                    f"{key_node.start_mark.line + 1}); YAML would silently keep the second value. "
-                                    "Keep one of them", key_node.start_mark)
+            if first is not None:
+                where = (f"lines {first + 1} and {key_node.start_mark.line + 1}" if first != key_node.start_mark.line
+                         else f"twice on line {first + 1}")
+                raise _DuplicateKey(None, None, f"{key}: set twice ({where}); YAML would silently keep the second "
+                                    "value. Keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 

@@ -36,6 +36,16 @@ def _rel(path: Path, start: Path) -> str:
     return str(path.resolve()) if rel.startswith("..") else f"./{rel}"
 
 
+def _output_dir(data_dir: Path, yaml_dir: Path) -> str:
+    """./output/NAME_lora beside the config, or beside the images when the config is written inside the image
+    folder (outputs inside the dataset are refused: they would be read as training images)."""
+    name = f"{data_dir.resolve().name}_lora"
+    data, here = data_dir.resolve(), yaml_dir.resolve()
+    if here == data or data in here.parents:
+        return _rel(data.parent / "output" / name, yaml_dir)
+    return f"./output/{name}"
+
+
 def suggest(data_dir: Path, base: str | None, yaml_dir: Path) -> dict[str, Any]:
     """Values for this folder: ~1500 image views in total (the article's 10-15 epochs for 50-100 images),
     and 512 px unless the images are smaller."""
@@ -59,7 +69,7 @@ def suggest(data_dir: Path, base: str | None, yaml_dir: Path) -> dict[str, Any]:
         "batch_size": 4,
         "epochs": int(min(30, max(5, math.ceil(1500 / n)))),
         "learning_rate": 2e-4,
-        "output_dir": f"./output/{data_dir.name}_lora",
+        "output_dir": _output_dir(data_dir, yaml_dir),
         "save_steps": 100,
         "resolution": resolution,
         "_image_count": len(images),

@@ -7,7 +7,9 @@ says who holds it (PID, start time, command), which is what the refusal shows.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import socket
 import sys
@@ -16,10 +18,16 @@ from pathlib import Path
 
 from .errors import OutputDirError
 
+log = logging.getLogger(__name__)
 LOCK_FILE = ".lora-scripts.lock"
 
 
+_HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK}  # another process has it
+
+
 def _try_lock(fd: int) -> bool:
+    """True when we hold the lock, False when another process does. A file system that cannot lock at all
+    (NFS without lockd, some FUSE mounts) must not read as "in use" forever: the run goes on unlocked."""
     try:
         if os.name == "nt":
             import msvcrt
@@ -29,8 +37,11 @@ def _try_lock(fd: int) -> bool:
             import fcntl
 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno in _HELD:
+            return False
+        log.warning("cannot lock the output folder on this file system (%s); a second run started into it at "
+                    "the same time would not be stopped", exc.strerror)
     return True
 
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from .atomic import atomic_write_text
 from .checkpoints import latest_checkpoint
 from .config import TrainConfig
@@ -147,7 +149,9 @@ def record_run(config: TrainConfig, checkpoint: Path | None, overwrite: bool, ch
     """Claim output_dir for this run (main process only, after every check passed): clear an overwritten run's
     (or a run stopped before its first step's) results, write run.json with the config hash."""
     out = config.output_dir
-    if checkpoint is None:
+    # Only our own files go: those of an overwritten run, or of a run of ours stopped before its first step
+    # (it left run.json). A folder the user made, with their own logs/, keeps everything.
+    if checkpoint is None and (overwrite or (out / RUN_FILE).is_file()):
         for p in ("checkpoints", "logs", "loss.csv", "loss.png", f"{config.name}.safetensors", "summary.json"):
             target = out / p
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -181,20 +185,30 @@ RESOLVED_CONFIG, RESOLVED_CONFIG_ASIDE = "config.yaml", "config.resolved.yaml"
 
 
 def _is_ours(path: Path) -> bool:
+    """Written by a run: it opens with our mark, or (runs before the mark) it holds every config key."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.readline().startswith(RESOLVED_MARK)
-    except OSError:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.startswith(RESOLVED_MARK):
+            return True
+        loaded = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):
         return False
+    return isinstance(loaded, dict) and set(loaded) == set(TrainConfig.model_fields)
 
 
 def resolved_config_path(out: Path) -> Path:
-    """Where a run's resolved config is (or goes): config.yaml, unless that is a file of the user's."""
+    """Where a run writes its resolved config: config.yaml, unless that is a file of the user's."""
     aside = out / RESOLVED_CONFIG_ASIDE
     main = out / RESOLVED_CONFIG
     if aside.is_file() or (main.exists() and not _is_ours(main)):
         return aside
     return main
+
+
+def read_resolved_config_path(out: Path) -> Path:
+    """Where a finished run's resolved config is, for readers (compare, the UI): the aside copy if there is one."""
+    aside = out / RESOLVED_CONFIG_ASIDE
+    return aside if aside.is_file() else out / RESOLVED_CONFIG
 
 
 def _occupied_message(out: Path, config: TrainConfig, previous: dict | None) -> str:
