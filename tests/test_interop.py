@@ -303,3 +303,63 @@ def test_verify_fails_a_nan_lora_instead_of_passing_it(tmp_path, tiny_ckpt):
 
     report = verify(lora(tmp_path, poison=float("inf")), tiny_ckpt)
     assert not report.ok and "NaN or infinite" in report.problems()[0]
+
+
+@pytest.fixture(scope="module")
+def diffusers_base(tmp_path_factory, tiny_ckpt):
+    """The tiny SD1 base saved as a diffusers folder (what `base_model` also accepts)."""
+    from diffusers import StableDiffusionPipeline
+
+    m = load_base_model(tiny_ckpt)
+    folder = tmp_path_factory.mktemp("diffusers_base") / "tiny-sd15"
+    StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                            scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def test_convert_with_a_diffusers_folder_base_writes_what_the_single_file_base_writes(trained, diffusers_base,
+                                                                                      tmp_path):
+    result, base = trained
+    file_out, folder_out = tmp_path / "file.safetensors", tmp_path / "folder.safetensors"
+    for out, b in ((file_out, base), (folder_out, diffusers_base)):
+        assert main(["convert", str(result.lora_path), str(out), "--to", "diffusers", "--base", str(b)]) == 0
+    # Same tensors and metadata (the header's key order is not stable between writes, so bytes are not compared).
+    from_file, from_folder = load_file(str(file_out)), load_file(str(folder_out))
+    assert set(from_file) == set(from_folder) and all(torch.equal(from_file[k], from_folder[k]) for k in from_file)
+    assert _meta(file_out) == _meta(folder_out)
+
+
+def test_verify_with_a_diffusers_folder_base_checks_names_in_the_single_file_layout(trained, diffusers_base, tmp_path,
+                                                                                     capsys):
+    result, _ = trained
+    assert verify(result.lora_path, diffusers_base).ok
+    assert main(["verify", str(result.lora_path), "--base", str(diffusers_base)]) == 0
+    state = load_file(str(result.lora_path))
+    module = next(k for k in sorted(state) if k.startswith("lora_te_") and "q_proj" in k).split(".")[0]
+    renamed = module.replace("q_proj", "qproj")
+    for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+        state[f"{renamed}.{suffix}"] = state.pop(f"{module}.{suffix}")
+    save_file(state, str(tmp_path / "renamed.safetensors"))
+    report = verify(tmp_path / "renamed.safetensors", diffusers_base)
+    assert not report.ok and report.unmatched == [renamed]
+    assert main(["verify", str(tmp_path / "renamed.safetensors"), "--base", str(diffusers_base)]) == 1
+    assert "1 modules match no layer of the base" in capsys.readouterr().err
+
+
+def test_merge_into_a_diffusers_folder_base_writes_the_single_file_checkpoint(trained, diffusers_base, tmp_path):
+    result, base = trained
+    file_out, folder_out = tmp_path / "file.safetensors", tmp_path / "folder.safetensors"
+    for out, b in ((file_out, base), (folder_out, diffusers_base)):
+        assert main(["merge", "--base", str(b), "--lora", f"{result.lora_path}:0.8", "--out", str(out)]) == 0
+    from_file, from_folder = load_file(str(file_out)), load_file(str(folder_out))
+    assert set(from_file) == set(from_folder)  # the single-file (LDM) layout A1111/ComfyUI load
+    assert all(torch.equal(from_file[k], from_folder[k]) for k in from_file)
+    load_base_model(folder_out)  # loads at the folder's own (tiny) size
+
+
+def test_training_on_a_diffusers_folder_runs_the_self_test(tmp_path, diffusers_base):
+    write_dataset(tmp_path)
+    cfg = load_config(seed_config(tmp_path, diffusers_base, max_train_steps=1, lora_rank=4, batch_size=2))
+    result = train(cfg)
+    assert result.verified and "0 unmatched keys" in result.verified

@@ -173,9 +173,6 @@ def _self_test(config, lora_path: Path) -> str | None:
     """Reload the saved file the way diffusers and A1111/ComfyUI do; a file that loses keys fails the run."""
     if not config.verify_after_training:
         return None
-    if not Path(config.base_model).is_file():
-        log.info("self-test skipped: it checks names against a single-file base, and base_model is a folder")
-        return None
     from .interop.verify import verify
 
     report = verify(lora_path, config.base_model)

@@ -30,9 +30,9 @@ def table_for(base: Path | None, family: str):
 
 def base_family(base: Path) -> str:
     from ..families import detect_family
-    from ..families.loading import read_checkpoint_info
+    from .table import base_shapes
 
-    name = detect_family(read_checkpoint_info(Path(base)).shapes, str(base))
+    name = detect_family(base_shapes(Path(base)), str(base))
     return {"sd15": "sd1"}.get(name, name)
 
 
@@ -55,12 +55,13 @@ def refuse_overwrite(out: Path, force: bool) -> None:
 
 
 def check_base(base: Path) -> Path:
-    """A --base for convert/verify/merge: the single-file checkpoint whose layers name the LoRA's modules."""
+    """A --base for convert/verify/merge: the base whose layers name the LoRA's modules, as a single-file
+    checkpoint or a diffusers folder (training accepts both, so every tool does)."""
     base = Path(base)
-    if base.is_dir():
-        kind = "a diffusers folder" if (base / "model_index.json").is_file() else "a folder"
-        raise LoraScriptsError(f"--base {base} is {kind}; give the single-file base checkpoint (.safetensors), "
-                               "e.g. v1-5-pruned.safetensors")
+    if base.is_dir() and not (base / "model_index.json").is_file():
+        raise LoraScriptsError(f"--base {base} is a folder; give the single-file base checkpoint (.safetensors), "
+                               "e.g. v1-5-pruned.safetensors, or a diffusers model folder (one holding "
+                               "model_index.json)")
     if not base.exists():
         raise LoraScriptsError(f"--base {base} does not exist; give the base checkpoint (.safetensors) the LoRA "
                                "was trained on")

@@ -109,18 +109,36 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
             key = table[name].ldm_key
             d = m.delta() * w
             deltas[key] = deltas[key] + d if key in deltas else d
-    with safe_open(str(base), "pt") as f:
-        base_meta = dict(f.metadata() or {})
-        absent = sorted(k for k in deltas if k not in f.keys())
-        if absent:
-            raise LoraFileError(f"{base.name} has no weight {absent[0]} (and {len(absent) - 1} more); nothing was written")
-        state = {}
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if key in deltas:
-                if deltas[key].shape != t.shape:
-                    raise LoraFileError(f"{key}: LoRA update {tuple(deltas[key].shape)} does not fit the base weight "
-                                        f"{tuple(t.shape)}; the LoRA was trained on a different model")
-                t = (t.float() + deltas[key]).to(t.dtype)
-            state[key] = t
+    base_meta, tensors = _base_tensors(Path(base))
+    absent = sorted(k for k in deltas if k not in tensors)
+    if absent:
+        raise LoraFileError(f"{base.name} has no weight {absent[0]} (and {len(absent) - 1} more); nothing was written")
+    state = {}
+    for key, get in tensors.items():
+        t = get()
+        if key in deltas:
+            if deltas[key].shape != t.shape:
+                raise LoraFileError(f"{key}: LoRA update {tuple(deltas[key].shape)} does not fit the base weight "
+                                    f"{tuple(t.shape)}; the LoRA was trained on a different model")
+            t = (t.float() + deltas[key]).to(t.dtype)
+        state[key] = t
     return atomic_save_safetensors(state, out, {**base_meta, **(metadata or {})}), len(deltas)
+
+
+def _base_tensors(base: Path) -> tuple[dict[str, str], dict]:
+    """The base's metadata and key -> loader of each tensor, in the single-file (LDM) layout: a single file is
+    read one tensor at a time; a diffusers folder is loaded and renamed to that layout, with its component
+    configs in the metadata so that the written checkpoint loads at its own size."""
+    if not base.is_dir():
+        f = safe_open(str(base), "pt")
+        return dict(f.metadata() or {}), {key: (lambda key=key: f.get_tensor(key)) for key in f.keys()}
+    import json
+
+    from ..checkpoint_io import ldm_state_dict
+    from ..families.loading import ARCHITECTURE_KEY, load_base_model
+    from .table import base_configs
+
+    model = load_base_model(base)
+    state = ldm_state_dict(model.unet, model.vae, model.text_encoder)
+    meta = {ARCHITECTURE_KEY: json.dumps(base_configs(base))}
+    return meta, {key: (lambda t=t: t.detach().contiguous()) for key, t in state.items()}

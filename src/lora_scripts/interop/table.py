@@ -70,18 +70,87 @@ def sd15_table() -> dict[str, Entry]:
 
 
 def base_configs(path: Path) -> dict[str, Any]:
-    """The component configs of a single-file base checkpoint (ours carry them; real SD1.x uses the embedded)."""
-    from ..families import FAMILIES, detect_family
+    """The component configs of a base: a diffusers folder's own; a single-file checkpoint's metadata (ours carry
+    them); else the family's embedded ones (real SD1.x files)."""
+    from ..families import FAMILIES
     from ..families.loading import ARCHITECTURE_KEY, read_checkpoint_info
-    from ..errors import ModelLoadError
 
-    info = read_checkpoint_info(Path(path))
+    path = Path(path)
+    if path.is_dir():
+        _require_supported(path, base_shapes(path))
+        return _folder_configs(path)
+    info = read_checkpoint_info(path)
     if ARCHITECTURE_KEY in info.metadata:
         return json.loads(info.metadata[ARCHITECTURE_KEY])
-    family = FAMILIES[detect_family(info.shapes, str(path))]
+    return FAMILIES[_require_supported(path, info.shapes)].embedded_configs()
+
+
+def _require_supported(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    from ..errors import ModelLoadError
+    from ..families import FAMILIES, detect_family
+
+    family = FAMILIES[detect_family(shapes, str(path))]
     if not family.supported:
         raise ModelLoadError(f"{path} is a {family.label} checkpoint; only SD1.x is supported for now.")
-    return family.embedded_configs()
+    return family.name
+
+
+def base_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a base in the single-file (LDM) layout, the names A1111 and ComfyUI resolve a LoRA's
+    modules against. A diffusers folder's UNet and text-encoder names are converted in memory; only file
+    headers are read where the weights are safetensors."""
+    from ..families.loading import read_checkpoint_info
+
+    path = Path(path)
+    if not path.is_dir():
+        return read_checkpoint_info(path).shapes
+    from ..errors import ModelLoadError
+    from ..formats.ldm import LdmConversionError, clip_to_ldm, unet_to_ldm
+
+    configs = _folder_configs(path)
+    try:
+        # unet_to_ldm/clip_to_ldm only rename keys, so shapes can stand in for the tensors.
+        shapes = unet_to_ldm(_component_shapes(path / "unet"), configs["unet"]["layers_per_block"])
+    except LdmConversionError as exc:
+        raise ModelLoadError(f"{path / 'unet'} is not a Stable Diffusion 1.x/2.x UNet ({exc}); give an SD1.x "
+                             "diffusers folder or single-file checkpoint") from exc
+    shapes.update(clip_to_ldm(_component_shapes(path / "text_encoder")))
+    return shapes
+
+
+def _folder_configs(folder: Path) -> dict[str, Any]:
+    from ..errors import ModelLoadError
+
+    configs = {}
+    for name, file in (("unet", "config.json"), ("text_encoder", "config.json"), ("vae", "config.json"),
+                       ("scheduler", "scheduler_config.json")):
+        cfg = folder / name / file
+        if not cfg.is_file():
+            if name in ("vae", "scheduler"):  # not needed to name a LoRA's layers
+                continue
+            raise ModelLoadError(f"{folder} is not a complete diffusers model: {cfg} is missing; copy or download "
+                                 "the whole folder again")
+        try:
+            configs[name] = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {cfg}: {exc}; copy or download the diffusers folder again") from exc
+    return configs
+
+
+def _component_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape over a component's weight files: every shard and every variant (fp16, ...) holds the same
+    names and shapes, so their union is the component's layout whichever file diffusers picks."""
+    from ..errors import ModelLoadError
+    from ..families.loading import read_checkpoint_info
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise ModelLoadError(f"{folder} holds no weights (.safetensors or .bin); the diffusers folder is "
+                             "incomplete: copy or download it again")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        shapes.update(read_checkpoint_info(file).shapes)
+    return shapes
 
 
 def ldm_alias(kohya_name: str, table: dict[str, Entry]) -> str | None:

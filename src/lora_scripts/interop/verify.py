@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..families.loading import quiet_loading, read_checkpoint_info
+from ..families.loading import quiet_loading
 from .files import check_base
 from .lora_file import LoraFile, nonfinite_tensors, read_lora
-from .table import base_configs, module_table
+from .table import base_configs, base_shapes, module_table
 
 log = logging.getLogger(__name__)
 # fp16 LoRA weights against our fp32 product of the same values: only summation order differs.
@@ -83,7 +83,7 @@ def verify(lora_path: Path, base_path: Path) -> VerifyReport:
 
 def _check_names(lora: LoraFile, base: Path, report: VerifyReport) -> None:
     table = module_table(base_configs(base))
-    shapes = read_checkpoint_info(base).shapes
+    shapes = base_shapes(base)  # a diffusers folder's names in the single-file layout A1111/ComfyUI resolve
     for name, m in sorted(lora.modules.items()):
         entry = table.get(name)
         if entry is None or entry.ldm_key not in shapes:
