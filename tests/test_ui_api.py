@@ -640,3 +640,27 @@ def test_stop_while_the_worker_starts_ends_as_stopped(ws):
         ended = wait_for(lambda: (j := _status(c, job["id"]))["status"] not in ("running", "queued") and j)
     assert ended["status"] == "stopped", ended
     assert not (ws / "output/early/checkpoints").exists()
+
+
+def test_a_stop_during_the_workers_imports_is_kept_until_they_are_done(tmp_path):
+    """A KeyboardInterrupt raised inside a library import can be swallowed there (the job then trained on as if
+    never stopped): while importing, Stop is only remembered; it ends the start-up once the imports are done,
+    and a Stop that start-up still lost is sent again to the trainer's own handler at the first progress report."""
+    from lora_scripts.loop import Progress
+    from lora_scripts.ui.worker import ProgressFile, StartupStop
+
+    stop = StartupStop()
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # while importing: nothing is raised
+        time.sleep(0.05)
+        assert stop.pending
+        with pytest.raises(KeyboardInterrupt):
+            stop.imports_done()
+        seen = []
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # the trainer's handler
+        ProgressFile(tmp_path / "progress.json", stop=stop)(Progress(1, 10, 0, 1, 0.5, 1e-4, 1.0, 9.0))
+        time.sleep(0.05)
+        assert seen == [signal.SIGINT] and not stop.pending
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -13,9 +13,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from .errors import DiskFullError, OutputDirError
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -98,9 +95,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return atomic_write(path, lambda p: p.write_bytes(data))
 
 
-def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+# torch and safetensors are imported where they are used: the web UI's worker writes its status files through
+# this module while torch may still be loading (or after a Stop interrupted that).
+def save_file(state: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file as write
+
+    write(state, path, metadata=metadata)
+
+
+def atomic_save_safetensors(state: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
     return atomic_write(path, lambda p: save_file(state, str(p), metadata=metadata))
 
 
 def atomic_torch_save(obj: object, path: Path) -> Path:
+    import torch
+
     return atomic_write(path, lambda p: torch.save(obj, str(p)))

@@ -14,30 +14,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-# Nothing heavy at the top (lora_scripts.atomic imports torch): a Stop that arrives while torch loads must meet
-# main()'s KeyboardInterrupt handler, not end the process from inside an import.
+from ..atomic import atomic_write_text  # light: no torch
+
+# Nothing heavy at the top: main() installs the Stop handler below before any library is imported.
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    from ..atomic import atomic_write_text as write
+class StartupStop:
+    """SIGINT (the UI's Stop) before the trainer's own Ctrl-C handler is in place.
 
-    return write(path, text)
+    While the libraries are imported it is only remembered: a KeyboardInterrupt raised inside an import can be
+    swallowed by a library's bare `except:` (the job then trained on as if never stopped; seen once in ~20
+    runs under load) or end the process with code 1. After the imports it raises KeyboardInterrupt, which ends
+    the start-up as 'stopped'. If that too was swallowed somewhere, the first progress report sends the signal
+    again, now to the trainer's handler, which saves a checkpoint and stops."""
+
+    def __init__(self) -> None:
+        self.importing = True
+        self.pending = False
+
+    def __call__(self, signum, frame) -> None:
+        self.pending = True
+        if not self.importing:
+            raise KeyboardInterrupt
+
+    def imports_done(self) -> None:
+        self.importing = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def redeliver(self) -> None:
+        if self.pending:
+            self.pending = False
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 class ProgressFile:
-    def __init__(self, path: Path, min_interval: float = 0.25):
+    def __init__(self, path: Path, min_interval: float = 0.25, stop: StartupStop | None = None):
         self.path = path
         self.min_interval = min_interval
         self._last = 0.0
+        self.stop = stop
 
     def phase(self, phase: str, **extra) -> None:
         atomic_write_text(self.path, json.dumps({"phase": phase, "time": time.time(), **extra}))
 
     def __call__(self, progress) -> None:
+        if self.stop is not None:
+            self.stop.redeliver()  # a Stop that start-up lost: the trainer's handler takes it from here
         now = time.time()
         if progress.step < progress.total and not progress.saved and now - self._last < self.min_interval:
             return
@@ -58,8 +87,9 @@ def _confine(config, workspace: Path) -> None:
                       + "\n".join(problems.values()))
 
 
-def run(job_dir: Path, config_path: Path, resume: bool, workspace: Path) -> int:
-    progress = ProgressFile(job_dir / "progress.json")
+def run(job_dir: Path, config_path: Path, resume: bool, workspace: Path, stop: StartupStop | None = None) -> int:
+    stop = stop or StartupStop()
+    progress = ProgressFile(job_dir / "progress.json", stop=stop)
     exit_path = job_dir / "exit.json"
     output_dir = None
     try:
@@ -68,6 +98,7 @@ def run(job_dir: Path, config_path: Path, resume: bool, workspace: Path) -> int:
         from ..config import load_config
         from ..trainer import train
 
+        stop.imports_done()
         _quiet_libraries()
         progress.phase("preparing")  # checking the dataset, loading the base model, caching latents
         config = load_config(config_path)
@@ -117,8 +148,10 @@ def main() -> int:
     p.add_argument("--workspace", type=Path, required=True, help="every path the config names must stay in it")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
+    stop = StartupStop()
+    signal.signal(signal.SIGINT, stop)
     try:
-        return run(args.job_dir, args.config, args.resume, args.workspace.resolve())
+        return run(args.job_dir, args.config, args.resume, args.workspace.resolve(), stop)
     except KeyboardInterrupt:  # Stop while run() was not yet in its try (or while it wrote exit.json)
         _write_exit(args.job_dir / "exit.json", "stopped", "stopped before training began (no checkpoint yet)", None)
         return 130
