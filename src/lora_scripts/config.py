@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 TargetPreset = Literal["kohya", "attn", "qv"]
 CAPTION_EXTENSIONS = (".txt", ".caption", ".text", ".tags")  # sidecar caption files as kohya/OneTrainer read them
+SEED_MAX = 2**32 - 1  # numpy's seed range, which every RNG we seed accepts (and A1111's 32-bit seeds)
 _MAX_NAME_BYTES = 200  # a file name's limit is 255 bytes; room for suffixes such as -000004.safetensors
 SCHEMA_VERSION = 1
 PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir", "validation_dir",
@@ -95,7 +96,7 @@ class TrainConfig(BaseModel):
 
     # --- optimisation --------------------------------------------------------------------------
     seed: int = _f(42, "random seed, 0 to 4294967295; the same seed and config give the same LoRA",
-                   ge=0, le=2**32 - 1)  # numpy's seed range, which every RNG we seed accepts
+                   ge=0, le=SEED_MAX)
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "bf16 on recent NVIDIA GPUs (RTX 30xx+), fp16 on older ones, no on CPU")
     gradient_checkpointing: bool = _f(False, "trade ~30% speed for much less GPU memory")
     channels_last: bool = _f(True, "keep the UNet and VAE in channels-last memory layout (VAE encode 1.1-1.3x "

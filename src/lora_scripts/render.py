@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .config import SEED_MAX
 from .errors import LoraScriptsError
 from .families.loading import load_base_model
 from .generate import SCHEDULERS, LoraSet, generate, make_pipeline
@@ -26,7 +27,7 @@ LIMITS = {
     "steps": (1, 500, "sampling steps", "typical: 20 to 40"),
     "cfg": (0.0, 30.0, "the guidance scale (cfg)", "typical: 5 to 8"),
     "side": (8, 2048, "an image side in pixels", "SD1.x draws best at 512"),
-    "seed": (0, 2**32 - 1, "a seed", "any whole number; the same seed gives the same image"),
+    "seed": (0, SEED_MAX, "a seed", "any whole number; the same seed gives the same image"),
     "count": (1, 100, "images per prompt", "run the command again for more"),
     "step": (1, 10**9, "a checkpoint step", "the N of a run's checkpoints/step-N folder"),
 }

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from ..atomic import atomic_write_text
-from ..config import TrainConfig, resolve_paths
+from ..config import CAPTION_EXTENSIONS, SEED_MAX, TrainConfig, resolve_paths
 from ..data.captions import read_captions, set_caption
 from ..data.images import IMAGE_EXTENSIONS
 from ..metrics import read_curves
@@ -25,8 +25,7 @@ from .workspace import OutsideWorkspace, Workspace
 SERVED_SUFFIXES = set(IMAGE_EXTENSIONS) | {".yaml", ".yml", ".csv", ".txt", ".json"}
 # Where the UI may write a caption: text files only, so a config's caption_extension can never make it write over
 # an image or create a YAML file (kohya/OneTrainer sidecars are .txt or .caption).
-CAPTION_SUFFIXES = (".txt", ".caption", ".text", ".tags")
-SEED_MAX = 2**32 - 1  # A1111's seeds are 32-bit; torch refuses numbers past 64 bits
+CAPTION_SUFFIXES = CAPTION_EXTENSIONS  # the config's list, checked here again whatever a config file holds
 
 router = APIRouter(prefix="/api")
 

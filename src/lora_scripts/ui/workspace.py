@@ -98,12 +98,16 @@ class Workspace:
 
 # --- a config's paths ------------------------------------------------------------------------------------------
 def _plain_name_problem(name: Any) -> str | None:
-    """output_name becomes OUTPUT_DIR/NAME.safetensors: a folder or '..' in it would put the LoRA elsewhere."""
+    """output_name becomes OUTPUT_DIR/NAME.safetensors: a folder or '..' in it would put the LoRA elsewhere.
+    The config's own rule, applied here again whatever validation a config file went through."""
+    from ..config import check_file_stem
+
     if not isinstance(name, str) or not name:
         return None  # unset, or a wrong type that validation names
-    if "/" in name or "\\" in name or "\x00" in name or name.strip() in (".", "..") or ":" in name:
-        return (f"output_name = {name!r}: must be a plain file name (no '/', '\\', ':' or '..'); the LoRA is "
-                "written as output_dir/NAME.safetensors")
+    try:
+        check_file_stem(name)
+    except ValueError as exc:
+        return f"output_name = {name!r}: {exc}"
     return None
 
 
