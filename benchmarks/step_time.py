@@ -33,7 +33,7 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_scripts.checkpoint_io import save_ldm_checkpoint
+    from lora_scripts.families.saving import save_ldm_checkpoint
     from lora_scripts.families import FAMILIES
 
     configs = FAMILIES["sd15"].embedded_configs()
@@ -71,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
 
     from lora_scripts.config import load_config
-    from lora_scripts.trainer import Trainer
+    from lora_scripts.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -132,7 +132,7 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
 
 def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
     from lora_scripts.config import validate_config
-    from lora_scripts.trainer import Trainer
+    from lora_scripts.training.trainer import Trainer
 
     cfg = dict(train_data_dir=data, metadata_path=data / "metadata.csv", base_model=ckpt, output_dir=tmp / variant,
                batch_size=args.batch, resolution=args.resolution, mixed_precision=args.mixed_precision,

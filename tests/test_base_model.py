@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 from lora_scripts.errors import ModelLoadError
 from lora_scripts.families import detect_family
 from lora_scripts.families.loading import load_base_model
-from lora_scripts.tokenizer import clip_tokenizer
+from lora_scripts.families.clip_tokenizer import clip_tokenizer
 from lora_scripts.toy.tiny import build_tiny_models
 
 

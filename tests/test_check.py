@@ -11,7 +11,7 @@ from PIL import Image
 from helpers.bad_inputs import _jpeg_bytes, _png16, _png_bytes, _rgba
 from lora_scripts.cli import main
 from lora_scripts.config import validate_config
-from lora_scripts.memory import estimate_memory
+from lora_scripts.training.memory import estimate_memory
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_text_report_and_a_clean_folder_passes(tmp_path, dataset, tiny_ckpt, cap
 def test_train_prints_the_check_warnings_first(tmp_path, dataset, tiny_ckpt, caplog):
     from conftest import seed_config
     from lora_scripts.config import load_config
-    from lora_scripts.trainer import Trainer
+    from lora_scripts.training.trainer import Trainer
 
     (dataset / "img_000.png").write_bytes((dataset / "img_001.png").read_bytes())  # an exact duplicate
     with caplog.at_level(logging.WARNING):
@@ -129,7 +129,7 @@ def _config(tmp_path, tiny_ckpt, data="./data"):
 
 
 def test_captions_over_the_token_limit_are_counted_and_named(tmp_path, tiny_ckpt, capsys, caplog):
-    from lora_scripts.tokenizer import clip_tokenizer
+    from lora_scripts.families.clip_tokenizer import clip_tokenizer
 
     _sidecars(tmp_path / "data", [LONG, LONG + ", more words", "sci_lab, a short caption, blue light, photo"])
     tokens = len(clip_tokenizer()(LONG, add_special_tokens=False).input_ids)
@@ -144,7 +144,7 @@ def test_captions_over_the_token_limit_are_counted_and_named(tmp_path, tiny_ckpt
                                          f"img_1.txt ({tokens + 3} tokens)"), long[0]["message"]
     assert [Path(f).name for f in long[0]["files"]] == ["img_0.txt", "img_1.txt"]
     from lora_scripts.config import load_config
-    from lora_scripts.trainer import Trainer
+    from lora_scripts.training.trainer import Trainer
 
     with caplog.at_level(logging.WARNING):
         Trainer(load_config(_config(tmp_path, tiny_ckpt))).check_data()

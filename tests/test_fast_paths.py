@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import seed_config
 from lora_scripts.config import load_config
-from lora_scripts.trainer import Trainer, train
+from lora_scripts.training.trainer import Trainer, train
 
 RUN = dict(max_train_steps=3, batch_size=2, save_precision="fp32", learning_rate=1e-3, verify_after_training=False,
            channels_last=False)
@@ -30,7 +30,7 @@ def _assert_same(a, b):
 
 def test_channels_last_and_compile_give_the_same_lora(tmp_path, dataset, tiny_ckpt, monkeypatch):
     """compile runs with the aot_eager backend: the same graph capture as inductor, without a C compiler in CI."""
-    import lora_scripts.trainer as trainer_module
+    import lora_scripts.training.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "COMPILE_OPTIONS", {"backend": "aot_eager"})
     plain = _lora(tmp_path, tiny_ckpt, "plain")

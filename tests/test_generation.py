@@ -14,11 +14,11 @@ from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.errors import ConfigError, LoraScriptsError
 from lora_scripts.interop.table import base_configs, module_table
-from lora_scripts.lora_index import index_loras, resolve
-from lora_scripts.pnginfo import parse_parameters, read_parameters
-from lora_scripts.render import Renderer, Settings
-from lora_scripts.sweeps import strength_sweep
-from lora_scripts.trainer import train
+from lora_scripts.generation.lora_lookup import index_loras, resolve
+from lora_scripts.generation.pnginfo import parse_parameters, read_parameters
+from lora_scripts.generation.render import Renderer, Settings
+from lora_scripts.generation.sweeps import strength_sweep
+from lora_scripts.training.trainer import train
 
 FAST = Settings(steps=3, cfg=5.0, scheduler="ddim")
 

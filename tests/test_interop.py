@@ -11,13 +11,13 @@ from conftest import seed_config, write_dataset
 from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.families.loading import load_base_model
-from lora_scripts.generate import make_pipeline
+from lora_scripts.generation.pipelines import make_pipeline
 from lora_scripts.interop.describe import describe
 from lora_scripts.interop.lora_file import read_lora
 from lora_scripts.interop.ops import combine, resize
 from lora_scripts.interop.table import sd15_table
 from lora_scripts.interop.verify import verify
-from lora_scripts.trainer import train
+from lora_scripts.training.trainer import train
 
 
 @pytest.fixture(scope="module")

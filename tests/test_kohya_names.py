@@ -10,7 +10,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_scripts.families import FAMILIES
 from lora_scripts.formats.kohya import KeyConversionError, kohya_module_name, kohya_to_peft, peft_to_kohya
-from lora_scripts.lora import text_encoder_target_modules, unet_target_modules
+from lora_scripts.training.adapters import text_encoder_target_modules, unet_target_modules
 
 GOLDEN = Path(__file__).parent / "golden"
 

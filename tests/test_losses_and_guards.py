@@ -6,9 +6,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from lora_scripts.errors import TrainingError
-from lora_scripts.losses import diffusion_loss, sample_noise, snr, training_target
-from lora_scripts.metrics import MetricsLogger, smooth
-from lora_scripts.loop import _guard_nonfinite, _Loop
+from lora_scripts.training.losses import diffusion_loss, sample_noise, snr, training_target
+from lora_scripts.training.metrics import MetricsLogger, smooth
+from lora_scripts.training.loop import _guard_nonfinite, _Loop
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_smooth_is_bias_corrected():
 
 
 def test_second_ctrl_c_stops_at_once():
-    from lora_scripts.loop import _CtrlC
+    from lora_scripts.training.loop import _CtrlC
 
     loop = _Loop()
     with _CtrlC(loop) as handler:

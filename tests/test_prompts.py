@@ -1,6 +1,6 @@
 import pytest
 
-from lora_scripts.prompts import LoraRef, parse_prompt
+from lora_scripts.generation.prompts import LoraRef, parse_prompt
 
 
 def test_lora_tags_are_parsed_and_removed():
@@ -36,7 +36,7 @@ def test_non_finite_weights_are_errors_every_caller_can_report(weight):
 
 def test_a_sweep_reads_tags_with_the_same_parser():
     from lora_scripts.errors import LoraScriptsError
-    from lora_scripts.sweeps import with_strength
+    from lora_scripts.generation.sweeps import with_strength
 
     swept = with_strength("a lab, <lora: neon :0.3>, <lora:arm:1>", 0.5)
     assert swept == ("a lab, <lora:neon:0.5>, <lora:arm:1>", "neon")

@@ -22,8 +22,8 @@ from conftest import REPO, seed_config
 from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.errors import OutputDirError
-from lora_scripts.runlock import LOCK_FILE, OutputLock
-from lora_scripts.trainer import Trainer, train
+from lora_scripts.training.runlock import LOCK_FILE, OutputLock
+from lora_scripts.training.trainer import Trainer, train
 
 SMALL = dict(lora_rank=4, batch_size=4, save_steps=0, verify_after_training=False)
 
@@ -52,7 +52,7 @@ def test_a_run_into_a_locked_output_dir_is_refused_with_the_holder(tmp_path, dat
 
 def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lora_scripts.runlock import OutputLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lora_scripts.training.runlock import OutputLock; "
                                f"OutputLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -230,8 +230,8 @@ def test_a_new_run_keeps_the_users_own_files_in_output_dir(tmp_path, dataset, ti
 
 
 def test_compare_reads_a_run_made_before_the_resolved_config_mark(tmp_path, dataset, tiny_ckpt):
-    from lora_scripts.compare import read_run
-    from lora_scripts.runs import RESOLVED_MARK
+    from lora_scripts.generation.compare import read_run
+    from lora_scripts.training.runs import RESOLVED_MARK
 
     result = train(load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=1, **SMALL)))
     path = result.output_dir / "config.yaml"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from conftest import REPO, seed_config
 from lora_scripts.formats.kohya import kohya_module_name
 from lora_scripts.hashes import sshs_hashes
-from lora_scripts.lora import unet_target_modules
+from lora_scripts.training.adapters import unet_target_modules
 from lora_scripts.toy.tiny import build_tiny_models
 
 

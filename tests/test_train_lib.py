@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 from conftest import seed_config
 from lora_scripts.config import load_config
 from lora_scripts.families.loading import load_base_model
-from lora_scripts.trainer import Trainer
+from lora_scripts.training.trainer import Trainer
 
 
 def _trainer(tmp_path, tiny_ckpt, **overrides):

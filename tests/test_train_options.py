@@ -6,7 +6,7 @@ from safetensors import safe_open
 from conftest import seed_config
 from lora_scripts.config import load_config
 from lora_scripts.families.loading import load_base_model
-from lora_scripts.trainer import train
+from lora_scripts.training.trainer import train
 
 
 def test_all_options_together(tmp_path, dataset, tiny_ckpt):
@@ -35,7 +35,7 @@ def test_full_size_sd15_ckpt_loads_with_embedded_configs(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_scripts.checkpoint_io import ldm_state_dict
+    from lora_scripts.families.saving import ldm_state_dict
     from lora_scripts.families import FAMILIES
 
     configs = FAMILIES["sd15"].embedded_configs()

@@ -212,7 +212,7 @@ def test_a_crashed_job_fails_and_the_next_one_still_runs(ws):
 
 
 def _library_lists_the_lora_and_generates_with_it(c, ws):
-    from lora_scripts.pnginfo import read_parameters
+    from lora_scripts.generation.pnginfo import read_parameters
 
     loras = {l["name"]: l for l in c.get("/api/loras").json()}
     assert set(loras) == {"quick"} and loras["quick"]["modules"] > 0 and not loras["quick"]["warnings"]
@@ -646,7 +646,7 @@ def test_a_stop_during_the_workers_imports_is_kept_until_they_are_done(tmp_path)
     """A KeyboardInterrupt raised inside a library import can be swallowed there (the job then trained on as if
     never stopped): while importing, Stop is only remembered; it ends the start-up once the imports are done,
     and a Stop that start-up still lost is sent again to the trainer's own handler at the first progress report."""
-    from lora_scripts.loop import Progress
+    from lora_scripts.training.loop import Progress
     from lora_scripts.ui.worker import ProgressFile, StartupStop
 
     stop = StartupStop()

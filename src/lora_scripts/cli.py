@@ -27,7 +27,7 @@ def _quiet_libraries() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .trainer import train
+    from .training.trainer import train
 
     result = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(f"\nLoRA written: {result.lora_path}  ({result.steps} steps, final loss {result.final_loss:.4f})")
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="lora-workspace", help="folder the UI reads and writes (configs, "
                    "images, outputs); a new one starts with the toy world")
     p.set_defaults(func=_cmd_ui)
-    from .generate_cli import add_commands as add_generate
+    from .generation.commands import add_commands as add_generate
     from .interop.commands import add_commands as add_interop
 
     add_generate(sub)

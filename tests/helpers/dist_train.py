@@ -6,7 +6,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lora_scripts.config import load_config
-from lora_scripts.trainer import Trainer
+from lora_scripts.training.trainer import Trainer
 
 if __name__ == "__main__":
     trainer = Trainer(load_config(sys.argv[1])).setup()

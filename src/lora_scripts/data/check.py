@@ -139,7 +139,7 @@ def _orphans(samples: list[Sample], config: TrainConfig, report: CheckReport) ->
 def _token_findings(samples: list[Sample], config: TrainConfig, report: CheckReport) -> None:
     """Captions longer than the text encoder reads are cut at its limit in training: the words at the end (often
     the trigger word or the style) are silently lost. Counted with the base model's own tokenizer."""
-    from ..tokenizer import caption_overflow
+    from ..families.clip_tokenizer import caption_overflow
 
     long = caption_overflow([s.caption for s in samples], config.base_model)
     if not long:
@@ -279,7 +279,7 @@ def check_dataset(config: TrainConfig, trigger: str | None = None, vram_gb: floa
     if config.batch_size > report.stats["images_with_repeats"]:
         report.add(ERROR, "settings", f"batch_size {config.batch_size} is larger than the dataset "
                    f"({report.stats['images_with_repeats']} images counting repeats)")
-    from ..memory import estimate_memory
+    from ..training.memory import estimate_memory
 
     try:
         estimate = estimate_memory(config)

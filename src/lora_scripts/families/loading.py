@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import ModelLoadError
-from ..tokenizer import write_clip_tokenizer_files
+from .clip_tokenizer import write_clip_tokenizer_files
 from . import FAMILIES, Family, detect_family
 
 # Safetensors metadata key under which our own small checkpoints carry their component configs.

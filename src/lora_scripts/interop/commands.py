@@ -25,7 +25,7 @@ def positive_int(text: str) -> int:
 def _lora_arg(text: str) -> tuple[Path, float]:
     """A.safetensors:0.8 -> (path, 0.8); no weight = 1.0. A Windows drive letter is not a weight; a weight that
     is not a number is an error, not part of the file name."""
-    from ..prompts import parse_weight
+    from ..generation.prompts import parse_weight
 
     head, sep, tail = text.rpartition(":")
     if sep and head and tail and not tail.startswith(("\\", "/")) and not Path(text).exists():

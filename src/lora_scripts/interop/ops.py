@@ -134,7 +134,7 @@ def _base_tensors(base: Path) -> tuple[dict[str, str], dict]:
         return dict(f.metadata() or {}), {key: (lambda key=key: f.get_tensor(key)) for key in f.keys()}
     import json
 
-    from ..checkpoint_io import ldm_state_dict
+    from ..families.saving import ldm_state_dict
     from ..families.loading import ARCHITECTURE_KEY, load_base_model
     from .table import base_configs
 

@@ -134,7 +134,7 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: VerifyReport) -> None:
     from ..families.loading import load_base_model
-    from ..generate import make_pipeline
+    from ..generation.pipelines import make_pipeline
     from .table import module_table as table_for
 
     model = load_base_model(base)

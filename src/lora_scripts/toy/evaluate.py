@@ -14,8 +14,8 @@ from PIL import Image
 
 from ..data.images import images_to_batch
 from ..families.loading import load_base_model
-from ..losses import training_target
-from ..generate import LoraSet, generate, make_pipeline
+from ..training.losses import training_target
+from ..generation.pipelines import LoraSet, generate, make_pipeline
 
 
 @dataclass

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..checkpoint_io import save_ldm_checkpoint
+from ..families.saving import save_ldm_checkpoint
 from ..data.images import images_to_batch
 from ..families import FAMILIES
-from ..losses import training_target
-from ..tokenizer import clip_tokenizer
+from ..training.losses import training_target
+from ..families.clip_tokenizer import clip_tokenizer
 from .scenes import COLOURS, NEON, POSITIONS, SHAPES, Scene, arm_items, generic_image, neon_items, random_scene, render
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..checkpoint_io import save_ldm_checkpoint
+from ..families.saving import save_ldm_checkpoint
 from ..families import FAMILIES
 
 # Widths are multiples of 32 because LDM configs hard-code 32 GroupNorm groups.

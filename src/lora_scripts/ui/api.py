@@ -16,8 +16,8 @@ from ..atomic import atomic_write_text
 from ..config import CAPTION_EXTENSIONS, SEED_MAX, TrainConfig, resolve_paths
 from ..data.captions import read_captions, set_caption
 from ..data.images import IMAGE_EXTENSIONS
-from ..metrics import read_curves
-from ..render import Settings
+from ..training.metrics import read_curves
+from ..generation.render import Settings
 from . import uploads
 from .forms import form_fields, form_values, snapshot_yaml, to_yaml, validate_raw, validate_values
 from .workspace import OutsideWorkspace, Workspace
@@ -437,8 +437,8 @@ def compare(request: Request, body: CompareBody) -> dict:
     settings table."""
     import time
 
-    from ..compare import image_grid, read_run, write_comparison
-    from ..render import Renderer
+    from ..generation.compare import image_grid, read_run, write_comparison
+    from ..generation.render import Renderer
 
     ws = _ws(request)
     runs = []

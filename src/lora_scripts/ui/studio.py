@@ -11,10 +11,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..interop.describe import describe
-from ..lora_index import index_loras
-from ..pnginfo import save_png
-from ..render import Renderer, Settings
-from ..sweeps import strength_sweep
+from ..generation.lora_lookup import index_loras
+from ..generation.pnginfo import save_png
+from ..generation.render import Renderer, Settings
+from ..generation.sweeps import strength_sweep
 from .workspace import STATE_DIR, Workspace
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .errors import LoraScriptsError
+from ..errors import LoraScriptsError
 
 DEFAULT_DIRS = (Path("output"), Path("models/Lora"))
 # Inside a run's output_dir: resumable checkpoints repeat the final file's name; they are not separate LoRAs.

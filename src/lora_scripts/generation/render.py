@@ -13,11 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import SEED_MAX
-from .errors import LoraScriptsError
-from .families.loading import load_base_model
-from .generate import SCHEDULERS, LoraSet, generate, make_pipeline
-from .lora_index import DEFAULT_DIRS, index_loras, resolve
+from ..config import SEED_MAX
+from ..errors import LoraScriptsError
+from ..families.loading import load_base_model
+from .pipelines import SCHEDULERS, LoraSet, generate, make_pipeline
+from .lora_lookup import DEFAULT_DIRS, index_loras, resolve
 from .pnginfo import Parameters
 from .prompts import parse_prompt
 
@@ -121,7 +121,7 @@ class Renderer:
 
     def model_hash(self) -> str:
         if self._model_hash is None:
-            from .hashes import file_sha256
+            from ..hashes import file_sha256
 
             self._model_hash = file_sha256(self.base)[:10] if self.base.is_file() else ""
         return self._model_hash
@@ -131,7 +131,7 @@ class Renderer:
         path = self.loras.loaded[name]
         key = (path, path.stat().st_mtime)
         if key not in self._lora_hashes:
-            from .hashes import addnet_hash
+            from ..hashes import addnet_hash
 
             self._lora_hashes[key] = addnet_hash(path)[:12]
         return self._lora_hashes[key]

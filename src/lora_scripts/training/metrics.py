@@ -9,7 +9,7 @@ import logging
 import math
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 _COLUMNS = ("step", "epoch", "loss", "lr", "seconds")

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .data.dataset import build_items
-from .data.images import fit_to_bucket, open_rgb, to_tensor
-from .data.scan import Sample, scan_dataset
+from ..config import TrainConfig
+from ..data.dataset import build_items
+from ..data.images import fit_to_bucket, open_rgb, to_tensor
+from ..data.scan import Sample, scan_dataset
 from .losses import training_target
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def split_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Samp
         return samples, []
     n = max(1, round(len(samples) * config.validation_split))
     if n >= len(samples):
-        from .errors import DatasetError
+        from ..errors import DatasetError
 
         raise DatasetError([f"validation_split {config.validation_split} of {len(samples)} images leaves none to train on"],
                            "Lower validation_split or add images.")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from .checkpoints import latest_checkpoint
-from .config import TrainConfig
-from .errors import OutputDirError
+from ..config import TrainConfig
+from ..errors import OutputDirError
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"

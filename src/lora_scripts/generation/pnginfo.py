@@ -43,7 +43,7 @@ class Parameters:
 
 
 def save_png(image: Image.Image, path: Path, params: Parameters) -> Path:
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
 
     info = PngInfo()
     info.add_text("parameters", params.text())

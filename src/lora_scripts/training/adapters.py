@@ -7,8 +7,8 @@ from torch import nn
 from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 
-from .config import TrainConfig
-from .errors import ConfigError
+from ..config import TrainConfig
+from ..errors import ConfigError
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")

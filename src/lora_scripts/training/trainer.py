@@ -17,21 +17,21 @@ from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import DataLoader
 
-from .config import TrainConfig
-from .data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
-from .data.cache import LatentCache, TextCache, latent_cache_plan, sample_latents, text_cache_plan, vae_identity
-from .data.check import dataset_warnings
-from .data.scan import scan_dataset
-from .errors import DatasetError, TrainingError, TrainingInterrupted
+from ..config import TrainConfig
+from ..data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
+from ..data.cache import LatentCache, TextCache, latent_cache_plan, sample_latents, text_cache_plan, vae_identity
+from ..data.check import dataset_warnings
+from ..data.scan import scan_dataset
+from ..errors import DatasetError, TrainingError, TrainingInterrupted
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
-from .families.loading import BaseModel, load_base_model
-from .hashes import file_sha256, legacy_model_hash
-from .lora import check_targets, inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
+from ..families.loading import BaseModel, load_base_model
+from ..hashes import file_sha256, legacy_model_hash
+from .adapters import check_targets, inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 from .loop import ProgressCallback, TrainResult, fit
 from .losses import diffusion_loss, sample_noise, training_target
 from .runlock import OutputLock
 from .runs import check_output_dir, record_run, report_resume
-from .samples import PreviewSampler, plan_samples
+from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ def _lock_output_dir(config: TrainConfig, acc: Accelerator) -> OutputLock | None
     """The main process locks output_dir for the whole run; every process stops if another run holds it."""
     from accelerate.utils import broadcast_object_list
 
-    from .errors import OutputDirError
+    from ..errors import OutputDirError
     from .runs import check_writable
 
     lock, refusal = None, None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_torch_save
+from ..atomic import atomic_torch_save
 
 STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from .errors import LoraScriptsError
+from ..errors import LoraScriptsError
 from .prompts import lora_tags, parse_prompt, without_tags
 from .render import Rendered, Renderer
 from .sheets import contact_sheet

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SamplePrompt, TrainConfig
-from .errors import ConfigError
-from .generate import SCHEDULERS, generate
-from .pnginfo import Parameters, save_png
-from .prompts import parse_prompt
+from ..config import SamplePrompt, TrainConfig
+from ..errors import ConfigError
+from ..generation.pipelines import SCHEDULERS, generate
+from ..generation.pnginfo import Parameters, save_png
+from ..generation.prompts import parse_prompt
 
 if TYPE_CHECKING:
     from .trainer import Trainer

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import LoraScriptsError
+from ..errors import LoraScriptsError
 
 
 def ranged(kind: type, key: str) -> Callable[[str], float]:
@@ -84,7 +84,7 @@ def check_out_folder(out: Path) -> None:
 
 def _check_prompts(prompts: list[str], dirs: list[Path]) -> None:
     """Every tag readable and every LoRA found, before the base model takes its time to load."""
-    from .lora_index import index_loras, resolve
+    from .lora_lookup import index_loras, resolve
     from .prompts import parse_prompt
 
     index = index_loras(dirs)
@@ -100,7 +100,7 @@ def _next_index(out: Path) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .lora_index import DEFAULT_DIRS
+    from .lora_lookup import DEFAULT_DIRS
     from .pnginfo import save_png
     from .render import Renderer, Settings, check_seeds
     from .sweeps import strength_sweep

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 _BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 GB = 1024**3
@@ -91,10 +91,10 @@ def _flash_attention():
 
 
 def _configs(config: TrainConfig) -> dict:
-    from .families import FAMILIES
+    from ..families import FAMILIES
 
     if Path(config.base_model).is_file():
-        from .interop.table import base_configs
+        from ..interop.table import base_configs
 
         return base_configs(Path(config.base_model))
     return FAMILIES["sd15"].embedded_configs()
@@ -125,7 +125,7 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .lora import text_encoder_target_modules, unet_target_modules
+    from .adapters import text_encoder_target_modules, unet_target_modules
 
     import logging
 
@@ -184,9 +184,9 @@ def _vae_encode_peak(vae, batch: int, resolution: int) -> float:
     return float(sum(top))
 
 
-if __name__ == "__main__":  # python -m lora_scripts.memory CONFIG.yaml
+if __name__ == "__main__":  # python -m lora_scripts.training.memory CONFIG.yaml
     import sys
 
-    from .config import load_config
+    from ..config import load_config
 
     print(json.dumps(estimate_memory(load_config(sys.argv[1])).as_dict(), indent=2))

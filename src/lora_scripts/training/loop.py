@@ -16,9 +16,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from .checkpoints import Position, checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, restore_rng, save_state
-from .errors import TrainingError, TrainingInterrupted
+from ..errors import TrainingError, TrainingInterrupted
 from .export import RunFacts, save_diffusers
 from .metrics import MetricsLogger
 from .runs import RESOLVED_MARK, config_hash, hashed_config, resolved_config_path
@@ -173,7 +173,7 @@ def _self_test(config, lora_path: Path) -> str | None:
     """Reload the saved file the way diffusers and A1111/ComfyUI do; a file that loses keys fails the run."""
     if not config.verify_after_training:
         return None
-    from .interop.verify import verify
+    from ..interop.verify import verify
 
     report = verify(lora_path, config.base_model)
     if not report.ok:

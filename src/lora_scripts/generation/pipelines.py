@@ -15,8 +15,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, StableDiffusionPipeline)
 from PIL import Image
 
-from .families.loading import BaseModel, quiet_loading
-from .interop.lora_file import LoraFileError, read_lora, require_finite, shape_problems
+from ..families.loading import BaseModel, quiet_loading
+from ..interop.lora_file import LoraFileError, read_lora, require_finite, shape_problems
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler,
               "dpm++": DPMSolverMultistepScheduler}
@@ -87,7 +87,7 @@ class LoraSet:
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """kohya module name -> weight shape of every Linear/Conv2d layer a LoRA can target."""
         if self._layer_shapes is None:
-            from .formats.kohya import kohya_module_name
+            from ..formats.kohya import kohya_module_name
 
             shapes = {}
             for component, model in (("unet", self.pipe.unet), ("text_encoder", self.pipe.text_encoder)):

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_save_safetensors
-from .families.loading import ARCHITECTURE_KEY
-from .formats.ldm import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from ..atomic import atomic_save_safetensors
+from .loading import ARCHITECTURE_KEY
+from ..formats.ldm import clip_to_ldm, unet_to_ldm, vae_to_ldm
 
 
 def ldm_state_dict(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import OutputDirError
+from ..errors import OutputDirError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lora-scripts.lock"

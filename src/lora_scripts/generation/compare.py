@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from .errors import LoraScriptsError
-from .metrics import read_curves, smooth
+from ..errors import LoraScriptsError
+from ..training.metrics import read_curves, smooth
 from .render import Renderer
 from .sheets import contact_sheet
 
@@ -50,7 +50,7 @@ def _number(value) -> str:
 
 def read_run(folder: Path, step: int | None = None) -> Run:
     folder = Path(folder)
-    from .runs import read_resolved_config_path
+    from ..training.runs import read_resolved_config_path
 
     cfg_path = read_resolved_config_path(folder)  # config.yaml, or config.resolved.yaml beside a user's own config.yaml
     if not folder.is_dir():
@@ -90,7 +90,7 @@ def loss_overlay(runs: list[Run], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for i, run in enumerate(runs):
@@ -131,7 +131,7 @@ def image_grid(renderer: Renderer, runs: list[Run], prompts: list[str], seeds: l
 
 
 def write_comparison(out: Path, sheet: Image.Image, runs: list[Run]) -> dict[str, Path]:
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"sheet": out / "compare.png", "losses": out / "compare_loss.png", "table": out / "compare.md"}
