@@ -30,7 +30,7 @@ def main(seeds=range(1, 13)) -> dict:
 
     from lora_scripts.toy.evaluate import Sampler
     from lora_scripts.toy.stats import arm_probability, neon_fraction, train_shape_classifier
-    from lora_scripts.training.trainer import train
+    from lora_scripts.training.loop import train
 
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:

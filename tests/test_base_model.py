@@ -69,12 +69,18 @@ def test_family_detection():
         detect_family({"encoder.weight": (3, 3)})
 
 
-def test_sd2_checkpoint_is_refused_clearly(tmp_path):
+def test_sd2_file_without_its_objective_is_refused_naming_the_key_then_incomplete(tmp_path):
+    """512-base and 768-v files have the same keys: no silent guess, the message names prediction_type; given
+    it, an incomplete SD2 file is refused as such."""
+    from lora_scripts.families import LoadSettings
+
     path = tmp_path / "v2-1_768.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
                "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(1)}, str(path))
-    with pytest.raises(ModelLoadError, match="Stable Diffusion 2.x checkpoint; this version trains SD1.x only"):
+    with pytest.raises(ModelLoadError, match="Stable Diffusion 2.x checkpoint.*prediction_type: v_prediction"):
         load_base_model(path)
+    with pytest.raises(ModelLoadError, match="could not load .* as Stable Diffusion 2.x"):
+        load_base_model(path, LoadSettings(prediction_type="v_prediction"))
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path, tiny_ckpt):

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from conftest import seed_config
 from lora_scripts.config import load_config
 from lora_scripts.data.images import fit_to_bucket, open_rgb, to_tensor
-from lora_scripts.training.trainer import Trainer, train
+from lora_scripts.training.loop import fit, train
+from lora_scripts.training.trainer import Trainer
 
 RUN = dict(max_train_steps=6, batch_size=2, flip_aug=True, save_precision="fp32", learning_rate=1e-3,
            verify_after_training=False)

@@ -13,7 +13,8 @@ from lora_scripts.training.checkpoints import list_checkpoints, load_state
 from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.errors import TrainingError
-from lora_scripts.training.trainer import Trainer, train
+from lora_scripts.training.loop import fit, train
+from lora_scripts.training.trainer import Trainer
 
 RUN = dict(max_train_steps=6, save_steps=2, batch_size=2, lora_rank=4, save_precision="fp32", learning_rate=1e-3)
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import seed_config
 from lora_scripts.config import load_config
-from lora_scripts.training.trainer import Trainer, train
+from lora_scripts.training.loop import fit, train
+from lora_scripts.training.trainer import Trainer
 
 RUN = dict(max_train_steps=3, batch_size=2, save_precision="fp32", learning_rate=1e-3, verify_after_training=False,
            channels_last=False)

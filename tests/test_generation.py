@@ -18,7 +18,7 @@ from lora_scripts.generation.lora_lookup import index_loras, resolve
 from lora_scripts.generation.pnginfo import parse_parameters, read_parameters
 from lora_scripts.generation.render import Renderer, Settings
 from lora_scripts.generation.sweeps import strength_sweep
-from lora_scripts.training.trainer import train
+from lora_scripts.training.loop import train
 
 FAST = Settings(steps=3, cfg=5.0, scheduler="ddim")
 

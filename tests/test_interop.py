@@ -17,7 +17,7 @@ from lora_scripts.interop.lora_file import read_lora
 from lora_scripts.interop.ops import combine, resize
 from lora_scripts.interop.table import sd15_table
 from lora_scripts.interop.verify import verify
-from lora_scripts.training.trainer import train
+from lora_scripts.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_sd15_table_names_every_golden_module_and_its_checkpoint_key():
     from conftest import REPO
 
     table = sd15_table()
-    for path in (REPO / "tests" / "golden").glob("*.txt"):
+    for path in (REPO / "tests" / "golden").glob("sd15_*.txt"):
         for name in path.read_text().split():
             entry = table[name]
             assert entry.ldm_key.startswith(("model.diffusion_model.", "cond_stage_model.transformer.text_model."))

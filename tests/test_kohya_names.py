@@ -10,7 +10,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_scripts.families import FAMILIES
 from lora_scripts.formats.kohya import KeyConversionError, kohya_module_name, kohya_to_peft, peft_to_kohya
-from lora_scripts.training.adapters import text_encoder_target_modules, unet_target_modules
+
+
+def unet_target_modules(unet, preset):
+    return FAMILIES["sd15"].target_modules("unet", unet, preset)
+
+
+def text_encoder_target_modules(te, preset):
+    return FAMILIES["sd15"].target_modules("text_encoder", te, preset)
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from lora_scripts.errors import TrainingError
-from lora_scripts.training.losses import diffusion_loss, sample_noise, snr, training_target
+from lora_scripts.families.objective import DiffusionObjective, NoisedBatch, sample_noise
 from lora_scripts.training.metrics import MetricsLogger, smooth
 from lora_scripts.training.loop import _guard_nonfinite, _Loop
 
@@ -26,19 +26,48 @@ def test_noise_offset_shifts_channel_means():
 
 def test_targets(sched):
     latents, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
-    assert torch.equal(training_target(sched, latents, noise, t), noise)
+    batch = DiffusionObjective(sched).noisy(latents, noise, t)
+    assert torch.equal(DiffusionObjective(sched).target(batch), noise)
     v_sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
     a = v_sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - v_sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    assert torch.allclose(training_target(v_sched, latents, noise, t), a * noise - s * latents, atol=1e-6)
+    assert torch.allclose(batch.noisy, a * latents + s * noise, atol=1e-6)
+    assert torch.allclose(DiffusionObjective(v_sched).target(batch), a * noise - s * latents, atol=1e-6)
+
+
+def test_zero_terminal_snr_schedule_and_its_losses(sched):
+    """Lin et al. 2023: the rescaled schedule reaches SNR 0 at its last step, keeps the first step's SNR, and
+    with v-prediction every loss weight stays finite (epsilon's would divide by zero there)."""
+    z = DiffusionObjective(DDPMScheduler.from_config(sched.config, prediction_type="v_prediction",
+                                                     rescale_betas_zero_snr=True))
+    plain = DiffusionObjective(sched)
+    t = torch.tensor([0, 500, 999])
+    assert z.snr(t)[-1] == 0 and plain.snr(t)[-1] > 0
+    assert math.isclose(z.snr(t)[0].item(), plain.snr(t)[0].item(), rel_tol=1e-4)
+    assert "zero-terminal-SNR" in z.describe() and z.describe().startswith("v-prediction")
+    latents, noise = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    batch = z.noisy(latents, noise, t)
+    assert torch.allclose(batch.noisy[-1], noise[-1], atol=1e-6)  # pure noise at the last step
+    assert torch.allclose(z.target(batch)[-1], -latents[-1], atol=1e-5)  # v = -x0 there
+    loss = z.loss(torch.zeros_like(latents), batch, min_snr_gamma=5.0)
+    assert torch.isfinite(loss)
+    eps = DiffusionObjective(DDPMScheduler.from_config(sched.config, rescale_betas_zero_snr=True))
+    assert torch.isfinite(eps.loss(torch.zeros_like(latents), eps.noisy(latents, noise, t), min_snr_gamma=5.0))
+
+
+def test_objective_refuses_an_unknown_prediction_type(sched):
+    with pytest.raises(ValueError, match="sample"):
+        DiffusionObjective(DDPMScheduler.from_config(sched.config, prediction_type="sample"))
 
 
 def test_min_snr_weights(sched):
     t = torch.tensor([5, 999])
     pred, target = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
-    plain = diffusion_loss(pred, target, sched, t, None)
-    weighted = diffusion_loss(pred, target, sched, t, 5.0)
-    s = snr(sched, t)
+    objective = DiffusionObjective(sched)
+    batch = NoisedBatch(torch.zeros(2, 1, 2, 2), target, t, torch.zeros(2, 1, 2, 2))  # epsilon: target = noise
+    plain = objective.loss(pred, batch, None)
+    weighted = objective.loss(pred, batch, 5.0)
+    s = objective.snr(t)
     assert s[0] > 5 > s[1]  # low noise: SNR above gamma, gets down-weighted; high noise keeps weight 1
     expected = ((5.0 / s[0]) + 1.0) / 2
     assert plain.item() == 1.0 and math.isclose(weighted.item(), expected.item(), rel_tol=1e-5)

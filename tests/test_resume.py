@@ -15,7 +15,7 @@ from conftest import REPO, seed_config
 from lora_scripts.training.checkpoints import list_checkpoints
 from lora_scripts.config import load_config
 from lora_scripts.errors import OutputDirError
-from lora_scripts.training.trainer import train
+from lora_scripts.training.loop import train
 
 # Everything random in a step is exercised: LoRA dropout, flips, random crops, caption shuffle and dropout.
 RUN = dict(max_train_steps=24, save_steps=3, save_precision="fp32", batch_size=2, lora_rank=4, lora_dropout=0.2,

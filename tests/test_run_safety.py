@@ -23,7 +23,8 @@ from lora_scripts.cli import main
 from lora_scripts.config import load_config
 from lora_scripts.errors import OutputDirError
 from lora_scripts.training.runlock import LOCK_FILE, OutputLock
-from lora_scripts.training.trainer import Trainer, train
+from lora_scripts.training.loop import fit, train
+from lora_scripts.training.trainer import Trainer
 
 SMALL = dict(lora_rank=4, batch_size=4, save_steps=0, verify_after_training=False)
 
@@ -189,7 +190,7 @@ def _grads_and_losses(tmp_path, tiny_ckpt, name, accumulation):
     grads = []
     trainer.optimizer.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
-    result = trainer.fit()
+    result = fit(trainer)
     return grads, result.losses
 
 

@@ -17,7 +17,7 @@ from lora_scripts.toy.scenes import (
 from lora_scripts.toy.stats import (
     CLASSES, _labelled_example, arm_probability, class_probabilities, neon_fraction, progress, scene_attributes,
     style_distance, train_shape_classifier)
-from lora_scripts.training.trainer import train
+from lora_scripts.training.loop import train
 
 SEEDS = (1, 2, 3)
 # The combination statistics judge whether an arm is drawn, image by image: on 2 prompts x 3 seeds one flipped

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from conftest import REPO, seed_config
 from lora_scripts.formats.kohya import kohya_module_name
 from lora_scripts.hashes import sshs_hashes
-from lora_scripts.training.adapters import unet_target_modules
+from lora_scripts.families import FAMILIES
 from lora_scripts.toy.tiny import build_tiny_models
 
 
@@ -37,7 +37,7 @@ def test_seed_yaml_trains_through_train_py(tmp_path, dataset, tiny_ckpt):
         keys, meta = set(f.keys()), f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     unet, *_ = build_tiny_models()
-    modules = [kohya_module_name("unet", m) for m in unet_target_modules(unet, "kohya")]
+    modules = [kohya_module_name("unet", m) for m in FAMILIES["sd15"].target_modules("unet", unet, "kohya")]
     assert keys == {f"{m}.{s}" for m in modules for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert all(v.dtype == torch.float16 for v in tensors.values())  # save_precision fp16 by default
     assert {float(tensors[f"{m}.alpha"]) for m in modules} == {16.0} and meta["ss_network_alpha"] == "16.0"

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from conftest import seed_config
 from lora_scripts.config import load_config
 from lora_scripts.families.loading import load_base_model
+from lora_scripts.training.loop import fit
 from lora_scripts.training.trainer import Trainer
 
 
@@ -51,16 +52,17 @@ def _fresh_pipeline(path):
 def test_written_file_reproduces_the_trained_model_in_diffusers(tmp_path, dataset, tiny_ckpt, fmt):
     tr = _trainer(tmp_path, tiny_ckpt, learning_rate=1e-2, max_train_steps=4, train_text_encoder=True,
                   save_precision="fp32", lora_alpha=8, lora_rank=4, save_format="diffusers")
-    result = tr.fit()
+    result = fit(tr)
     path = result.lora_path if fmt == "kohya" else result.diffusers_path
     torch.manual_seed(0)
     ids = tr.model.tokenizer(["sci lab, glowing consoles"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     latents, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
-    tr.unet.eval()
-    tr.text_encoder.eval()
+    unet, text_encoder = tr.trained["unet"], tr.trained["text_encoder"]
+    unet.eval()
+    text_encoder.eval()
     with torch.no_grad():
-        hidden = tr.text_encoder(ids)[0]
-        expected = tr.unet(latents, t, hidden).sample
+        hidden = text_encoder(ids)[0]
+        expected = unet(latents, t, hidden).sample
         base_hidden = _fresh_pipeline(tiny_ckpt).text_encoder(ids)[0]
     assert (hidden - base_hidden).abs().max() > 1e-4  # the text-encoder LoRA did change something
 

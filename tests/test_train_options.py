@@ -6,7 +6,7 @@ from safetensors import safe_open
 from conftest import seed_config
 from lora_scripts.config import load_config
 from lora_scripts.families.loading import load_base_model
-from lora_scripts.training.trainer import train
+from lora_scripts.training.loop import train
 
 
 def test_all_options_together(tmp_path, dataset, tiny_ckpt):

@@ -10,7 +10,7 @@ __all__ = ["load_config", "train"]
 
 def __getattr__(name: str):
     if name == "train":
-        from .training.trainer import train
+        from .training.loop import train
 
         return train
     if name == "load_config":

@@ -27,7 +27,7 @@ def _quiet_libraries() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .training.trainer import train
+    from .training.loop import train
 
     result = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     print(f"\nLoRA written: {result.lora_path}  ({result.steps} steps, final loss {result.final_loss:.4f})")

@@ -113,6 +113,11 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting (Hang et al. 2023); faster convergence", "5", gt=0)
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = _f(
+        "auto", "what the base model predicts: auto = what its file or folder says (SD1.x: epsilon); SD2.x single "
+        "files do not say, so set epsilon for 512-base models or v_prediction for 768-v models")
+    zero_terminal_snr: bool = _f(False, "rescale the noise schedule to zero SNR at its last step (Lin et al. 2023), "
+                                 "for v-prediction models trained that way; needs v_prediction")
     on_nonfinite: Literal["skip", "stop"] = _f(
         "skip", "on a NaN/inf loss or gradient: skip = drop that step (stop after 3 in a row), stop = stop at once; "
         "no NaN weights are ever saved and the last checkpoint stays valid")

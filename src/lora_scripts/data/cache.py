@@ -142,15 +142,19 @@ def text_cache_plan(config: TrainConfig) -> tuple[bool, str]:
 
 
 class TextCache:
+    """Each caption's conditioning, encoded once by the family's own text encoders (frozen ones only)."""
+
     def __init__(self):
-        self.entries: dict[str, torch.Tensor] = {}
+        self.entries: dict = {}
 
     @torch.no_grad()
-    def fill(self, captions: list[str], tokenizer, text_encoder, device) -> None:
+    def fill(self, captions: list[str], model, device) -> None:
+        family = model.family
         for caption in sorted(set(captions) - set(self.entries)):
-            ids = tokenizer([caption], padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids.to(device)
-            self.entries[caption] = text_encoder(ids)[0][0].cpu()
+            tokens = family.tokenize(model.tokenizers, [caption])
+            self.entries[caption] = family.encode(model.text_encoders, tokens, device).rows()[0].to("cpu")
 
-    def get(self, captions: list[str]) -> torch.Tensor:
-        return torch.stack([self.entries[c] for c in captions])
+    def get(self, captions: list[str]):
+        from ..families import Conditioning
+
+        return Conditioning.stack([self.entries[c] for c in captions])

@@ -109,15 +109,16 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class Collate:
-    """Stack images and tokenize captions (a class, not a closure, so worker processes can pickle it)."""
+    """Stack images and tokenize captions the family's way (a class, not a closure, so worker processes can
+    pickle it)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, family, tokenizers: dict):
+        self.family = family
+        self.tokenizers = tokenizers
 
     def __call__(self, examples: list[dict]) -> dict:
-        ids = self.tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-        batch = {"input_ids": ids, "captions": [e["caption"] for e in examples]}
+        captions = [e["caption"] for e in examples]
+        batch = {"tokens": self.family.tokenize(self.tokenizers, captions), "captions": captions}
         for key in ("pixel_values", "latent_mean", "latent_logvar"):
             if key in examples[0]:
                 batch[key] = torch.stack([e[key] for e in examples])

@@ -1,28 +1,136 @@
-"""What a model family is: its name, how to recognise its checkpoints, its configs and its metadata."""
+"""What a model family is and what the rest of the package may ask of it.
+
+A family is the one place that knows how its checkpoints look, how to load them offline, how a prompt
+becomes conditioning, what the training target is, which layers take LoRA and what they are called in a
+kohya file, and which pipeline draws images. The trainer, validation, caches, generation and interop talk
+to this interface; they never name a family or one of its component classes.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
+class Conditioning:
+    """What the text encoders give the denoiser for a batch of prompts; what the text cache stores.
+
+    hidden: (batch, tokens, width) cross-attention input. extras: pooled embeddings, extra ids, for families
+    that have them (none for SD1/SD2)."""
+
+    hidden: Tensor
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> Conditioning:
+        return Conditioning(self.hidden.to(device, dtype), {k: v.to(device, dtype) for k, v in self.extras.items()})
+
+    def rows(self) -> list[Conditioning]:
+        """One Conditioning per sample (batch dimension kept, length 1 dropped), for a per-caption cache."""
+        return [Conditioning(self.hidden[i], {k: v[i] for k, v in self.extras.items()})
+                for i in range(self.hidden.shape[0])]
+
+    @staticmethod
+    def stack(rows: list[Conditioning]) -> Conditioning:
+        keys = rows[0].extras.keys()
+        return Conditioning(torch.stack([r.hidden for r in rows]), {k: torch.stack([r.extras[k] for r in rows]) for k in keys})
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """What a user may say about a base model that its file cannot (see config.py for the keys)."""
+
+    prediction_type: str = "auto"  # auto | epsilon | v_prediction
+    zero_terminal_snr: bool = False
+    # Only the weights matter (verify, bake, name tables): an objective the file does not state is not asked for.
+    weights_only: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """A layer a LoRA can target: its kohya name (what A1111 and ComfyUI look up), its component and module path
+    (what peft uses), and where its weight lives in the original single-file checkpoint. `rows` is set where
+    the single file fuses several layers into one weight (OpenCLIP's q/k/v in_proj): the slice this layer is."""
+
+    component: str
+    path: str
+    ldm_key: str
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+    fused_shape: tuple[int, ...] | None = None  # the fused weight's shape, where rows is set
+
+    @property
+    def ldm_shape(self) -> tuple[int, ...]:
+        """The shape the single file's weight must have for this layer to fit."""
+        return self.fused_shape or self.shape
+
+
+class Model:
+    """A loaded base model: its networks by component name, its tokenizers, its noise schedule and objective."""
+
+    def __init__(self, family: "Family", source: Path, modules: dict[str, nn.Module], tokenizers: dict[str, Any],
+                 schedule: Any, objective: Any, objective_reason: str = ""):
+        self.family = family
+        self.source = source
+        self.modules = modules
+        self.tokenizers = tokenizers
+        self.schedule = schedule  # the diffusers scheduler the model was trained with (sampling starts from it)
+        self.objective = objective
+        self.objective_reason = objective_reason  # why this objective: the log says it
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.modules[self.family.denoiser]
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.modules[self.family.autoencoder]
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {name: self.modules[name] for name in self.family.text_encoders}
+
+    @property
+    def prediction_type(self) -> str:
+        return self.objective.prediction_type
+
+
 class Family:
+    """Base class: the metadata every family has, and the methods a trainable family implements."""
+
     name: str  # our id, e.g. "sd15"
     label: str  # what users call it, for messages
-    supported: bool  # False: detected so we can say so clearly, but not trainable yet
-    base_model_version: str  # kohya's ss_base_model_version; A1111 files a LoRA by it
-    v2: bool  # kohya's ss_v2
-    modelspec_architecture: str  # modelspec.architecture for the LoRA we write
+    lora_label: str  # what `inspect` and the web UI call a LoRA file of this family
+    supported: bool = True  # False: detected so we can say so clearly, but not trainable yet
+    denoiser: str = "unet"  # component names, as peft/diffusers and our checkpoints call them
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    autoencoder: str = "vae"
+    denoiser_label: str = "UNet"  # for messages
+    default_resolution: int = 512
     config_package: str | None = None  # package holding unet.json, vae.json, ...
+    config_files: tuple[str, ...] = ()
 
     def embedded_configs(self) -> dict[str, dict[str, Any]]:
         """Real-size component configs shipped in the package, so nothing is fetched from a hub."""
         if self.config_package is None:
             raise ValueError(f"{self.label} has no embedded configs")
         root = resources.files(self.config_package)
-        return {c: json.loads(root.joinpath(f"{c}.json").read_text()) for c in COMPONENTS}
+        return {c: json.loads(root.joinpath(f"{c}.json").read_text()) for c in self.config_files}
+
+    def recognise_configs(self, configs: dict[str, dict[str, Any]]) -> bool:
+        """Whether a set of component configs (a diffusers folder's, at any size) is of this family."""
+        raise NotImplementedError
+
+    def trainable(self, train_text_encoder: bool) -> tuple[str, ...]:
+        """Components that take LoRA: the denoiser first (it trains first), then the text encoders if asked."""
+        return (self.denoiser,) + (self.text_encoders if train_text_encoder else ())
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"

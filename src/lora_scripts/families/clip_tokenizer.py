@@ -45,14 +45,15 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_clip_tokenizer_files(folder: Path) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json (the layout of an SD ``tokenizer/`` folder)."""
+def write_clip_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json (the layout of an SD ``tokenizer/`` folder).
+    pad_token: OpenAI's CLIP (SD1.x) pads with the end token; OpenCLIP (SD2.x) with "!" (id 0)."""
     vocab, merges = _vocab_and_merges()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
+              "unk_token": "<|endoftext|>", "pad_token": pad_token, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 

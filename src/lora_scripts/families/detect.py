@@ -1,19 +1,23 @@
-"""Decide a checkpoint's family from its key names and shapes.
+"""Decide a checkpoint's family from its key names and shapes, or a diffusers folder's from its configs.
 
 diffusers' own sniffing calls anything it does not recognise SD1 and loads an SDXL file as SD1 without
-complaint, so we decide ourselves, from markers that only one family has.
+complaint, so we decide ourselves: families we train recognise themselves; families we do not train yet are
+named from markers only they have, so the message says what the file is.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..errors import ModelLoadError
 
-_SD1_UNET = "model.diffusion_model.input_blocks.0.0.weight"
-_SD1_CLIP = "cond_stage_model.transformer."
-_SD2_CLIP = "cond_stage_model.model.transformer.resblocks."
-_CROSS_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_UNET = "model.diffusion_model.input_blocks.0.0.weight"
+_TRAINED = "this version trains Stable Diffusion 1.x and 2.x"
+# Pipeline classes of families that are recognised but not trainable yet: their label.
+_OTHER_PIPELINES = {"StableDiffusionXLPipeline": "an SDXL", "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
+                    "StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a Flux"}
 
 
 def _is_lora(keys: list[str]) -> bool:
@@ -21,8 +25,11 @@ def _is_lora(keys: list[str]) -> bool:
     return bool(keys) and all(any(m in k for m in markers) for k in keys[:50])
 
 
-def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint") -> str:
+def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint",
+                  metadata: Mapping[str, str] | None = None) -> str:
     """Return the family name ("sd15", "sd2"), or raise ModelLoadError saying what the file is instead."""
+    from . import FAMILIES
+
     keys = sorted(shapes)
     if not keys:
         raise ModelLoadError(f"{path} holds no tensors: it is empty or not a model checkpoint")
@@ -32,18 +39,46 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             "LoRA was trained on (e.g. v1-5-pruned.safetensors)."
         )
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelLoadError(f"{path} is an SDXL checkpoint; this version trains SD1.x only (SDXL support is planned).")
+        raise ModelLoadError(f"{path} is an SDXL checkpoint; {_TRAINED} (SDXL support is planned).")
     if any(".joint_blocks." in k for k in keys):
-        raise ModelLoadError(f"{path} is an SD3 checkpoint; this version trains SD1.x only.")
+        raise ModelLoadError(f"{path} is an SD3 checkpoint; {_TRAINED}.")
     if any("double_blocks." in k for k in keys):
-        raise ModelLoadError(f"{path} is a Flux checkpoint; this version trains SD1.x only.")
-    if _SD1_UNET not in shapes:
+        raise ModelLoadError(f"{path} is a Flux checkpoint; {_TRAINED}.")
+    if _UNET not in shapes:
         raise ModelLoadError(
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
-            f"{_SD1_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."
+            f"{_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."
         )
-    if any(k.startswith(_SD2_CLIP) for k in keys) or shapes.get(_CROSS_K, (0, 0))[-1] == 1024:
-        return "sd2"
-    if any(k.startswith(_SD1_CLIP) for k in keys):
-        return "sd15"
-    raise ModelLoadError(f"{path}: UNet found but no SD1.x CLIP text encoder ({_SD1_CLIP}*); the file is incomplete.")
+    for family in (FAMILIES["sd2"], FAMILIES["sd15"]):  # SD2's markers are the more specific
+        if family.recognise(dict(shapes), dict(metadata or {})):
+            return family.name
+    raise ModelLoadError(f"{path}: UNet found but no SD1.x CLIP text encoder (cond_stage_model.transformer.*); "
+                         "the file is incomplete.")
+
+
+def detect_folder_family(folder: Path) -> str:
+    """A diffusers folder's family, from model_index.json and the denoiser's config (never assumed)."""
+    from . import FAMILIES
+
+    index = _read_json(folder / "model_index.json", folder)
+    cls = index.get("_class_name", "")
+    if cls in _OTHER_PIPELINES:
+        raise ModelLoadError(f"{folder} is {_OTHER_PIPELINES[cls]} diffusers model ({cls}); {_TRAINED}.")
+    configs = {name: _read_json(folder / name / "config.json", folder) for name in index
+                if not name.startswith("_") and (folder / name / "config.json").is_file()}
+    for family in FAMILIES.values():
+        if family.recognise_folder(index, configs):
+            return family.name
+    act = configs.get("text_encoder", {}).get("hidden_act")
+    raise ModelLoadError(f"{folder} is a diffusers {cls or 'model'} that is not Stable Diffusion 1.x or 2.x "
+                         f"(text encoder activation {act!r}); {_TRAINED}.")
+
+
+def _read_json(path: Path, folder: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder} is not a complete diffusers model: {path} is missing; copy or download "
+                             "the whole folder again") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}; copy or download the diffusers folder again") from exc

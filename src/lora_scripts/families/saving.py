@@ -1,7 +1,7 @@
 """Write a pipeline's components as one single-file checkpoint in the original LDM layout.
 
 A1111 and ComfyUI read this layout; our toy and test models are written with it so that they are
-loaded by exactly the code that loads a user's v1-5-pruned.safetensors.
+loaded by exactly the code that loads a user's v1-5-pruned.safetensors or v2-1_768-ema-pruned.safetensors.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_save_safetensors
-from .loading import ARCHITECTURE_KEY
-from ..formats.ldm import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from .stable_diffusion import ARCHITECTURE_KEY
 
 
-def ldm_state_dict(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    layers_per_block = unet.config.layers_per_block
-    state = unet_to_ldm(unet.state_dict(), layers_per_block)
-    state.update(vae_to_ldm(vae.state_dict()))
-    state.update(clip_to_ldm(text_encoder.state_dict()))
-    return state
+def ldm_state_dict(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, family: str = "sd15") -> dict[str, torch.Tensor]:
+    from . import FAMILIES
+
+    return FAMILIES[family].ldm_state_dict({"unet": unet, "vae": vae, "text_encoder": text_encoder})
 
 
 def save_ldm_checkpoint(
@@ -33,8 +30,9 @@ def save_ldm_checkpoint(
     text_encoder: nn.Module,
     configs: dict[str, dict[str, Any]] | None = None,
     dtype: torch.dtype = torch.float32,
+    family: str = "sd15",
 ) -> Path:
     """``configs`` (unet/vae/text_encoder/scheduler) are stored in the metadata for non-standard sizes."""
-    state = {k: v.detach().to(dtype).contiguous() for k, v in ldm_state_dict(unet, vae, text_encoder).items()}
+    state = {k: v.detach().to(dtype).contiguous() for k, v in ldm_state_dict(unet, vae, text_encoder, family).items()}
     metadata = {ARCHITECTURE_KEY: json.dumps(configs)} if configs else {}
     return atomic_save_safetensors(state, path, metadata)

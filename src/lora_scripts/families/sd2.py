@@ -1,12 +1,85 @@
-"""Stable Diffusion 2.x: OpenCLIP ViT-H text encoder, 1024-d cross-attention. Detected, not yet trainable."""
+"""Stable Diffusion 2.x (2.0/2.1, 512-base epsilon and 768-v v-prediction, and fine-tunes): OpenCLIP ViT-H
+text encoder used at its penultimate layer, 1024-d cross-attention, linear transformer projections."""
 
-from .base import Family
+from __future__ import annotations
 
-FAMILY = Family(
-    name="sd2",
-    label="Stable Diffusion 2.x",
-    supported=False,
-    base_model_version="sd_v2",
-    v2=True,
-    modelspec_architecture="stable-diffusion-v2/lora",
-)
+from pathlib import Path
+
+from ..errors import ModelLoadError
+from ..formats.open_clip import OPEN_CLIP_PREFIX, open_clip_shapes_to_ldm, open_clip_to_ldm, open_clip_weight_of
+from .base import ModuleEntry
+from .stable_diffusion import StableDiffusionFamily
+
+_UNET = "model.diffusion_model.input_blocks.0.0.weight"
+_CROSS_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+class SD2(StableDiffusionFamily):
+    name = "sd2"
+    lora_label = "sd2"  # what `inspect` calls a LoRA file of this family
+    label = "Stable Diffusion 2.x"
+    base_model_version = "sd_v2"
+    v2 = True
+    modelspec_architecture = "stable-diffusion-v2-512/lora"
+    config_package = "lora_scripts.families.configs.sd2"
+    text_encoder_act = "gelu"
+    cross_attention_dim = 1024
+    default_resolution = 512  # 768 for 768-v models: see resolution_for
+    # OpenCLIP pads with "!" (id 0), not with the end token as OpenAI's CLIP does; SD2 was trained that way.
+    pad_token = "!"
+
+    def recognise(self, shapes, metadata) -> bool:
+        if _UNET not in shapes:
+            return False
+        return any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes) or shapes.get(_CROSS_K, (0, 0))[-1] == 1024
+
+    def resolution_for(self, prediction_type: str) -> int:
+        return 768 if prediction_type == "v_prediction" else 512
+
+    def unknown_prediction_type(self, path: Path) -> tuple[str, str]:
+        # 512-base (epsilon) and 768-v (v) files have the same keys and shapes; guessing wrong trains a LoRA
+        # against the wrong target without any error, so we ask.
+        raise ModelLoadError(
+            f"{path} is a Stable Diffusion 2.x checkpoint, and its file does not say whether it predicts epsilon "
+            "(512-base, e.g. v2-1_512-ema-pruned) or v (768-v, e.g. v2-1_768-ema-pruned): set prediction_type: "
+            "v_prediction for a 768-v model or prediction_type: epsilon for a 512-base model in the config")
+
+    def text_encoder_entry(self, path: str, shape: tuple[int, ...]) -> ModuleEntry:
+        key, index = open_clip_weight_of(path)
+        if index is None:
+            return ModuleEntry("text_encoder", path, key, shape)
+        rows = (index * shape[0], (index + 1) * shape[0])
+        return ModuleEntry("text_encoder", path, key, shape, rows, (3 * shape[0],) + tuple(shape[1:]))
+
+    def text_encoder_to_ldm(self, state):
+        return open_clip_to_ldm(state)
+
+    def text_encoder_shapes_to_ldm(self, shapes):
+        return open_clip_shapes_to_ldm(shapes)
+
+    def lora_metadata(self, prediction_type: str) -> dict[str, str]:
+        # As sd-scripts writes them (library/train_util.py, sai_model_spec.py). A1111 lists a LoRA under an SD2
+        # model only when ss_v2 is exactly "True".
+        v = prediction_type == "v_prediction"
+        return {"ss_base_model_version": "sd_v2_v" if v else "sd_v2", "ss_v2": "True",
+                "modelspec.architecture": "stable-diffusion-v2-768-v/lora" if v else self.modelspec_architecture}
+
+    def target_problems(self, component: str, modules: list[str]) -> list[str]:
+        """A1111 applies an OpenCLIP layer's attention LoRA only when q, k, v and out_proj are all there (it
+        patches the fused nn.MultiheadAttention as one); a subset would be silently dropped in A1111."""
+        if component != "text_encoder":
+            return []
+        layers: dict[str, set[str]] = {}
+        for m in modules:
+            head, _, last = m.rpartition(".")
+            if last in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                layers.setdefault(head, set()).add(last)
+        partial = sorted(h for h, got in layers.items() if len(got) < 4)
+        if not partial:
+            return []
+        return [f"lora_targets: {partial[0]} gets LoRA on {', '.join(sorted(layers[partial[0]]))} only; for "
+                f"{self.label} text encoders A1111 applies attention LoRA only when q_proj, k_proj, v_proj and "
+                "out_proj are all targeted. Use the kohya or attn preset, or list all four"]
+
+
+FAMILY = SD2()

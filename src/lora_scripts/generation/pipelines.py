@@ -11,31 +11,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionPipeline)
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from ..families.loading import BaseModel, quiet_loading
+from ..families import Family, Model
+from ..families.loading import quiet_loading
 from ..interop.lora_file import LoraFileError, read_lora, require_finite, shape_problems
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler,
               "dpm++": DPMSolverMultistepScheduler}
 
 
-def make_pipeline(model: BaseModel, scheduler: str = "ddim") -> StableDiffusionPipeline:
-    sched = SCHEDULERS[scheduler].from_config(model.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def make_pipeline(model: Model, scheduler: str = "ddim"):
+    """The family's pipeline around the model's own networks, with one of our samplers."""
+    return model.family.pipeline(model, SCHEDULERS[scheduler].from_config(model.schedule.config))
 
 
 class LoraSet:
     """LoRA files loaded once into a pipeline as named adapters; `apply` sets the strengths per call."""
 
-    def __init__(self, pipe: StableDiffusionPipeline):
+    def __init__(self, pipe, family: Family):
         self.pipe = pipe
+        self.family = family
         self.loaded: dict[str, Path] = {}
         self._stamps: dict[str, tuple[Path, float]] = {}
         self._layer_shapes: dict[str, tuple[int, ...]] | None = None
@@ -87,14 +84,12 @@ class LoraSet:
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """kohya module name -> weight shape of every Linear/Conv2d layer a LoRA can target."""
         if self._layer_shapes is None:
-            from ..formats.kohya import kohya_module_name
-
             shapes = {}
-            for component, model in (("unet", self.pipe.unet), ("text_encoder", self.pipe.text_encoder)):
-                for path, m in model.named_modules():
+            for component in (self.family.denoiser,) + self.family.text_encoders:
+                for path, m in self.pipe.components[component].named_modules():
                     # A layer already wrapped by peft shows as `<path>.base_layer`; its lora_A/B are not layers.
                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in path:
-                        shapes[kohya_module_name(component, path.replace(".base_layer", ""))] = tuple(m.weight.shape)
+                        shapes[self.family.kohya_name(component, path.replace(".base_layer", ""))] = tuple(m.weight.shape)
             self._layer_shapes = shapes
         return self._layer_shapes
 
@@ -125,10 +120,11 @@ def _load_failure(path: Path, exc: Exception) -> str:
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompt: str, seeds: Sequence[int], steps: int = 30,
-             cfg: float = 5.0, negative: str = "", size: tuple[int, int] | None = None) -> list[Image.Image]:
-    """One image per seed; each seed gets its own CPU generator, so results do not depend on batch size."""
-    height, width = size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+def generate(pipe, prompt: str, seeds: Sequence[int], size: tuple[int, int], steps: int = 30, cfg: float = 5.0,
+             negative: str = "") -> list[Image.Image]:
+    """One image per seed; each seed gets its own CPU generator, so results do not depend on batch size.
+    size: (height, width); a family's native size is `family.native_size(pipe)`."""
+    height, width = size
     # Zero-terminal-SNR models over-expose under plain CFG; Lin et al. (2023) rescale the guided prediction (0.7).
     rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     images = []

@@ -94,7 +94,7 @@ class Renderer:
     def __post_init__(self) -> None:
         self.model = load_base_model(self.base)
         self.pipe = make_pipeline(self.model, self.settings.scheduler)
-        self.loras = LoraSet(self.pipe)
+        self.loras = LoraSet(self.pipe, self.model.family)
         self.index = index_loras(self.lora_dirs)
         self._model_hash: str | None = None
         self._lora_hashes: dict[tuple[Path, float], str] = {}  # by (file, mtime): a retrained file is hashed again
@@ -112,7 +112,7 @@ class Renderer:
             weights[ref.name] = weights.get(ref.name, 0.0) + ref.weight  # A1111 adds repeated tags
         self.loras.apply(weights)
         s = self.settings
-        size = s.size or (self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,) * 2
+        size = s.size or self.model.family.native_size(self.pipe)
         images = generate(self.pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative,
                           size=(size[1], size[0]))
         hashes = {r.name: self._lora_hash(r.name) for r in refs}

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from .lora_file import LoraFile, read_lora
-from .table import Entry, ldm_alias, sd15_table
+from ..families import guess_lora_family, lora_metadata_for
+from .table import Entry, family_table, ldm_alias
 
 # The width of the text embedding that cross-attention reads tells the family apart.
-_FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SS_SHOWN = ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module", "ss_network_dim",
              "ss_network_alpha", "ss_learning_rate", "ss_num_train_images", "ss_epoch", "ss_steps", "ss_resolution",
              "ss_training_comment", "modelspec.architecture", "modelspec.title", "modelspec.prediction_type")
@@ -58,14 +58,9 @@ class Description:
 
 
 def guess_family(lora: LoraFile) -> str:
-    names = list(lora.modules)
-    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
-        return "sdxl"
-    for name, m in lora.modules.items():
-        if name.endswith("attn2_to_k"):
-            width = m.down.shape[1]
-            return _FAMILY_BY_CONTEXT.get(width, f"unknown (cross-attention width {width})")
-    return "unknown (no cross-attention layer)"
+    """The label of the family the LoRA was trained on ("sd1", "sd2", "sdxl", "unknown (...)")."""
+    widths = [m.down.shape[1] for n, m in sorted(lora.modules.items()) if n.endswith("attn2_to_k")]
+    return guess_lora_family(list(lora.modules), widths)
 
 
 def _block(name: str) -> str:
@@ -105,12 +100,13 @@ def _warnings(lora: LoraFile, family: str, table: dict[str, Entry] | None) -> li
     if table is not None:
         unmatched = [n for n in lora.modules if n not in table and ldm_alias(n, table) is None]
         if unmatched:
-            out.append(f"{len(unmatched)} of {len(lora.modules)} module names match no SD1.x layer; A1111 and "
+            out.append(f"{len(unmatched)} of {len(lora.modules)} module names match no {family} layer; A1111 and "
                        f"ComfyUI would skip them (e.g. {sorted(unmatched)[0]})")
     version = lora.metadata.get("ss_base_model_version", "")
-    if version and family == "sd1" and not version.startswith("sd_v1"):
-        out.append(f"ss_base_model_version is {version!r} but the weights are SD1.x: A1111 files it under the wrong "
-                   "model family and may hide it")
+    expected = lora_metadata_for(family).get("ss_base_model_version")
+    if version and expected and not version.startswith(expected):
+        out.append(f"ss_base_model_version is {version!r} but the weights are {family}: A1111 files it under the "
+                   "wrong model family and may hide it")
     dim = lora.metadata.get("ss_network_dim")
     ranks = {m.rank for m in lora.modules.values()}
     if dim and dim.isdigit() and ranks and int(dim) not in ranks and "dynamic" not in lora.metadata.get("ss_network_args", ""):
@@ -122,7 +118,7 @@ def describe(path: Path) -> Description:
     path = Path(path)
     lora = read_lora(path)
     family = guess_family(lora)
-    table = sd15_table() if family == "sd1" else None
+    table = family_table(family)
     alphas = Counter(float(m.alpha if m.alpha is not None else m.rank) for m in lora.modules.values())
     return Description(
         path=str(path), size_bytes=path.stat().st_size, format=lora.format, family=family,

@@ -19,21 +19,21 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def table_for(base: Path | None, family: str):
-    from .table import base_configs, module_table, sd15_table
+    from .table import base_configs, family_table, module_table
 
     if base is not None:
         return module_table(base_configs(base))
-    if family == "sd1":
-        return sd15_table()
-    raise LoraScriptsError(f"this LoRA is for {family}; give --base MODEL so its layers can be named")
+    table = family_table(family)
+    if table is None:
+        raise LoraScriptsError(f"this LoRA is for {family}; give --base MODEL so its layers can be named")
+    return table
 
 
 def base_family(base: Path) -> str:
-    from ..families import detect_family
-    from .table import base_shapes
+    """The LoRA-file label ("sd1", "sd2") of a base model's family."""
+    from ..families.loading import base_family as family_of
 
-    name = detect_family(base_shapes(Path(base)), str(base))
-    return {"sd15": "sd1"}.get(name, name)
+    return family_of(Path(base))[0].lora_label
 
 
 def refuse_overwrite(out: Path, force: bool) -> None:

@@ -10,23 +10,19 @@ from collections import Counter
 
 from torch import Tensor
 
+from ..families import lora_metadata_for
 from ..formats.diffusers import ADAPTER_METADATA_KEY
 from ..hashes import modelspec_hash, sshs_hashes
 from .lora_file import LoraFile
 
-_FAMILY_META = {"sd1": {"ss_base_model_version": "sd_v1", "ss_v2": "False",
-                        "modelspec.architecture": "stable-diffusion-v1/lora"},
-                "sd2": {"ss_base_model_version": "sd_v2", "ss_v2": "True",
-                        "modelspec.architecture": "stable-diffusion-v2-512/lora"},
-                "sdxl": {"ss_base_model_version": "sdxl_base_v1-0",
-                         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}}
 _STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", ADAPTER_METADATA_KEY, "format")
 
 
 def derived_metadata(source: LoraFile, result: LoraFile, state: dict[str, Tensor], family: str, note: str
                      ) -> dict[str, str]:
     meta = {k: v for k, v in source.metadata.items() if k not in _STALE}
-    meta.update(_FAMILY_META.get(family, {}))
+    prediction = "v_prediction" if meta.get("modelspec.prediction_type") in ("v", "v_prediction") else "epsilon"
+    meta.update(lora_metadata_for(family, prediction))
     ranks = Counter(m.rank for m in result.modules.values())
     alphas = Counter(float(m.alpha if m.alpha is not None else m.rank) for m in result.modules.values())
     meta["ss_network_module"] = meta.get("ss_network_module", "networks.lora")

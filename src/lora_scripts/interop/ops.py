@@ -106,8 +106,13 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
     deltas: dict[str, Tensor] = {}
     for lora, w in loras:
         for name, m in lora.modules.items():
-            key = table[name].ldm_key
+            entry = table[name]
             d = m.delta() * w
+            if entry.rows is not None:  # one of the layers a single file fuses (SD2's q/k/v in_proj): its rows
+                fused = torch.zeros(entry.ldm_shape, dtype=d.dtype)
+                fused[entry.rows[0]:entry.rows[1]] = d
+                d = fused
+            key = entry.ldm_key
             deltas[key] = deltas[key] + d if key in deltas else d
     base_meta, tensors = _base_tensors(Path(base))
     absent = sorted(k for k in deltas if k not in tensors)
@@ -134,11 +139,11 @@ def _base_tensors(base: Path) -> tuple[dict[str, str], dict]:
         return dict(f.metadata() or {}), {key: (lambda key=key: f.get_tensor(key)) for key in f.keys()}
     import json
 
-    from ..families.saving import ldm_state_dict
+    from ..families import LoadSettings
     from ..families.loading import ARCHITECTURE_KEY, load_base_model
     from .table import base_configs
 
-    model = load_base_model(base)
-    state = ldm_state_dict(model.unet, model.vae, model.text_encoder)
+    model = load_base_model(base, LoadSettings(weights_only=True))
+    state = model.family.ldm_state_dict(model.modules)
     meta = {ARCHITECTURE_KEY: json.dumps(base_configs(base))}
     return meta, {key: (lambda t=t: t.detach().contiguous()) for key, t in state.items()}

@@ -19,6 +19,7 @@ from ..families.loading import quiet_loading
 from .files import check_base
 from .lora_file import LoraFile, nonfinite_tensors, read_lora
 from .table import base_configs, base_shapes, module_table
+from ..families import LoadSettings, family_for_configs
 
 log = logging.getLogger(__name__)
 # fp16 LoRA weights against our fp32 product of the same values: only summation order differs.
@@ -36,13 +37,14 @@ class VerifyReport:
     wrong_strength: list[str] = field(default_factory=list)  # applied, but not as alpha/rank says
     zero: bool = False  # every update is zero: the LoRA does nothing
     nonfinite: list[str] = field(default_factory=list)  # tensors holding NaN/inf: every image would be garbage
+    partial: list[str] = field(default_factory=list)  # layer groups a loader applies only whole (and skips here)
     max_rel_error: float = 0.0
     notes: list[str] = field(default_factory=list)  # loader limitations worked around (not failures)
 
     @property
     def ok(self) -> bool:
         return not (self.unmatched or self.wrong_shape or self.unknown_keys or self.not_applied
-                    or self.wrong_strength or self.zero or self.nonfinite)
+                    or self.wrong_strength or self.zero or self.nonfinite or self.partial)
 
     def problems(self) -> list[str]:
         out = []
@@ -57,6 +59,7 @@ class VerifyReport:
                              ("were applied by diffusers at the wrong strength", self.wrong_strength)):
             if items:
                 out.append(f"{len(items)} modules {label}, e.g. {items[0]}")
+        out += self.partial
         if self.zero:
             out.append("every update is zero: the LoRA changes nothing (step 0 weights?)")
         return out
@@ -82,17 +85,23 @@ def verify(lora_path: Path, base_path: Path) -> VerifyReport:
 
 
 def _check_names(lora: LoraFile, base: Path, report: VerifyReport) -> None:
-    table = module_table(base_configs(base))
+    configs = base_configs(base)
+    table = module_table(configs)
     shapes = base_shapes(base)  # a diffusers folder's names in the single-file layout A1111/ComfyUI resolve
     for name, m in sorted(lora.modules.items()):
         entry = table.get(name)
         if entry is None or entry.ldm_key not in shapes:
             report.unmatched.append(name)
-        elif tuple(m.delta().shape) != tuple(shapes[entry.ldm_key]):
+        elif tuple(m.delta().shape) != entry.shape or tuple(shapes[entry.ldm_key]) != entry.ldm_shape:
+            # entry.shape: the layer's; ldm_shape: the single file's weight it lives in (fused q/k/v: 3x the rows)
             report.wrong_shape.append(f"{name}: {tuple(m.delta().shape)} vs {tuple(shapes[entry.ldm_key])}")
+    family = family_for_configs(configs)
+    for component in (family.denoiser,) + family.text_encoders:
+        paths = [table[n].path for n in lora.modules if n in table and table[n].component == component]
+        report.partial += family.target_problems(component, paths)
 
 
-def _load_into(pipe, lora: LoraFile, lora_path: Path, table, report: VerifyReport) -> None:
+def _load_into(pipe, lora: LoraFile, lora_path: Path, table, report: VerifyReport, networks: tuple[str, ...]) -> None:
     """diffusers' own loader on the file; where diffusers cannot read a valid kohya file (measured with 0.42.1:
     a text-encoder LoRA on q_proj/v_proj only fails with "Could not automatically infer state dict type"), the
     file's diffusers-layout conversion is checked instead and the limitation is noted."""
@@ -110,7 +119,7 @@ def _load_into(pipe, lora: LoraFile, lora_path: Path, table, report: VerifyRepor
         if lora.format != "kohya":
             raise
         # The failed load may have left the UNet half of the adapter in place.
-        for component in (pipe.unet, pipe.text_encoder):
+        for component in (pipe.components[n] for n in networks):
             if "verify" in getattr(component, "peft_config", {}):
                 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -137,13 +146,14 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: Verify
     from ..generation.pipelines import make_pipeline
     from .table import module_table as table_for
 
-    model = load_base_model(base)
+    # The objective plays no part in a weight check: an SD2 file that does not say its own is fine here.
+    model = load_base_model(base, LoadSettings(weights_only=True))
     table = table_for(base_configs(base))
-    components = {"unet": model.unet, "text_encoder": model.text_encoder}
+    components = model.modules
     targets = {name: components[table[name].component].get_submodule(table[name].path) for name in lora.modules}
     before = {name: _weight(mod).detach().float().clone() for name, mod in targets.items()}
     pipe = make_pipeline(model)
-    _load_into(pipe, lora, lora_path, table, report)
+    _load_into(pipe, lora, lora_path, table, report, (model.family.denoiser,) + model.family.text_encoders)
     pipe.fuse_lora(lora_scale=1.0, adapter_names=["verify"])
     for name, m in sorted(lora.modules.items()):
         expected = m.delta()

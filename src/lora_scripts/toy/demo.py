@@ -16,7 +16,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from ..config import load_config
 from ..generation.sheets import contact_sheet
-from ..training.trainer import TrainResult, train
+from ..training.loop import TrainResult, train
 from .assets import toy_base_path
 from .evaluate import Sampler
 from .scenes import neon_caption, neon_items, write_neon_set

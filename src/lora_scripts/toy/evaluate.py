@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..data.images import images_to_batch
 from ..families.loading import load_base_model
-from ..training.losses import training_target
+from ..families.objective import DiffusionObjective
 from ..generation.pipelines import LoraSet, generate, make_pipeline
 
 
@@ -24,19 +24,21 @@ class Sampler:
 
     pipe: object
     loras: LoraSet
+    size: tuple[int, int]  # (height, width) the base draws at
 
     @classmethod
     def open(cls, base: Path, loras: dict[str, Path] | None = None) -> "Sampler":
-        pipe = make_pipeline(load_base_model(base))
-        lora_set = LoraSet(pipe)
+        model = load_base_model(base)
+        pipe = make_pipeline(model)
+        lora_set = LoraSet(pipe, model.family)
         for name, path in (loras or {}).items():
             lora_set.load(name, path)
-        return cls(pipe, lora_set)
+        return cls(pipe, lora_set, model.family.native_size(pipe))
 
     def images(self, prompts: Sequence[str], seeds: Sequence[int], weights: dict[str, float],
                steps: int = 25, cfg: float = 5.0) -> list[Image.Image]:
         self.loras.apply(weights)
-        return [im for p in prompts for im in generate(self.pipe, p, seeds, steps=steps, cfg=cfg)]
+        return [im for p in prompts for im in generate(self.pipe, p, seeds, self.size, steps=steps, cfg=cfg)]
 
     @torch.no_grad()
     def denoising_loss(self, images: Sequence[Image.Image], captions: Sequence[str], weights: dict[str, float],
@@ -50,6 +52,7 @@ class Sampler:
                              return_tensors="pt").input_ids
         hidden = pipe.text_encoder(ids)[0]
         sched = pipe.scheduler
+        objective = DiffusionObjective(sched)
         g = torch.Generator().manual_seed(seed)
         losses = []
         for t in timesteps:
@@ -57,6 +60,6 @@ class Sampler:
             tt = torch.full((len(images),), t, dtype=torch.long)
             alphas = sched.alphas_cumprod[tt].view(-1, 1, 1, 1)
             noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
-            target = training_target(sched, latents, noise, tt)
+            target = objective.target(objective.noisy(latents, noise, tt))
             losses.append(F.mse_loss(pipe.unet(noisy, tt, hidden).sample, target).item())
         return float(np.mean(losses))

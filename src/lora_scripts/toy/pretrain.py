@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ..families.saving import save_ldm_checkpoint
 from ..data.images import images_to_batch
 from ..families import FAMILIES
-from ..training.losses import training_target
+from ..families.objective import DiffusionObjective
 from ..families.clip_tokenizer import clip_tokenizer
 from .scenes import COLOURS, NEON, POSITIONS, SHAPES, Scene, arm_items, generic_image, neon_items, random_scene, render
 
@@ -116,6 +116,7 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, captions: list[str], s
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     noise_sched = DDPMScheduler.from_config(toy_configs()["scheduler"])
+    objective = DiffusionObjective(noise_sched)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=1e-2)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
@@ -129,7 +130,7 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, captions: list[str], s
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, text_encoder(batch_ids)[0]).sample
-        loss = F.mse_loss(pred, training_target(noise_sched, x0, noise, t))
+        loss = F.mse_loss(pred, objective.target(objective.noisy(x0, noise, t)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -45,13 +45,13 @@ def tag_frequency(captions_by_dir: dict[str, list[str]]) -> dict[str, dict[str, 
 
 
 def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, max_steps: int) -> dict[str, str]:
-    fam = facts.family
+    base = facts.family.lora_metadata(facts.prediction_type)  # how A1111 files the LoRA: by its base's version
     ss: dict[str, Any] = {
         "ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at,
         "ss_training_finished_at": time.time(), "ss_output_name": config.name,
         "ss_network_module": "networks.lora", "ss_network_dim": config.lora_rank, "ss_network_alpha": config.alpha,
         "ss_network_dropout": config.lora_dropout, "ss_network_args": json.dumps({"lora_targets": config.lora_targets}),
-        "ss_base_model_version": fam.base_model_version, "ss_v2": fam.v2,
+        "ss_base_model_version": base["ss_base_model_version"], "ss_v2": base["ss_v2"],
         "ss_sd_model_name": facts.base_model_name, "ss_new_sd_model_hash": facts.base_model_hash,
         "ss_sd_model_hash": facts.base_model_legacy_hash, "ss_steps": step, "ss_epoch": epoch,
         "ss_num_epochs": config.epochs, "ss_max_train_steps": max_steps,
@@ -80,12 +80,13 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
 def modelspec_metadata(config: TrainConfig, facts: RunFacts, state: dict[str, Tensor]) -> dict[str, str]:
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": facts.family.modelspec_architecture,
+        "modelspec.architecture": facts.family.lora_metadata(facts.prediction_type)["modelspec.architecture"],
         "modelspec.implementation": "diffusers",
         "modelspec.title": config.name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(facts.started_at)),
-        "modelspec.prediction_type": facts.prediction_type,
+        # The spec's values are "epsilon" and "v" (sd-scripts' sai_model_spec writes them so).
+        "modelspec.prediction_type": "v" if facts.prediction_type == "v_prediction" else facts.prediction_type,
         "modelspec.hash_sha256": modelspec_hash(state),
     }
 

@@ -1,4 +1,5 @@
-"""The fit loop: epochs, steps, logging, checkpoints, resume and Ctrl-C. Runs a set-up Trainer."""
+"""Library API ``train(config) -> TrainResult``, and the fit loop around a set-up Trainer: epochs, steps,
+logging, checkpoints, resume and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,21 +11,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..config import TrainConfig
 from .checkpoints import Position, checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, restore_rng, save_state
 from ..errors import TrainingError, TrainingInterrupted
 from .export import RunFacts, save_diffusers
 from .metrics import MetricsLogger
-from .runs import RESOLVED_MARK, config_hash, hashed_config, resolved_config_path
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .runlock import OutputLock
+from .runs import RESOLVED_MARK, check_output_dir, config_hash, hashed_config, record_run, report_resume, resolved_config_path
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 # Consecutive non-finite losses tolerated (each step skipped) before the run stops.
@@ -203,9 +203,9 @@ def _start_outputs(trainer: Trainer, resume_step: int) -> MetricsLogger:
     # Never over a config.yaml of the user's own (resolved_config_path then picks config.resolved.yaml).
     atomic_write_text(resolved_config_path(out),
                       f"{RESOLVED_MARK}\n" + yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
-    log.info("%d images (%d with repeats), %d steps per epoch, %d steps, %d UNet + %d text-encoder LoRA modules",
-             len(trainer.samples), len(trainer.items), trainer.steps_per_epoch, trainer.max_steps,
-             len(trainer.unet_modules), len(trainer.te_modules))
+    modules = " + ".join(f"{len(m)} {name}" for name, m in trainer.target_modules.items())
+    log.info("%d images (%d with repeats), %d steps per epoch, %d steps, LoRA modules: %s",
+             len(trainer.samples), len(trainer.items), trainer.steps_per_epoch, trainer.max_steps, modules)
     return MetricsLogger(out, config.log_dir, f"{config.name}: rank {config.lora_rank}, lr {config.learning_rate:g}",
                          resume_step)
 
@@ -228,8 +228,7 @@ def _batches(trainer: Trainer, loop: _Loop):
 def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None, bar,
                started: float) -> None:
     config, acc = trainer.config, trainer.accelerator
-    trainer.unet.train()
-    trainer.text_encoder.train(config.train_text_encoder)
+    trainer.set_train_mode()
     accum_loss, micro, window = 0.0, 0, 1
     per_epoch = len(trainer.loader)  # this process's batches in a full epoch (before any resume skip)
     for batch in _batches(trainer, loop):
@@ -343,7 +342,6 @@ def save_checkpoint(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metri
 
 
 def _save_final(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: MetricsLogger | None):
-    from .trainer import lora_config_dicts
 
     acc, config, out = trainer.accelerator, trainer.config, trainer.config.output_dir
     acc.wait_for_everyone()
@@ -356,3 +354,67 @@ def _save_final(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: 
         metrics.close()
     acc.wait_for_everyone()
     return lora_path, diffusers_path
+
+
+def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: bool = False,
+          on_progress: ProgressCallback | None = None) -> TrainResult:
+    """Train a LoRA as the config says; returns where the files are and how the loss went.
+
+    resume: True = the latest checkpoint in output_dir, a path = that checkpoint folder. overwrite: allow
+    starting over in an output_dir that holds another run (its checkpoints and logs are removed).
+    on_progress: called on the main process after every optimizer step (the web UI's live view)."""
+    trainer = Trainer(config)
+    acc = trainer.accelerator
+    lock = _lock_output_dir(config, acc)
+    try:
+        try:
+            # Order matters: every check (output_dir, dataset, base model) runs before the first file is written,
+            # so a bad input leaves nothing behind. Judged before the others could see the main process's run.json.
+            checkpoint = check_output_dir(config, resume, overwrite)
+            changes = report_resume(config, checkpoint) if checkpoint else None
+            acc.wait_for_everyone()
+            trainer.setup()
+        except KeyboardInterrupt:
+            # Ctrl-C before the training loop took over (data check, model load, caching): nothing to save yet,
+            # and nothing was written to output_dir.
+            raise TrainingInterrupted("stopped before training began; nothing was written. Run the same command "
+                                      "again to start.") from None
+        if acc.is_main_process:
+            record_run(config, checkpoint, overwrite, changes)
+        acc.wait_for_everyone()
+        return fit(trainer, checkpoint, on_progress)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _lock_output_dir(config: TrainConfig, acc) -> OutputLock | None:
+    """The main process locks output_dir for the whole run; every process stops if another run holds it."""
+    from accelerate.utils import broadcast_object_list
+
+    from ..errors import OutputDirError
+    from .runs import check_writable
+
+    lock, refusal = None, None
+    if acc.is_main_process:
+        try:
+            check_writable(config.output_dir)  # its own message for a folder we may not write in
+            lock = OutputLock(config.output_dir).acquire()
+        except OutputDirError as exc:
+            refusal = str(exc)
+        except OSError as exc:
+            refusal = f"output_dir {config.output_dir}: cannot create it ({exc.strerror}); choose another output_dir"
+    refusal = broadcast_object_list([refusal])[0] if acc.num_processes > 1 else refusal
+    if refusal:
+        raise OutputDirError(refusal)
+    return lock
+
+
+def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:
+    """Each component's LoraConfig as diffusers stores it in a LoRA file's metadata."""
+    out = {}
+    for component, cfg in trainer.lora_configs.items():
+        d = cfg.to_dict()
+        out[component] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()
+                          if k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")}
+    return out

@@ -91,13 +91,16 @@ def _flash_attention():
 
 
 def _configs(config: TrainConfig) -> dict:
-    from ..families import FAMILIES
+    """The base's component configs (with its family); the default family's real ones when the base is absent."""
+    from ..families import FAMILY_KEY, default_family
 
-    if Path(config.base_model).is_file():
+    base = Path(config.base_model)
+    if base.is_file() or (base / "model_index.json").is_file():
         from ..interop.table import base_configs
 
-        return base_configs(Path(config.base_model))
-    return FAMILIES["sd15"].embedded_configs()
+        return base_configs(base)
+    family = default_family()
+    return {**family.embedded_configs(), FAMILY_KEY: family.name}
 
 
 def _count_saved(run) -> tuple[float, float]:
@@ -121,46 +124,43 @@ def _count_saved(run) -> tuple[float, float]:
 
 
 def estimate_memory(config: TrainConfig) -> MemoryEstimate:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from peft import LoraConfig, inject_adapter_in_model
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .adapters import text_encoder_target_modules, unet_target_modules
-
     import logging
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ..families import family_for_configs
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # it warns about .to(dtype) on a model without weights
     configs = _configs(config)
+    family = family_for_configs(configs)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype)
-        te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
-                                             if k != "architectures"})).to(dtype)
-        vae = AutoencoderKL.from_config(configs["vae"])
+    modules = family.meta_modules(configs, dtype)
+    vae = modules.pop(family.autoencoder)
+    denoiser = modules[family.denoiser]
     vae_bytes = 2 if config.mixed_precision == "bf16" else 4
-    weights = sum(p.numel() for p in unet.parameters()) * _BYTES[config.mixed_precision] \
-        + sum(p.numel() for p in te.parameters()) * _BYTES[config.mixed_precision] \
+    weights = sum(p.numel() for m in modules.values() for p in m.parameters()) * _BYTES[config.mixed_precision] \
         + sum(p.numel() for p in vae.parameters()) * vae_bytes
-    unet.requires_grad_(False)
-    te.requires_grad_(False)
+    for m in modules.values():
+        m.requires_grad_(False)
     lora_cfg = dict(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights=False)
+    trained = family.trainable(config.train_text_encoder)
     with torch.device("meta"):
-        inject_adapter_in_model(LoraConfig(target_modules=unet_target_modules(unet, config.lora_targets), **lora_cfg), unet)
-        if config.train_text_encoder:
-            inject_adapter_in_model(LoraConfig(target_modules=text_encoder_target_modules(te, config.lora_targets),
-                                               **lora_cfg), te)
-    lora_params = sum(p.numel() for m in (unet, te) for n, p in m.named_parameters() if "lora_" in n)
+        for name in trained:
+            targets = family.target_modules(name, modules[name], config.lora_targets)
+            inject_adapter_in_model(LoraConfig(target_modules=targets, **lora_cfg), modules[name])
+    lora_params = sum(p.numel() for m in modules.values() for n, p in m.named_parameters() if "lora_" in n)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    b, side = config.batch_size, config.resolution // 8
-    ctx = configs["unet"]["cross_attention_dim"]
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    b, side = config.batch_size, config.resolution // family.vae_scale_factor
 
     def step():
-        ids = torch.zeros(b, 77, dtype=torch.long, device="meta")
-        hidden = te(ids)[0] if config.train_text_encoder else torch.empty(b, 77, ctx, dtype=dtype, device="meta")
-        latents = torch.empty(b, configs["unet"].get("in_channels", 4), side, side, dtype=dtype, device="meta")
-        unet(latents, torch.zeros(b, dtype=torch.long, device="meta"), hidden.to(dtype))
+        if len(trained) > 1:
+            cond = family.encode({n: modules[n] for n in family.text_encoders}, family.blank_tokens(b, "meta"), "meta")
+        else:
+            cond = family.blank_conditioning(configs, b, dtype, "meta")
+        latents = torch.empty(b, family.latent_channels(configs), side, side, dtype=dtype, device="meta")
+        family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype))
 
     activations, largest = _count_saved(step)
     vae_peak = _vae_encode_peak(vae, b, config.resolution)

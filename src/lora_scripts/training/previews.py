@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,9 +19,7 @@ from ..errors import ConfigError
 from ..generation.pipelines import SCHEDULERS, generate
 from ..generation.pnginfo import Parameters, save_png
 from ..generation.prompts import parse_prompt
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from ..families import Model
 
 
 @dataclass(frozen=True)
@@ -78,11 +75,13 @@ def lora_strength(models: list[torch.nn.Module], strength: float):
 
 
 class PreviewSampler:
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.config = trainer.config
-        self.plans = plan_samples(trainer.config)
-        self.folder = trainer.config.output_dir / "samples"
+    """config, accelerator, the loaded model and the networks being trained: what drawing needs, not the
+    trainer. The family builds the pipeline around the LoRA-carrying networks."""
+
+    def __init__(self, config: TrainConfig, accelerator, model: Model, trained: dict[str, torch.nn.Module]):
+        self.config, self.accelerator, self.model, self.trained = config, accelerator, model, trained
+        self.plans = plan_samples(config)
+        self.folder = config.output_dir / "samples"
         self._pipe = None
 
     def due(self, step: int, epoch_end: int | None = None) -> bool:
@@ -93,30 +92,28 @@ class PreviewSampler:
             return bool(c.sample_every_n_epochs and epoch_end % c.sample_every_n_epochs == 0)
         return bool(c.sample_every_n_steps and step % c.sample_every_n_steps == 0)
 
+    def _networks(self) -> dict[str, torch.nn.Module]:
+        family = self.model.family
+        return {n: self.accelerator.unwrap_model(self.trained[n]) for n in (family.denoiser,) + family.text_encoders}
+
     def pipe(self):
         if self._pipe is None:
-            from diffusers import StableDiffusionPipeline
-
-            t, model = self.trainer, self.trainer.model
-            sched = SCHEDULERS[self.config.sample_sampler].from_config(model.noise_scheduler.config)
-            self._pipe = StableDiffusionPipeline(
-                vae=model.vae, text_encoder=t.accelerator.unwrap_model(t.text_encoder), tokenizer=model.tokenizer,
-                unet=t.accelerator.unwrap_model(t.unet), scheduler=sched, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
-            self._pipe.set_progress_bar_config(disable=True)
+            sched = SCHEDULERS[self.config.sample_sampler].from_config(self.model.schedule.config)
+            self._pipe = self.model.family.pipeline(self.model, sched, self._networks())
         return self._pipe
 
     @torch.no_grad()
     def run(self, step: int, tensorboard=None) -> list[Path]:
         """Main process only. Models go to eval mode (no LoRA dropout) and back."""
-        pipe, acc = self.pipe(), self.trainer.accelerator
-        was_training = pipe.unet.training, pipe.text_encoder.training
-        pipe.unet.eval()
-        pipe.text_encoder.eval()
+        pipe, acc = self.pipe(), self.accelerator
+        nets = list(self._networks().values())
+        was_training = [m.training for m in nets]
+        for m in nets:
+            m.eval()
         written = []
         try:
             for i, s in enumerate(self.plans):
-                with lora_strength([pipe.unet, pipe.text_encoder], s.strength), acc.autocast():
+                with lora_strength(nets, s.strength), acc.autocast():
                     image = generate(pipe, s.text, [s.seed], steps=s.steps, cfg=s.cfg, negative=s.negative,
                                      size=(s.size, s.size))[0]
                 params = Parameters(s.prompt, s.negative, s.steps, self.config.sample_sampler, s.cfg, s.seed,
@@ -125,8 +122,8 @@ class PreviewSampler:
                 if tensorboard is not None:
                     tensorboard.add_image(f"samples/{i:02d}", _chw(image), step)
         finally:
-            pipe.unet.train(was_training[0])
-            pipe.text_encoder.train(was_training[1])
+            for m, was in zip(nets, was_training):
+                m.train(was)
         return written
 
 

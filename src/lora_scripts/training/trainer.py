@@ -1,7 +1,5 @@
-"""The training loop: the only module that talks to accelerate.
-
-Library API: ``train(config) -> TrainResult``. Everything it needs comes from the typed config.
-"""
+"""The Trainer: sets up a run (data, the family's model with LoRA, optimizer) and runs one step; the only
+module that talks to accelerate. The loop around it, and the library API ``train(config)``, are in loop.py."""
 
 from __future__ import annotations
 
@@ -24,13 +22,10 @@ from ..data.check import dataset_warnings
 from ..data.scan import scan_dataset
 from ..errors import DatasetError, TrainingError, TrainingInterrupted
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
-from ..families.loading import BaseModel, load_base_model
+from ..families import Conditioning, LoadSettings, Model
+from ..families.loading import load_base_model
 from ..hashes import file_sha256, legacy_model_hash
-from .adapters import check_targets, inject_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
-from .loop import ProgressCallback, TrainResult, fit
-from .losses import diffusion_loss, sample_noise, training_target
-from .runlock import OutputLock
-from .runs import check_output_dir, record_run, report_resume
+from .adapters import check_targets, inject_lora, lora_parameters
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 
@@ -78,12 +73,10 @@ class Trainer:
         self.model = self.setup_model()
         self.setup_loader(self.model)
         self.setup_optimizer(self.model)
-        self.previews = PreviewSampler(self)
-        self.validator = Validator(self, self.val_samples)
+        self.previews = PreviewSampler(self.config, self.accelerator, self.model, self.trained)
+        self.validator = Validator(self.config, self.accelerator, self.model, self.trained, self.val_samples,
+                                   self.weight_dtype)
         return self
-
-    def fit(self, resume: Path | None = None, on_progress: ProgressCallback | None = None) -> TrainResult:
-        return fit(self, resume, on_progress)
 
     def check_data(self) -> None:
         cfg = self.config
@@ -102,7 +95,7 @@ class Trainer:
                                 "counting repeats)"], f"Lower batch_size to {len(self.items)} or less, or add images "
                                "(or repeats: a folder named 10_name repeats its images 10 times per epoch).")
 
-    def setup_caches(self, model: BaseModel) -> None:
+    def setup_caches(self, model: Model) -> None:
         """Encode latents and text embeddings once where that gives the same training (see data/cache.py)."""
         cfg, acc = self.config, self.accelerator
         self.latent_cache, self.text_cache = None, None
@@ -118,60 +111,62 @@ class Trainer:
         use, why = text_cache_plan(cfg)
         if use:
             self.text_cache = TextCache()
-            self.text_cache.fill([i.sample.caption for i in self.items], model.tokenizer, model.text_encoder, acc.device)
+            self.text_cache.fill([i.sample.caption for i in self.items], model, acc.device)
         # Previews and validation still need both models; otherwise they leave the GPU.
         if not self.config.sample_prompts and not self.val_samples:
             if self.latent_cache is not None:
                 model.vae.to("cpu")
             if self.text_cache is not None:
-                model.text_encoder.to("cpu")
+                for encoder in model.text_encoders.values():
+                    encoder.to("cpu")
 
-    def setup_loader(self, model: BaseModel) -> None:
+    def setup_loader(self, model: Model) -> None:
         cfg = self.config
         self.setup_caches(model)
         self.sampler = BucketBatchSampler(self.items, cfg.batch_size, cfg.seed)
         loader = DataLoader(LoraDataset(self.items, cfg, self.latent_cache), batch_sampler=self.sampler,
-                            collate_fn=Collate(model.tokenizer), num_workers=cfg.dataloader_workers)
+                            collate_fn=Collate(model.family, model.tokenizers), num_workers=cfg.dataloader_workers)
         self.loader = self.accelerator.prepare(loader)
 
-    def setup_model(self) -> BaseModel:
+    def setup_model(self) -> Model:
         cfg = self.config
-        model = load_base_model(cfg.base_model)
-        device = self.accelerator.device
+        model = load_base_model(cfg.base_model, LoadSettings(cfg.prediction_type, cfg.zero_terminal_snr))
+        if self.accelerator.is_main_process:
+            log.info("%s, objective %s (%s)", model.family.label, model.objective.describe(), model.objective_reason)
+        family, device = model.family, self.accelerator.device
         # Frozen weights only run forward, so fp16/bf16 is enough; LoRA weights stay fp32 (inject_lora).
-        model.unet.to(device, self.weight_dtype)
-        model.text_encoder.to(device, self.weight_dtype)
+        model.denoiser.to(device, self.weight_dtype)
+        for encoder in model.text_encoders.values():
+            encoder.to(device, self.weight_dtype)
         # An fp16 VAE overflows to NaN on bright images (a known SD1.5 failure); keep it fp32 unless bf16.
         model.vae.to(device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
         model.vae.requires_grad_(False)
-        self.unet_modules = unet_target_modules(model.unet, cfg.lora_targets)
-        self.te_modules: list[str] = []
-        if cfg.train_text_encoder:
-            self.te_modules = text_encoder_target_modules(model.text_encoder, cfg.lora_targets)
-        check_targets(model.unet, model.text_encoder, cfg, self.unet_modules, self.te_modules)
-        self.lora_configs = {"unet": inject_lora(model.unet, cfg, self.unet_modules)}
-        if cfg.train_text_encoder:
-            self.lora_configs["text_encoder"] = inject_lora(model.text_encoder, cfg, self.te_modules)
-        else:
-            model.text_encoder.requires_grad_(False)
+        names = family.trainable(cfg.train_text_encoder)
+        self.target_modules = {n: family.target_modules(n, model.modules[n], cfg.lora_targets) for n in names}
+        check_targets(family, model.modules, cfg, self.target_modules)
+        self.lora_configs = {n: inject_lora(model.modules[n], cfg, self.target_modules[n]) for n in names}
+        for name in family.text_encoders:
+            if name not in names:
+                model.modules[name].requires_grad_(False)
         if cfg.channels_last:
             # Convolutions pick their layout from the weights, so inputs need no conversion.
-            model.unet.to(memory_format=torch.channels_last)
+            model.denoiser.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
         if cfg.torch_compile:
             # In place (Module.compile), so parameter names and peft's state dicts stay as they are.
-            model.unet.compile(**COMPILE_OPTIONS)
+            model.denoiser.compile(**COMPILE_OPTIONS)
         if cfg.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable()
+            model.denoiser.enable_gradient_checkpointing()
+            for name in names[1:]:
+                model.modules[name].gradient_checkpointing_enable()
         return model
 
-    def setup_optimizer(self, model: BaseModel) -> None:
+    def setup_optimizer(self, model: Model) -> None:
         cfg = self.config
-        groups = [{"params": lora_parameters(model.unet), "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            groups.append({"params": lora_parameters(model.text_encoder), "lr": cfg.te_lr})
+        names = model.family.trainable(cfg.train_text_encoder)
+        # The denoiser's LoRA at learning_rate, the text encoders' at text_encoder_lr.
+        groups = [{"params": lora_parameters(model.modules[n]), "lr": cfg.learning_rate if i == 0 else cfg.te_lr}
+                  for i, n in enumerate(names)]
         fused = self.accelerator.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None,
                                       foreach=None if fused else True)
@@ -183,11 +178,16 @@ class Trainer:
         # The prepared scheduler steps once per process per optimizer step, hence the factor n.
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
                                   num_training_steps=self.max_steps * n)
-        prepared = [model.unet] + ([model.text_encoder] if cfg.train_text_encoder else []) + [optimizer, scheduler]
-        out = self.accelerator.prepare(*prepared)
-        self.unet = out[0]
-        self.text_encoder = out[1] if cfg.train_text_encoder else model.text_encoder
+        out = self.accelerator.prepare(*[model.modules[n] for n in names], optimizer, scheduler)
+        # The networks the step runs: prepared (DDP-wrapped) where they train, the model's own where frozen.
+        self.trained = {**model.modules, **dict(zip(names, out[:len(names)]))}
         self.optimizer, self.lr_scheduler = out[-2], out[-1]
+
+    def set_train_mode(self) -> None:
+        """Training mode (LoRA dropout on) for the networks that train; frozen text encoders stay in eval."""
+        family = self.model.family
+        for name in (family.denoiser,) + family.text_encoders:
+            self.trained[name].train(name in self.lora_configs)
 
     def run_facts(self) -> RunFacts:
         cfg, model = self.config, self.model
@@ -210,29 +210,25 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         cfg, model = self.config, self.model
-        vae = model.vae
-        device = self.accelerator.device
+        family, vae, device = model.family, model.vae, self.accelerator.device
         with torch.no_grad():
             if "latent_mean" in batch:
                 mean = batch["latent_mean"].to(device, vae.dtype)
                 dist = sample_latents(mean, batch["latent_logvar"].to(device, vae.dtype), generator)
             else:
                 dist = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(generator=generator)
-            latents = (dist * vae.config.scaling_factor).float()
-        noise = sample_noise(latents, cfg.noise_offset, generator)
-        sched = model.noise_scheduler
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                                  device=latents.device).long()
-        noisy = sched.add_noise(latents, noise, timesteps)
+            latents = family.latents(vae, dist).float()
+        noised = model.objective.sample(latents, generator, cfg.noise_offset)
         if self.text_cache is not None:
-            hidden = self.text_cache.get(batch["captions"]).to(device)
+            cond = self.text_cache.get(batch["captions"]).to(device)
         else:
             with torch.set_grad_enabled(cfg.train_text_encoder):
-                hidden = self.text_encoder(batch["input_ids"].to(device))[0]
+                encoders = {n: self.trained[n] for n in family.text_encoders}
+                cond = family.encode(encoders, batch["tokens"], device)
         with self.accelerator.autocast():
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
-        target = training_target(sched, latents, noise, timesteps)
-        return diffusion_loss(pred, target, sched, timesteps, cfg.min_snr_gamma)
+            pred = family.predict(self.trained[family.denoiser], noised.noisy.to(self.weight_dtype), noised.timesteps,
+                                  cond.to(device, self.weight_dtype))
+        return model.objective.loss(pred, noised, cfg.min_snr_gamma)
 
     def micro_step(self, batch: dict, step: int, micro: int, window: int | None = None) -> float:
         """One batch: forward and backward; at an accumulation boundary, the optimizer step, unless a gradient
@@ -244,7 +240,7 @@ class Trainer:
         accumulation 4: 4, then 2); its gradient is then scaled back up so it is a mean over the batches it has."""
         acc = self.accelerator
         n = self.config.gradient_accumulation_steps
-        with acc.accumulate(self.unet):
+        with acc.accumulate(self.trained[self.model.family.denoiser]):
             loss = self.compute_loss(batch, self.step_rng(step, micro))
             acc.backward(loss * (n / window) if window and window != n else loss)
             if acc.sync_gradients:
@@ -287,10 +283,7 @@ class Trainer:
     # --- saving ----------------------------------------------------------------------------------------------
     def lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
         unwrap = self.accelerator.unwrap_model
-        states = {"unet": get_peft_model_state_dict(unwrap(self.unet))}
-        if self.config.train_text_encoder:
-            states["text_encoder"] = get_peft_model_state_dict(unwrap(self.text_encoder))
-        return states
+        return {n: get_peft_model_state_dict(unwrap(self.trained[n])) for n in self.lora_configs}
 
     def save_lora(self, path: Path, facts: RunFacts, step: int, epoch: int) -> Path:
         bad = [k for states in self.lora_states().values() for k, v in states.items() if not torch.isfinite(v).all()]
@@ -303,7 +296,7 @@ class Trainer:
         """Put LoRA weights, optimizer and scheduler back as a checkpoint holds them, with this config's learning
         rates, weight decay and schedule: those may change on resume, and the log and the files record them."""
         unwrap = self.accelerator.unwrap_model
-        models = {"unet": unwrap(self.unet), "text_encoder": unwrap(self.text_encoder)}
+        models = {n: unwrap(m) for n, m in self.trained.items()}
         current = self.lora_states()
         for component, weights in state["lora"].items():
             _check_fits(component, weights, current.get(component))
@@ -340,67 +333,3 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: bool = False,
-          on_progress: ProgressCallback | None = None) -> TrainResult:
-    """Train a LoRA as the config says; returns where the files are and how the loss went.
-
-    resume: True = the latest checkpoint in output_dir, a path = that checkpoint folder. overwrite: allow
-    starting over in an output_dir that holds another run (its checkpoints and logs are removed).
-    on_progress: called on the main process after every optimizer step (the web UI's live view)."""
-    trainer = Trainer(config)
-    acc = trainer.accelerator
-    lock = _lock_output_dir(config, acc)
-    try:
-        try:
-            # Order matters: every check (output_dir, dataset, base model) runs before the first file is written,
-            # so a bad input leaves nothing behind. Judged before the others could see the main process's run.json.
-            checkpoint = check_output_dir(config, resume, overwrite)
-            changes = report_resume(config, checkpoint) if checkpoint else None
-            acc.wait_for_everyone()
-            trainer.setup()
-        except KeyboardInterrupt:
-            # Ctrl-C before the training loop took over (data check, model load, caching): nothing to save yet,
-            # and nothing was written to output_dir.
-            raise TrainingInterrupted("stopped before training began; nothing was written. Run the same command "
-                                      "again to start.") from None
-        if acc.is_main_process:
-            record_run(config, checkpoint, overwrite, changes)
-        acc.wait_for_everyone()
-        return trainer.fit(checkpoint, on_progress)
-    finally:
-        if lock:
-            lock.release()
-
-
-def _lock_output_dir(config: TrainConfig, acc: Accelerator) -> OutputLock | None:
-    """The main process locks output_dir for the whole run; every process stops if another run holds it."""
-    from accelerate.utils import broadcast_object_list
-
-    from ..errors import OutputDirError
-    from .runs import check_writable
-
-    lock, refusal = None, None
-    if acc.is_main_process:
-        try:
-            check_writable(config.output_dir)  # its own message for a folder we may not write in
-            lock = OutputLock(config.output_dir).acquire()
-        except OutputDirError as exc:
-            refusal = str(exc)
-        except OSError as exc:
-            refusal = f"output_dir {config.output_dir}: cannot create it ({exc.strerror}); choose another output_dir"
-    refusal = broadcast_object_list([refusal])[0] if acc.num_processes > 1 else refusal
-    if refusal:
-        raise OutputDirError(refusal)
-    return lock
-
-
-def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:
-    """Each component's LoraConfig as diffusers stores it in a LoRA file's metadata."""
-    out = {}
-    for component, cfg in trainer.lora_configs.items():
-        d = cfg.to_dict()
-        out[component] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()
-                          if k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")}
-    return out

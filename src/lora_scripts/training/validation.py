@@ -9,7 +9,6 @@ weighting), whatever the run's settings, so runs with different loss settings st
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +17,7 @@ from ..config import TrainConfig
 from ..data.dataset import build_items
 from ..data.images import fit_to_bucket, open_rgb, to_tensor
 from ..data.scan import Sample, scan_dataset
-from .losses import training_target
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from ..families import Model
 
 TIMESTEPS = (100, 300, 500, 700, 900)  # of 1000; spread over the schedule, the same for every run
 
@@ -47,53 +43,57 @@ def split_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Samp
 
 
 class Validator:
-    def __init__(self, trainer: Trainer, samples: list[Sample]):
-        self.trainer = trainer
-        self.items = build_items([Sample(s.path, s.caption, 1, s.size) for s in samples], trainer.config)
+    """config, accelerator, the loaded model and the networks the step runs (`trained`: prepared where they
+    train): what the loss needs, not the trainer."""
+
+    def __init__(self, config: TrainConfig, accelerator, model: Model, trained: dict[str, torch.nn.Module],
+                 samples: list[Sample], weight_dtype: torch.dtype):
+        self.config, self.accelerator, self.model, self.trained = config, accelerator, model, trained
+        self.weight_dtype = weight_dtype
+        self.items = build_items([Sample(s.path, s.caption, 1, s.size) for s in samples], config)
         self._latents: list[torch.Tensor] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.items)
 
     def due(self, step: int) -> bool:
-        every = self.trainer.config.validate_every_n_steps
+        every = self.config.validate_every_n_steps
         return bool(self.items and every and step % every == 0)
 
     @torch.no_grad()
     def _encode(self) -> list[torch.Tensor]:
         if self._latents is None:
-            vae, device = self.trainer.model.vae, self.trainer.accelerator.device
+            vae, device = self.model.vae, self.accelerator.device
             self._latents = []
             for item in self.items:
                 pixels = to_tensor(fit_to_bucket(open_rgb(item.sample.path), item.bucket, None), flip=False)
                 dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
-                self._latents.append(dist.mean.float() * vae.config.scaling_factor)
+                self._latents.append(self.model.family.latents(vae, dist.mean.float()))
         return self._latents
 
     @torch.no_grad()
     def loss(self) -> float:
-        t, acc = self.trainer, self.trainer.accelerator
-        unet, te = acc.unwrap_model(t.unet), acc.unwrap_model(t.text_encoder)
-        was = unet.training, te.training
-        unet.eval()
-        te.eval()
-        sched, tok = t.model.noise_scheduler, t.model.tokenizer
+        model, acc, family = self.model, self.accelerator, self.model.family
+        nets = {n: acc.unwrap_model(m) for n, m in self.trained.items() if n != family.autoencoder}
+        was = {n: m.training for n, m in nets.items()}
+        for m in nets.values():
+            m.eval()
+        encoders = {n: nets[n] for n in family.text_encoders}
         total, count = 0.0, 0
         try:
             for i, (item, latents) in enumerate(zip(self.items, self._encode())):
-                ids = tok([item.sample.caption], padding="max_length", truncation=True,
-                          max_length=tok.model_max_length, return_tensors="pt").input_ids.to(acc.device)
-                hidden = te(ids)[0]
+                cond = family.encode(encoders, family.tokenize(model.tokenizers, [item.sample.caption]), acc.device)
                 for ts in TIMESTEPS:
-                    g = torch.Generator().manual_seed(hash((t.config.seed, i, ts)) & 0x7FFF_FFFF)
+                    g = torch.Generator().manual_seed(hash((self.config.seed, i, ts)) & 0x7FFF_FFFF)
                     noise = torch.randn(latents.shape, generator=g).to(latents.device)
                     step = torch.tensor([ts], device=latents.device)
-                    noisy = sched.add_noise(latents, noise, step)
+                    noised = model.objective.noisy(latents, noise, step)
                     with acc.autocast():
-                        pred = unet(noisy.to(t.weight_dtype), step, hidden.to(t.weight_dtype)).sample
-                    total += F.mse_loss(pred.float(), training_target(sched, latents, noise, step)).item()
+                        pred = family.predict(nets[family.denoiser], noised.noisy.to(self.weight_dtype), step,
+                                              cond.to(acc.device, self.weight_dtype))
+                    total += F.mse_loss(pred.float(), model.objective.target(noised).float()).item()
                     count += 1
         finally:
-            unet.train(was[0])
-            te.train(was[1])
+            for n, m in nets.items():
+                m.train(was[n])
         return total / count

@@ -96,7 +96,7 @@ def run(job_dir: Path, config_path: Path, resume: bool, workspace: Path, stop: S
         # Imports inside the try: Stop can arrive while torch is still loading.
         from ..cli import _quiet_libraries
         from ..config import load_config
-        from ..training.trainer import train
+        from ..training.loop import train
 
         stop.imports_done()
         _quiet_libraries()

@@ -1,0 +1,338 @@
+"""What SD1.x and SD2.x share: a UNet2DConditionModel denoiser conditioned on one CLIP-type text encoder's
+last hidden states, an AutoencoderKL, a DDPM noise schedule and StableDiffusionPipeline. sd15.py and sd2.py
+state only how they differ (text-encoder layout in single files, tokenizer padding, prediction type).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from torch import Tensor, nn
+
+from ..errors import ConfigError, ModelLoadError
+from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name
+from ..formats.ldm import CLIP_PREFIX, UNET_PREFIX, _unet_key, clip_to_ldm, unet_to_ldm, vae_to_ldm
+from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
+from .clip_tokenizer import write_clip_tokenizer_files
+from .objective import PREDICTION_TYPES, DiffusionObjective
+
+# Safetensors metadata key under which our own small checkpoints carry their component configs.
+ARCHITECTURE_KEY = "lora_scripts.architecture"
+
+_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+}
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+_TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+_TE_PRESETS = {"kohya": _TE_ATTN + ("fc1", "fc2"), "attn": _TE_ATTN, "qv": ("q_proj", "v_proj")}
+_UNET_SUFFIXES = {"attn": _ATTN, "qv": ("to_q", "to_v")}
+TARGET_HINT = ("UNet layer names end in to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2; "
+               "text-encoder ones in q_proj, k_proj, v_proj, out_proj, fc1, fc2. Or use a preset: kohya, attn, qv")
+
+
+class SDModel(Model):
+    """diffusers' names for SD's parts, for code inside families/ and for tests."""
+
+    @property
+    def unet(self):
+        return self.modules["unet"]
+
+    @property
+    def text_encoder(self):
+        return self.modules["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers["tokenizer"]
+
+    @property
+    def noise_scheduler(self) -> DDPMScheduler:
+        return self.schedule
+
+
+def _is_linear_or_1x1(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+
+
+class StableDiffusionFamily(Family):
+    config_files = ("unet", "vae", "text_encoder", "scheduler")
+    pad_token = "<|endoftext|>"  # how the tokenizer pads (SD2's OpenCLIP pads with "!")
+    base_model_version: str
+    v2: bool
+    modelspec_architecture: str
+    cross_attention_dim: int  # the real model's text width: 768 SD1, 1024 SD2
+    text_encoder_act: str  # OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP (SD2) gelu: tells them apart at any size
+
+    # --- recognising ----------------------------------------------------------------------------------------
+    def recognise(self, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> bool:
+        raise NotImplementedError
+
+    def recognise_folder(self, index: dict[str, Any], configs: dict[str, dict[str, Any]]) -> bool:
+        return (index.get("_class_name") == "StableDiffusionPipeline"
+                and self.recognise_configs(configs))
+
+    def recognise_configs(self, configs: dict[str, dict[str, Any]]) -> bool:
+        return configs.get("text_encoder", {}).get("hidden_act") == self.text_encoder_act
+
+    # --- loading --------------------------------------------------------------------------------------------
+    def load(self, path: Path, metadata: dict[str, str], settings: LoadSettings) -> SDModel:
+        if path.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
+                                                           requires_safety_checker=False)
+            said = pipe.scheduler.config.get("prediction_type"), f"{path.name}/scheduler says so"
+            kind, reason = self.resolve_prediction_type(settings, said, path)
+        else:
+            # Decided before the load (seconds to a minute): a file that does not say is refused at once.
+            kind, reason = self.resolve_prediction_type(settings, self.prediction_type_in_file(metadata), path)
+            configs = json.loads(metadata[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in metadata else self.embedded_configs()
+            pipe = self._load_single_file(path, configs)
+        if settings.zero_terminal_snr and kind != "v_prediction":
+            raise ConfigError("the config", [f"zero_terminal_snr = true with an {kind} model ({reason}): at SNR 0 "
+                                             "the epsilon target carries no information about the image; set "
+                                             "prediction_type: v_prediction (a v-prediction base) or zero_terminal_snr: false"])
+        extra = {"rescale_betas_zero_snr": True} if settings.zero_terminal_snr else {}
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=kind, **extra)
+        if settings.zero_terminal_snr:
+            reason += "; zero_terminal_snr: true rescales the schedule to SNR 0 at its last step (Lin et al. 2023)"
+        modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        return SDModel(self, path, modules, {"tokenizer": pipe.tokenizer}, schedule, DiffusionObjective(schedule),
+                       reason)
+
+    def prediction_type_in_file(self, metadata: dict[str, str]) -> tuple[str | None, str]:
+        """What a single file says about its objective: our own files carry their scheduler config; files
+        written with modelspec metadata carry modelspec.prediction_type."""
+        if ARCHITECTURE_KEY in metadata:
+            return json.loads(metadata[ARCHITECTURE_KEY])["scheduler"].get("prediction_type", "epsilon"), \
+                "the checkpoint's embedded scheduler config says so"
+        spec = metadata.get("modelspec.prediction_type")
+        if spec:
+            return {"v": "v_prediction"}.get(spec, spec), "the checkpoint's modelspec.prediction_type says so"
+        return None, ""
+
+    def resolve_prediction_type(self, settings: LoadSettings, said: tuple[str | None, str], path: Path) -> tuple[str, str]:
+        if settings.prediction_type != "auto":
+            return settings.prediction_type, f"prediction_type: {settings.prediction_type} in the config"
+        kind, why = said
+        if kind in PREDICTION_TYPES:
+            return kind, why
+        if settings.weights_only:
+            return "epsilon", "not stated by the file; only the weights are used here"
+        return self.unknown_prediction_type(path)
+
+    def unknown_prediction_type(self, path: Path) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def _load_single_file(self, path: Path, configs: dict[str, dict[str, Any]]) -> StableDiffusionPipeline:
+        with tempfile.TemporaryDirectory() as tmp:
+            self._write_config_folder(Path(tmp), configs)
+            # diffusers logs every skipped EMA/optimizer key at WARNING; those are expected in pruned checkpoints.
+            logging.getLogger("diffusers").setLevel(logging.ERROR)
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(path), config=tmp, local_files_only=True, safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False,
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"diffusers could not load {path} as {self.label}: {exc}") from exc
+        self._check_no_meta(pipe, path)
+        return pipe
+
+    def _write_config_folder(self, folder: Path, configs: dict[str, dict[str, Any]]) -> None:
+        (folder / "model_index.json").write_text(json.dumps(_MODEL_INDEX))
+        for name, cfg in ((c, configs[c]) for c in self.config_files):
+            sub = folder / name
+            sub.mkdir()
+            filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+            (sub / filename).write_text(json.dumps(cfg))
+        write_clip_tokenizer_files(folder / "tokenizer", pad_token=self.pad_token)
+
+    @staticmethod
+    def _check_no_meta(pipe: StableDiffusionPipeline, path: Path) -> None:
+        # from_single_file leaves parameters missing from the file on the meta device instead of failing.
+        for name in ("unet", "vae", "text_encoder"):
+            missing = [n for n, p in getattr(pipe, name).named_parameters() if p.device.type == "meta"]
+            if missing:
+                raise ModelLoadError(
+                    f"{path} lacks {len(missing)} {name} weights (first: {missing[0]}); the checkpoint is incomplete "
+                    "or from a different architecture."
+                )
+
+    # --- conditioning and prediction ------------------------------------------------------------------------
+    def tokenize(self, tokenizers: dict[str, Any], captions: list[str]) -> dict[str, Tensor]:
+        tok = tokenizers["tokenizer"]
+        ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        return {"input_ids": ids}
+
+    def encode(self, text_encoders: dict[str, nn.Module], tokens: dict[str, Tensor], device) -> Conditioning:
+        """The text encoder's last hidden states (SD2's 23-layer encoder already ends at OpenCLIP's
+        penultimate layer, which is what SD2 was trained on)."""
+        return Conditioning(text_encoders["text_encoder"](tokens["input_ids"].to(device))[0])
+
+    def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        return denoiser(noisy, timesteps, cond.hidden).sample
+
+    def latents(self, vae: nn.Module, sample: Tensor) -> Tensor:
+        """VAE latent-distribution sample (or mean) -> what the denoiser is trained on."""
+        return sample * vae.config.scaling_factor
+
+    # --- LoRA targets and names -----------------------------------------------------------------------------
+    def target_modules(self, component: str, module: nn.Module, targets: str | list[str]) -> list[str]:
+        if component == "unet":
+            return _unet_targets(module, targets)
+        return _text_encoder_targets(module, targets)
+
+    def target_layers(self, component: str, module: nn.Module) -> list[str]:
+        """Every layer a module-name list may name (for checking such a list)."""
+        kind = _is_linear_or_1x1 if component == "unet" else (lambda m: isinstance(m, nn.Linear))
+        return [n for n, m in module.named_modules() if kind(m)]
+
+    target_hint = TARGET_HINT
+
+    def target_problems(self, component: str, modules: list[str]) -> list[str]:
+        """Target sets that some loader would not apply in full (none for SD1)."""
+        return []
+
+    def kohya_name(self, component: str, module_path: str) -> str:
+        return kohya_module_name(component, module_path)
+
+    vae_scale_factor = 8  # pixels per latent cell
+
+    def meta_modules(self, configs: dict[str, dict[str, Any]], dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+        """The networks at their real size without memory (memory estimate, name tables); the VAE only where its
+        config is given."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            out = {"unet": UNet2DConditionModel.from_config(configs["unet"])}
+            te_cfg = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
+            out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**te_cfg))
+            if "vae" in configs:
+                out["vae"] = AutoencoderKL.from_config(configs["vae"])
+        if dtype is not None:
+            out["unet"].to(dtype)
+            out["text_encoder"].to(dtype)
+        return out
+
+    def latent_channels(self, configs: dict[str, dict[str, Any]]) -> int:
+        return configs["unet"].get("in_channels", 4)
+
+    def blank_tokens(self, batch: int, device) -> dict[str, Tensor]:
+        return {"input_ids": torch.zeros(batch, 77, dtype=torch.long, device=device)}
+
+    def blank_conditioning(self, configs: dict[str, dict[str, Any]], batch: int, dtype, device) -> Conditioning:
+        return Conditioning(torch.empty(batch, 77, configs["unet"]["cross_attention_dim"], dtype=dtype, device=device))
+
+    def module_table(self, configs: dict[str, dict[str, Any]]) -> dict[str, ModuleEntry]:
+        """kohya name -> ModuleEntry for every layer a LoRA can target, from the configs alone (meta device)."""
+        modules = self.meta_modules(configs)
+        unet = modules["unet"]
+        lpb = unet.config.layers_per_block
+        up_attn = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
+        table: dict[str, ModuleEntry] = {}
+        for path, m in unet.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                ldm = UNET_PREFIX + _unet_key(f"{path}.weight", lpb, up_attn)
+                table[self.kohya_name("unet", path)] = ModuleEntry("unet", path, ldm, tuple(m.weight.shape))
+        for path, m in modules["text_encoder"].named_modules():
+            if isinstance(m, nn.Linear):
+                table[self.kohya_name("text_encoder", path)] = self.text_encoder_entry(path, tuple(m.weight.shape))
+        return table
+
+    def text_encoder_entry(self, path: str, shape: tuple[int, ...]) -> ModuleEntry:
+        raise NotImplementedError
+
+    def ldm_alias(self, kohya_name: str, table: dict[str, ModuleEntry]) -> str | None:
+        """ComfyUI also accepts UNet names in the LDM layout (lora_unet_input_blocks_1_1_proj_in); its kohya name."""
+        prefix = KOHYA_UNET
+        if not kohya_name.startswith(prefix):
+            return None
+        by_ldm = {re.sub(r"\.weight$", "", e.ldm_key.removeprefix(UNET_PREFIX)).replace(".", "_"): name
+                  for name, e in table.items() if e.component == "unet"}
+        return by_ldm.get(kohya_name.removeprefix(prefix))
+
+    # --- single files ---------------------------------------------------------------------------------------
+    def text_encoder_to_ldm(self, state: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def ldm_state_dict(self, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+        """The components in the original single-file layout A1111 and ComfyUI read."""
+        unet = modules["unet"]
+        state = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+        state.update(vae_to_ldm(modules["vae"].state_dict()))
+        state.update(self.text_encoder_to_ldm(modules["text_encoder"].state_dict()))
+        return state
+
+    def folder_shapes_to_ldm(self, configs: dict[str, Any], shapes: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+        """A diffusers folder's UNet and text-encoder key shapes renamed to the single-file layout (renaming
+        only, so shapes stand in for tensors)."""
+        out = unet_to_ldm(shapes["unet"], configs["unet"]["layers_per_block"])
+        out.update(self.text_encoder_shapes_to_ldm(shapes["text_encoder"]))
+        return out
+
+    def text_encoder_shapes_to_ldm(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return self.text_encoder_to_ldm(shapes)
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def pipeline(self, model: Model, scheduler, modules: dict[str, nn.Module] | None = None) -> StableDiffusionPipeline:
+        """modules: stand-ins for the model's own (the trainer passes its unwrapped, LoRA-carrying networks)."""
+        parts = {**model.modules, **(modules or {})}
+        pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                       tokenizer=model.tokenizers["tokenizer"], unet=parts["unet"], scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def native_size(self, pipe) -> tuple[int, int]:
+        """(height, width) the model was trained at: its UNet's sample size in pixels."""
+        return (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+
+    # --- what a LoRA file says about its base ---------------------------------------------------------------
+    def lora_metadata(self, prediction_type: str) -> dict[str, str]:
+        raise NotImplementedError
+
+
+def _unet_targets(unet: nn.Module, targets: str | list[str]) -> list[str]:
+    """Full module names. `kohya` = every Linear and 1x1 Conv inside each Transformer2DModel, which is what
+    sd-scripts' networks/lora.py targets for SD1.x/SD2.x (16 transformers x 12 = 192 modules in SD1.5)."""
+    scopes = [name for name, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"]
+    inside = [(n, m) for n, m in unet.named_modules() if any(n.startswith(s + ".") for s in scopes)]
+    if targets == "kohya":
+        names = [n for n, m in inside if _is_linear_or_1x1(m)]
+    else:
+        suffixes = _UNET_SUFFIXES[targets] if isinstance(targets, str) else tuple(targets)
+        pool = inside if isinstance(targets, str) else list(unet.named_modules())
+        names = [n for n, m in pool if _is_linear_or_1x1(m) and any(n == s or n.endswith("." + s) for s in suffixes)]
+    return sorted(names)
+
+
+def _text_encoder_targets(text_encoder: nn.Module, targets: str | list[str]) -> list[str]:
+    """`kohya` = the 6 Linears of each CLIP layer (q/k/v/out_proj, fc1, fc2): 72 modules for CLIP-L."""
+    suffixes = _TE_PRESETS[targets] if isinstance(targets, str) else tuple(targets)
+    return sorted(
+        n for n, m in text_encoder.named_modules()
+        if ".layers." in f".{n}" and isinstance(m, nn.Linear) and any(n.endswith("." + s) for s in suffixes)
+    )
+
+
+def clip_ldm_entry(path: str, shape: tuple[int, ...]) -> ModuleEntry:
+    inner = path if path.startswith("text_model.") else f"text_model.{path}"
+    return ModuleEntry("text_encoder", path, f"{CLIP_PREFIX}{inner}.weight", shape)
+
+
+__all__ = ["ARCHITECTURE_KEY", "SDModel", "StableDiffusionFamily", "clip_to_ldm", "clip_ldm_entry"]

@@ -1,0 +1,114 @@
+"""Stable Diffusion 2.x as a second trainable family: loading (single file in the OpenCLIP layout, diffusers
+folder), its objective (epsilon 512-base, v 768-v), the family interface on a tiny model of each family, and
+files written as sd-scripts writes SD2 LoRAs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import BASES, seed_config
+from lora_scripts.config import load_config
+from lora_scripts.errors import ConfigError
+from lora_scripts.families import FAMILIES, LoadSettings, detect_folder_family
+from lora_scripts.families.loading import load_base_model
+from lora_scripts.training.loop import train
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_tiny_sd2_single_file_loads_as_sd2_v_with_openclip_tokenizer(tiny_sd2_ckpt):
+    model = load_base_model(tiny_sd2_ckpt)
+    assert model.family.name == "sd2" and model.prediction_type == "v_prediction"
+    assert "embedded scheduler config" in model.objective_reason
+    assert not [n for m in model.modules.values() for n, p in m.named_parameters() if p.device.type == "meta"]
+    tok = model.tokenizers["tokenizer"]
+    ids = tok(["a photo of a cat"], padding="max_length", max_length=77).input_ids[0]
+    # OpenCLIP pads with "!" (id 0) after the end token; OpenAI's CLIP (SD1) pads with the end token.
+    assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and set(ids[7:]) == {0}
+    assert model.text_encoder.config.hidden_act == "gelu" and model.unet.config.use_linear_projection
+    eps = load_base_model(tiny_sd2_ckpt, LoadSettings(prediction_type="epsilon"))
+    assert eps.prediction_type == "epsilon" and "in the config" in eps.objective_reason
+
+
+def test_tiny_sd2_folder_is_recognised_from_its_configs(tiny_sd2_base_folder, tiny_ckpt, tmp_path):
+    assert detect_folder_family(tiny_sd2_base_folder) == "sd2"
+    model = load_base_model(tiny_sd2_base_folder)
+    assert model.family.name == "sd2" and model.prediction_type == "epsilon"
+    with pytest.raises(ConfigError, match="zero_terminal_snr"):
+        load_base_model(tiny_sd2_base_folder, LoadSettings(zero_terminal_snr=True))
+    z = load_base_model(tiny_sd2_base_folder, LoadSettings("v_prediction", zero_terminal_snr=True))
+    assert z.schedule.alphas_cumprod[-1] == 0 and "zero-terminal-SNR" in z.objective.describe()
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_family_interface_encode_objective_loss(base, request):
+    """tokenize -> encode -> objective -> predict -> loss on a tiny model of each family, without training."""
+    model = load_base_model(request.getfixturevalue(base))
+    family = model.family
+    tokens = family.tokenize(model.tokenizers, ["a red circle", "neon"])
+    cond = family.encode(model.text_encoders, tokens, "cpu")
+    assert cond.hidden.shape[:2] == (2, 77) and cond.rows()[1].hidden.shape == cond.hidden.shape[1:]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noised = model.objective.sample(latents, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pred = family.predict(model.denoiser, noised.noisy, noised.timesteps, cond)
+    loss = model.objective.loss(pred, noised)
+    assert pred.shape == latents.shape and torch.isfinite(loss)
+    target = model.objective.target(noised)
+    assert torch.equal(target, noised.noise) == (model.prediction_type == "epsilon")
+
+
+def test_sd2_kohya_names_equal_golden_lists_from_the_real_config():
+    """330 modules at real size: 192 UNet (as SD1: every Linear in the transformers, proj_in/out Linear in SD2)
+    and 23 x 6 text-encoder layers named as sd-scripts names an HF CLIPTextModel."""
+    family = FAMILIES["sd2"]
+    modules = family.meta_modules(family.embedded_configs())
+    names = {c: sorted(family.kohya_name(c, m) for m in family.target_modules(c, modules[c], "kohya"))
+             for c in ("unet", "text_encoder")}
+    assert names["unet"] == (GOLDEN / "sd2_kohya_unet.txt").read_text().split()
+    assert names["text_encoder"] == (GOLDEN / "sd2_kohya_te.txt").read_text().split()
+    assert (len(names["unet"]), len(names["text_encoder"])) == (192, 138)
+    proj_in = modules["unet"].get_submodule("down_blocks.0.attentions.0.proj_in")
+    assert isinstance(proj_in, torch.nn.Linear)  # written 2-D: diffusers refuses 4-D SD2 proj weights
+
+
+def test_sd2_module_table_names_the_openclip_weights_a1111_patches():
+    """A1111 applies q/k/v to row thirds of the fused in_proj, fc1/fc2 to c_fc/c_proj."""
+    family = FAMILIES["sd2"]
+    table = family.module_table(family.embedded_configs())
+    q = table["lora_te_text_model_encoder_layers_5_self_attn_q_proj"]
+    v = table["lora_te_text_model_encoder_layers_5_self_attn_v_proj"]
+    assert q.ldm_key == v.ldm_key == "cond_stage_model.model.transformer.resblocks.5.attn.in_proj_weight"
+    assert (q.rows, v.rows, q.ldm_shape) == ((0, 1024), (2048, 3072), (3072, 1024))
+    assert table["lora_te_text_model_encoder_layers_5_mlp_fc2"].ldm_key.endswith("resblocks.5.mlp.c_proj.weight")
+    assert table["lora_unet_mid_block_attentions_0_proj_in"].ldm_key == \
+        "model.diffusion_model.middle_block.1.proj_in.weight"
+
+
+@pytest.mark.slow
+def test_sd2_v_trains_end_to_end_and_the_file_is_an_sd2_lora(tmp_path, dataset, tiny_sd2_ckpt):
+    cfg = load_config(seed_config(tmp_path, tiny_sd2_ckpt, epochs=2, train_text_encoder=True, save_precision="fp32",
+                                  validation_split=0.25, validate_every_n_steps=1))
+    result = train(cfg)
+    assert "0 unmatched" in result.verified  # the self-test: names against the base's OpenCLIP layout, and effect
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        proj = f.get_tensor("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight")
+    assert (meta["ss_v2"], meta["ss_base_model_version"]) == ("True", "sd_v2_v")
+    assert (meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == ("stable-diffusion-v2-768-v/lora", "v")
+    assert "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight" in keys
+    assert proj.ndim == 2 and result.validation and all(torch.isfinite(torch.tensor(v)) for _, v in result.validation)
+
+
+@pytest.mark.slow
+def test_sd2_base_folder_trains_and_qv_text_encoder_targets_are_refused(tmp_path, dataset, tiny_sd2_base_folder):
+    with pytest.raises(ConfigError, match="q_proj, k_proj, v_proj and out_proj"):
+        train(load_config(seed_config(tmp_path, tiny_sd2_base_folder, epochs=1, train_text_encoder=True,
+                                      lora_targets="qv", output_dir="./output/qv")))
+    result = train(load_config(seed_config(tmp_path, tiny_sd2_base_folder, epochs=1)))
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_base_model_version"], meta["modelspec.prediction_type"]) == ("sd_v2", "epsilon")
+    assert "0 unmatched" in result.verified
