@@ -15,6 +15,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from ..errors import DatasetError
 from .images import list_images
+from .metadata_csv import MetadataCsvError, read_metadata_csv
 
 __all__ = ["CaptionedImage", "list_images", "read_captions", "set_caption", "sidecar_for"]
 
@@ -28,23 +29,11 @@ class CaptionedImage:
 
 def _csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]], str]:
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        raise DatasetError([f"{csv_path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
-                            f"{exc.start})"], "Re-save it as UTF-8 (in Excel: Save As > CSV UTF-8).") from None
-    except (csv.Error, OSError) as exc:
-        raise DatasetError([f"{csv_path}: cannot read it as a CSV file ({exc})"],
-                           "metadata.csv needs a header line file_name,text and one row per image.") from None
-    if "file_name" not in columns:
-        raise DatasetError([f"{csv_path}: no 'file_name' column (columns: {columns})"],
-                           "metadata.csv needs a header line: file_name,text")
-    text_col = next((c for c in ("text", "caption") if c in columns), "text")
-    if text_col not in columns:
-        columns.append(text_col)
-    return columns, rows, text_col
+        meta = read_metadata_csv(csv_path)
+    except MetadataCsvError as exc:
+        raise DatasetError([exc.problem], exc.fix) from None
+    # A CSV without a caption column gets one (as its last column) at the next edit.
+    return meta.columns + ([] if meta.has_text_col else [meta.text_col]), meta.rows, meta.text_col
 
 
 def _image_key(image: Path, data_dir: Path, csv_path: Path) -> str:

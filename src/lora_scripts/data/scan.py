@@ -6,7 +6,6 @@ restarting the run once per bad file.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from ..config import TrainConfig
 from ..errors import DatasetError
 from .captions import read_sidecar, sidecar_for
 from .images import find_images, image_extensions, link_problem, open_rgb, unreadable_kind
+from .metadata_csv import MetadataCsvError, read_metadata_csv
 
 log = logging.getLogger(__name__)
 # An image upscaled more than this teaches the LoRA blur; smaller ones are refused (or skipped).
@@ -65,31 +65,14 @@ def _repeats_of(folder: str | None) -> tuple[int, str | None]:
 
 def _read_metadata(csv_path: Path) -> list[tuple[str, str]]:
     try:
-        return _parse_metadata(csv_path)
-    except UnicodeDecodeError as exc:
-        raise DatasetError([f"{csv_path}: not UTF-8 text ({_decode_problem(exc)})"],
-                           "Re-save it as UTF-8 (in Excel: Save As > CSV UTF-8).") from None
-    except csv.Error as exc:
-        raise DatasetError([f"{csv_path}: not a valid CSV file ({exc})"],
-                           "metadata.csv needs a header line file_name,text and one row per image.") from None
-
-
-def _decode_problem(exc: UnicodeDecodeError) -> str:
-    return f"byte 0x{exc.object[exc.start]:02x} at position {exc.start}"
-
-
-def _parse_metadata(csv_path: Path) -> list[tuple[str, str]]:
-    # utf-8-sig: Excel writes a byte-order mark that would otherwise become part of the first column name.
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "file_name" not in columns:
-            raise DatasetError([f"{csv_path}: no 'file_name' column (columns: {columns})"],
-                               "metadata.csv needs a header line: file_name,text")
-        text_col = next((c for c in ("text", "caption") if c in columns), None)
-        if text_col is None:
-            raise DatasetError([f"{csv_path}: no caption column 'text' or 'caption' (columns: {columns})"])
-        return [((row.get("file_name") or "").strip(), (row.get(text_col) or "").strip()) for row in reader]
+        meta = read_metadata_csv(csv_path)
+    except MetadataCsvError as exc:
+        if isinstance(exc.__cause__, OSError):  # no permission, a vanished file: the CLI names the path and why
+            raise exc.__cause__ from None
+        raise DatasetError([exc.problem], exc.fix) from None
+    if not meta.has_text_col:  # unlike the caption editor and label, training has no captions to fill one with
+        raise DatasetError([f"{csv_path}: no caption column 'text' or 'caption' (columns: {meta.columns})"])
+    return [((row.get("file_name") or "").strip(), (row.get(meta.text_col) or "").strip()) for row in meta.rows]
 
 
 def _from_metadata(config: TrainConfig, problems: list[str]) -> list[Sample]:

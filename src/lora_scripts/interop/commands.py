@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import LoraScriptsError
-from .files import DTYPES, check_base, check_rank, convert_file, ranks_text, refuse_overwrite, resize_file
+from ..dtypes import DTYPES, SAVE_PRECISIONS
+from .files import check_base, check_rank, convert_file, ranks_text, refuse_overwrite, resize_file
 
 
 def positive_int(text: str) -> int:
@@ -150,8 +151,9 @@ def add_commands(sub) -> None:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--to", choices=("kohya", "diffusers"), required=True)
-    p.add_argument("--base", type=Path, help="base model whose layers name the modules (default: SD1.5's)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: as the input")
+    p.add_argument("--base", type=Path, help="base model whose layers name the modules (default: the real model "
+                   "of the family the LoRA was trained on, from its embedded configs)")
+    p.add_argument("--dtype", choices=SAVE_PRECISIONS, help="default: as the input")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_convert)
 
@@ -160,7 +162,7 @@ def add_commands(sub) -> None:
     p.add_argument("--base", help="checkpoint to bake the LoRAs into; without it the LoRAs become one LoRA")
     p.add_argument("--out", required=True)
     p.add_argument("--rank", type=positive_int, help="LoRA merge: SVD to this rank (default: stack ranks, exact)")
-    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument("--dtype", choices=SAVE_PRECISIONS)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
 
@@ -169,7 +171,7 @@ def add_commands(sub) -> None:
     p.add_argument("output")
     p.add_argument("--rank", type=positive_int, required=True, help="the rank to cut to (at least 1; a LoRA "
                    "cannot gain rank, so a value above the file's keeps its rank)")
-    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument("--dtype", choices=SAVE_PRECISIONS)
     p.add_argument("--verbose", "-v", action="store_true", help="kept energy per module")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_resize)

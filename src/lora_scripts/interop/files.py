@@ -6,16 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..atomic import atomic_save_safetensors
+from ..dtypes import DTYPES
 from ..errors import LoraScriptsError
 from .describe import guess_family
 from .lora_file import LoraFile, kohya_state, read_lora, require_finite, write_diffusers
 from .metadata import derived_metadata
 from .ops import Kept, resize
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def table_for(base: Path | None, family: str):

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text
 from ..data.captions import read_sidecar, sidecar_for
 from ..data.images import find_images
+from ..data.metadata_csv import MetadataCsvError, read_metadata_csv
 from ..errors import DatasetError, LoraScriptsError
 from .basic import DEFAULT_TEMPLATE, basic_caption, check_template
 
@@ -63,29 +64,27 @@ def _existing(folder: Path, csv_path: Path, images: list[Path]) -> _Existing:
     return existing
 
 
+# How label words a metadata.csv problem: the fix inline, and the way out of keeping this CSV at all.
+_CSV_FIXES = {"encoding": "re-save it as UTF-8 (in Excel: Save As > CSV UTF-8), or choose another --output",
+              "csv": "fix it or choose another --output"}
+
+
 def _read_csv(csv_path: Path) -> _Existing:
     if not csv_path.is_file():
         return _Existing({}, ["file_name", "text"], {})
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = [c for c in reader.fieldnames or [] if c]
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        raise LoraScriptsError(f"{csv_path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
-                               f"{exc.start}); re-save it as UTF-8 (in Excel: Save As > CSV UTF-8), or choose "
-                               "another --output") from None
-    except (csv.Error, OSError) as exc:
-        raise LoraScriptsError(f"{csv_path}: cannot read it as a CSV file ({exc}); fix it or choose another --output") from None
+        meta = read_metadata_csv(csv_path, require_file_name=False)  # an empty file is a fresh start
+    except MetadataCsvError as exc:
+        raise LoraScriptsError(f"{exc.problem}; {_CSV_FIXES[exc.kind]}") from None
+    columns = [c for c in meta.columns if c]
     if columns and "file_name" not in columns:
         raise LoraScriptsError(f"{csv_path} has no file_name column (columns: {columns}); label would replace it. "
                                "Rename its image column to file_name, or choose another --output")
-    text_col = next((c for c in ("text", "caption") if c in columns), "text")
     columns = columns or ["file_name", "text"]
-    if text_col not in columns:
-        columns.insert(1, text_col)
-    named = {(r.get("file_name") or "").strip(): r for r in rows}
-    return _Existing({}, columns, {k: v for k, v in named.items() if k}, text_col)
+    if meta.text_col not in columns:
+        columns.insert(1, meta.text_col)
+    named = {(r.get("file_name") or "").strip(): r for r in meta.rows}
+    return _Existing({}, columns, {k: v for k, v in named.items() if k}, meta.text_col)
 
 
 def _rel(path: Path, folder: Path) -> str:

@@ -14,12 +14,12 @@ from torch import Tensor
 
 from ..atomic import atomic_save_safetensors
 from ..config import TrainConfig
+from ..dtypes import DTYPES
 from ..families import Family
 from ..formats.diffusers import peft_to_diffusers
 from ..formats.kohya import peft_to_kohya
 from ..hashes import modelspec_hash, sshs_hashes
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass

@@ -128,12 +128,13 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
 
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ..dtypes import DTYPES
     from ..families import family_for_configs
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # it warns about .to(dtype) on a model without weights
     configs = _configs(config)
     family = family_for_configs(configs)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    dtype = DTYPES[config.mixed_precision]
     modules = family.meta_modules(configs, dtype)
     vae = modules.pop(family.autoencoder)
     denoiser = modules[family.denoiser]

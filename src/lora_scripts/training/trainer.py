@@ -20,6 +20,7 @@ from ..data.dataset import BucketBatchSampler, Collate, LoraDataset, build_items
 from ..data.cache import LatentCache, TextCache, latent_cache_plan, sample_latents, text_cache_plan, vae_identity
 from ..data.check import dataset_warnings
 from ..data.scan import scan_dataset
+from ..dtypes import DTYPES
 from ..errors import DatasetError, TrainingError, TrainingInterrupted
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from ..families import Conditioning, LoadSettings, Model
@@ -30,7 +31,6 @@ from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 
 log = logging.getLogger(__name__)
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
 
 
@@ -62,7 +62,7 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             cpu=not _uses_accelerator(),
         )
-        self.weight_dtype = _DTYPES[config.mixed_precision]
+        self.weight_dtype = DTYPES[config.mixed_precision]
         self.grads_finite = True
         # LoRA init draws from the global RNGs: same seed, same starting weights (on every process).
         set_seed(config.seed)
