@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import REPO, seed_config
+from conftest import BASES, REPO, seed_config
 
 # `--cpu --num_processes 2` starts one process; `--multi_gpu` + CPU mode starts two that sync over gloo.
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -25,8 +25,9 @@ def _load(path):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_on_the_weights(tmp_path, dataset, tiny_ckpt):
-    config = seed_config(tmp_path, tiny_ckpt, epochs=2, save_precision="fp32", train_text_encoder=True,
+@pytest.mark.parametrize("base", BASES)
+def test_two_processes_agree_on_the_weights(tmp_path, dataset, base, request):
+    config = seed_config(tmp_path, request.getfixturevalue(base), epochs=2, save_precision="fp32", train_text_encoder=True,
                          learning_rate=1e-3)
     proc = subprocess.run(LAUNCH + [str(REPO / "tests" / "helpers" / "dist_train.py"), str(config), str(tmp_path)],
                           env=_env(), capture_output=True, text=True, timeout=600)

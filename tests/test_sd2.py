@@ -100,6 +100,49 @@ def test_sd2_v_trains_end_to_end_and_the_file_is_an_sd2_lora(tmp_path, dataset, 
     assert (meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == ("stable-diffusion-v2-768-v/lora", "v")
     assert "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight" in keys
     assert proj.ndim == 2 and result.validation and all(torch.isfinite(torch.tensor(v)) for _, v in result.validation)
+    _every_command_works_on(result.lora_path, tiny_sd2_ckpt, tmp_path)
+
+
+def _every_command_works_on(lora: Path, base: Path, tmp_path: Path) -> None:
+    """inspect, verify, convert, resize, merge (LoRAs, and baked into the base), generate: as for SD1."""
+    from lora_scripts.cli import main
+    from lora_scripts.interop.describe import describe
+
+    d = describe(lora)
+    assert d.family == "sd2" and not d.warnings
+    assert main(["verify", str(lora), "--base", str(base)]) == 0
+    assert main(["convert", str(lora), str(tmp_path / "d.safetensors"), "--to", "diffusers", "--base", str(base)]) == 0
+    assert main(["resize", str(lora), str(tmp_path / "r2.safetensors"), "--rank", "2"]) == 0
+    with safe_open(str(tmp_path / "r2.safetensors"), "pt") as f:
+        assert (f.metadata()["ss_base_model_version"], f.metadata()["ss_v2"]) == ("sd_v2_v", "True")
+    assert main(["merge", "--lora", f"{lora}:0.5", "--lora", str(tmp_path / "r2.safetensors"),
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["merge", "--lora", str(lora), "--base", str(base), "--out", str(tmp_path / "baked.safetensors")]) == 0
+    assert load_base_model(tmp_path / "baked.safetensors").family.name == "sd2"  # still an SD2 v file
+    out = tmp_path / "gen"
+    assert main(["generate", "--base", str(base), "--prompt", f"a lab <lora:{lora.stem}:0.8>", "--lora-dir",
+                 str(lora.parent), "--steps", "2", "--size", "32x32", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_init_and_check_use_the_family_defaults(tmp_path, dataset, tiny_sd2_ckpt):
+    """768 px for a 768-v base; an SD2 file that does not say what it predicts gets prediction_type to set."""
+    from conftest import make_images
+    from lora_scripts.init_config import starter_yaml
+    from lora_scripts.training.memory import estimate_memory
+    from safetensors.torch import save_file
+
+    make_images(tmp_path / "imgs", 2, size=(900, 900))
+    assert "resolution: 768 " in starter_yaml(tmp_path / "imgs", str(tiny_sd2_ckpt), tmp_path)
+    unsure = tmp_path / "v2-1.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(1)}, str(unsure))
+    text = starter_yaml(tmp_path / "imgs", str(unsure), tmp_path)
+    assert "prediction_type: auto" in text and "resolution: 512 " in text
+    # The memory estimate of a real-size SD2 (embedded configs) at 768 px is larger than at 512 px.
+    small = estimate_memory(load_config(seed_config(tmp_path, unsure, resolution=512, batch_size=1)))
+    large = estimate_memory(load_config(seed_config(tmp_path, unsure, resolution=768, batch_size=1)))
+    assert 1.5 < large.activations / small.activations < 3.5 and large.weights == small.weights > 2.4e9
 
 
 @pytest.mark.slow
@@ -112,3 +155,46 @@ def test_sd2_base_folder_trains_and_qv_text_encoder_targets_are_refused(tmp_path
         meta = f.metadata()
     assert (meta["ss_base_model_version"], meta["modelspec.prediction_type"]) == ("sd_v2", "epsilon")
     assert "0 unmatched" in result.verified
+
+
+SD1 = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+       "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
+SD2 = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+       "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)}
+
+
+@pytest.mark.parametrize("shapes,meta,expected", [
+    (SD1, {}, "sd15"),
+    (SD2, {}, "sd2"),
+    (SD2, {"modelspec.prediction_type": "v"}, "sd2"),
+    (dict(SD1, **{"conditioner.embedders.1.model.positional_embedding": (77, 1280)}), {}, "SDXL checkpoint"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, {}, "SD3 checkpoint"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, {}, "Flux checkpoint"),
+    ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 1280)}, {}, "is a LoRA file"),
+])
+def test_family_detection_table(shapes, meta, expected):
+    from lora_scripts.errors import ModelLoadError
+    from lora_scripts.families import detect_family
+
+    if expected in FAMILIES:
+        assert detect_family(shapes, "m.safetensors", meta) == expected
+    else:
+        with pytest.raises(ModelLoadError, match=expected):
+            detect_family(shapes, "m.safetensors", meta)
+
+
+def test_sd2_v_is_told_by_metadata_and_sdxl_folders_are_refused(tmp_path):
+    """768-v vs 512-base: only metadata tells (modelspec.prediction_type); a folder says it by model_index."""
+    import json
+
+    from lora_scripts.errors import ModelLoadError
+
+    sd2 = FAMILIES["sd2"]
+    assert sd2.stated_prediction_type(tmp_path / "f.safetensors", {"modelspec.prediction_type": "v"}) == "v_prediction"
+    assert sd2.stated_prediction_type(tmp_path / "f.safetensors", {}) is None
+    assert sd2.resolution_for("v_prediction") == 768 and sd2.resolution_for("epsilon") == 512
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelLoadError, match="SDXL diffusers model"):
+        detect_folder_family(folder)

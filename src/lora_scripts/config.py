@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     # --- the nine keys every config has -------------------------------------------------------
     train_data_dir: Path = _f(..., "folder of training images (kohya-style 'N_name' sub-folders repeat N times)")
     metadata_path: Path | None = _f(None, "metadata.csv with file_name,text columns; empty = .txt caption beside each image")
-    base_model: Path = _f(..., "SD1.x checkpoint (.safetensors/.ckpt, e.g. v1-5-pruned.safetensors) or diffusers folder")
+    base_model: Path = _f(..., "SD1.x or SD2.x checkpoint (.safetensors/.ckpt, e.g. v1-5-pruned.safetensors) or diffusers folder")
     lora_rank: int = _f(16, "LoRA rank (network dim): 8 for a simple style, 16 for complex scenes; file size grows linearly", "8-32", ge=1, le=1024)
     batch_size: int = _f(1, "images per step; lower it first if you run out of GPU memory", "1-8", ge=1)
     epochs: int = _f(10, "passes over the dataset; 10-15 for 50-100 images", "10-15", ge=1)
@@ -69,7 +69,7 @@ class TrainConfig(BaseModel):
     text_encoder_lr: float | None = _f(None, "text-encoder LoRA learning rate; default = learning_rate", "5e-5", gt=0, le=1)
 
     # --- data --------------------------------------------------------------------------------------
-    resolution: int = _f(512, "training resolution in pixels (512 for SD1.x); images are resized and cropped to it", "512", ge=32, le=4096)
+    resolution: int = _f(512, "training resolution in pixels (512 for SD1.x and SD2 512-base, 768 for SD2 768-v); images are resized and cropped to it", "512", ge=32, le=4096)
     enable_bucket: bool = _f(True, "aspect-ratio bucketing: non-square images keep their shape instead of being centre-cropped")
     min_bucket_reso: int | None = _f(None, "smallest bucket side; default = resolution / 2", ge=32)
     max_bucket_reso: int | None = _f(None, "largest bucket side; default = resolution * 2", ge=32)

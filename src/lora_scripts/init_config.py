@@ -36,6 +36,24 @@ def _rel(path: Path, start: Path) -> str:
     return str(path.resolve()) if rel.startswith("..") else f"./{rel}"
 
 
+def _base_defaults(base: Path | None) -> tuple[int, str | None]:
+    """(native resolution, prediction_type to write) for the base's family: SD1.x and SD2 512-base train at 512,
+    SD2 768-v at 768. An SD2 file that does not say which it is gets prediction_type written for the user to
+    set (training refuses to guess). A base that is not there yet, or not a model, gets SD1.x's 512."""
+    from .errors import ModelLoadError
+    from .families.loading import base_family
+
+    if base is None or not base.exists():
+        return 512, None
+    try:
+        family, metadata = base_family(base)
+    except ModelLoadError:
+        return 512, None  # `lora-scripts check` and training say what is wrong with it
+    stated = family.stated_prediction_type(base, metadata)
+    unknown = stated is None and family.resolution_for("v_prediction") != family.resolution_for("epsilon")
+    return family.resolution_for(stated), ("auto" if unknown else None)
+
+
 def _output_dir(data_dir: Path, yaml_dir: Path) -> str:
     """./output/NAME_lora beside the config, or beside the images when the config is written inside the image
     folder (outputs inside the dataset are refused: they would be read as training images)."""
@@ -58,10 +76,12 @@ def suggest(data_dir: Path, base: str | None, yaml_dir: Path) -> dict[str, Any]:
                 sides.append(min(im.size))
         except OSError:
             continue
-    median = statistics.median(sides) if sides else 512
-    resolution = 512 if median >= 512 else max(64, int(median) // 64 * 64)
+    native, prediction = _base_defaults(Path(base) if base else None)
+    median = statistics.median(sides) if sides else native
+    resolution = native if median >= native else max(64, int(median) // 64 * 64)
     metadata = data_dir / "metadata.csv"
-    return {
+    extra = {"prediction_type": prediction} if prediction else {}
+    return {**extra, 
         "train_data_dir": _rel(data_dir, yaml_dir),
         "metadata_path": _rel(metadata, yaml_dir) if metadata.exists() else None,
         "base_model": _rel(Path(base), yaml_dir) if base else DEFAULT_BASE,
@@ -93,6 +113,9 @@ def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path(
         "",
     ]
     lines += [_line(k, values.get(k)) for k in CORE_KEYS]
+    if "prediction_type" in values:
+        lines += ["", "# SET THIS: the base is an SD2 file that does not say what it predicts: epsilon for a 512-base "
+                  "model, v_prediction for a 768-v model", _line("prediction_type", values["prediction_type"])]
     lines += ["", "# --- optional: the defaults below are what you get if you delete the line ---",
               f"# {PRESET_SIZES}"]
     defaults = TrainConfig.model_fields

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
-from .detect import detect_family, detect_folder_family
-from . import sd15, sd2
+from .detect import TRAINABLE, detect_family, detect_folder_family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sd2.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in TRAINABLE}
 # Where a set of component configs (interop.table.base_configs) names the family it belongs to.
 FAMILY_KEY = "family"
 
@@ -35,9 +34,11 @@ def family_by_label(label: str) -> Family | None:
     return next((f for f in FAMILIES.values() if f.lora_label == label), None)
 
 
-def guess_lora_family(module_names: list[str], cross_attention_widths: list[int]) -> str:
+def guess_lora_family(module_names: list[str], cross_attention_widths: list[int],
+                      metadata: dict[str, str] | None = None) -> str:
     """The label of the family a LoRA file was trained on, from its module names and the input width of its
-    cross-attention key projections (the text encoder's width: 768 SD1, 1024 SD2, 2048 SDXL)."""
+    cross-attention key projections (the text encoder's width: 768 SD1, 1024 SD2, 2048 SDXL); for a model of
+    another size (fine-tuned architectures, our tiny test models) from what its metadata says."""
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in module_names):
         return "sdxl"
     if not cross_attention_widths:
@@ -46,7 +47,12 @@ def guess_lora_family(module_names: list[str], cross_attention_widths: list[int]
     if width == 2048:
         return "sdxl"
     family = next((f for f in FAMILIES.values() if getattr(f, "cross_attention_dim", None) == width), None)
-    return family.lora_label if family else f"unknown (cross-attention width {width})"
+    if family is not None:
+        return family.lora_label
+    version = (metadata or {}).get("ss_base_model_version", "")
+    said = next((f for f in FAMILIES.values() if f.lora_metadata("epsilon")["ss_base_model_version"] == version
+                 or f.lora_metadata("v_prediction")["ss_base_model_version"] == version), None)
+    return said.lora_label if said else f"unknown (cross-attention width {width})"
 
 
 def lora_metadata_for(label: str, prediction_type: str = "epsilon") -> dict[str, str]:

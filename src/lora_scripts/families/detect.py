@@ -12,6 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .sd15 import FAMILY as SD15
+from .sd2 import FAMILY as SD2
+
+# The trainable families in the order their markers are tested (SD2's are the more specific).
+TRAINABLE = (SD2, SD15)
 
 _UNET = "model.diffusion_model.input_blocks.0.0.weight"
 _TRAINED = "this version trains Stable Diffusion 1.x and 2.x"
@@ -28,8 +33,6 @@ def _is_lora(keys: list[str]) -> bool:
 def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint",
                   metadata: Mapping[str, str] | None = None) -> str:
     """Return the family name ("sd15", "sd2"), or raise ModelLoadError saying what the file is instead."""
-    from . import FAMILIES
-
     keys = sorted(shapes)
     if not keys:
         raise ModelLoadError(f"{path} holds no tensors: it is empty or not a model checkpoint")
@@ -49,7 +52,7 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
             f"{_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."
         )
-    for family in (FAMILIES["sd2"], FAMILIES["sd15"]):  # SD2's markers are the more specific
+    for family in TRAINABLE:
         if family.recognise(dict(shapes), dict(metadata or {})):
             return family.name
     raise ModelLoadError(f"{path}: UNet found but no SD1.x CLIP text encoder (cond_stage_model.transformer.*); "
@@ -57,16 +60,14 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
 
 
 def detect_folder_family(folder: Path) -> str:
-    """A diffusers folder's family, from model_index.json and the denoiser's config (never assumed)."""
-    from . import FAMILIES
-
+    """A diffusers folder's family, from model_index.json and the component configs (never assumed)."""
     index = _read_json(folder / "model_index.json", folder)
     cls = index.get("_class_name", "")
     if cls in _OTHER_PIPELINES:
         raise ModelLoadError(f"{folder} is {_OTHER_PIPELINES[cls]} diffusers model ({cls}); {_TRAINED}.")
     configs = {name: _read_json(folder / name / "config.json", folder) for name in index
                 if not name.startswith("_") and (folder / name / "config.json").is_file()}
-    for family in FAMILIES.values():
+    for family in TRAINABLE:
         if family.recognise_folder(index, configs):
             return family.name
     act = configs.get("text_encoder", {}).get("hidden_act")

@@ -33,7 +33,7 @@ class SD2(StableDiffusionFamily):
             return False
         return any(k.startswith(OPEN_CLIP_PREFIX) for k in shapes) or shapes.get(_CROSS_K, (0, 0))[-1] == 1024
 
-    def resolution_for(self, prediction_type: str) -> int:
+    def resolution_for(self, prediction_type: str | None) -> int:
         return 768 if prediction_type == "v_prediction" else 512
 
     def unknown_prediction_type(self, path: Path) -> tuple[str, str]:

@@ -123,6 +123,20 @@ class StableDiffusionFamily(Family):
             return {"v": "v_prediction"}.get(spec, spec), "the checkpoint's modelspec.prediction_type says so"
         return None, ""
 
+    def stated_prediction_type(self, path: Path, metadata: dict[str, str]) -> str | None:
+        """What a base says about its objective without loading it (None: it does not say)."""
+        if path.is_dir():
+            try:
+                kind = json.loads((path / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
+            except (OSError, ValueError):
+                return None
+            return kind if kind in PREDICTION_TYPES else None
+        return self.prediction_type_in_file(metadata)[0]
+
+    def resolution_for(self, prediction_type: str | None) -> int:
+        """The side the family's models were trained at (SD2: 768 for 768-v models)."""
+        return self.default_resolution
+
     def resolve_prediction_type(self, settings: LoadSettings, said: tuple[str | None, str], path: Path) -> tuple[str, str]:
         if settings.prediction_type != "auto":
             return settings.prediction_type, f"prediction_type: {settings.prediction_type} in the config"

@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         for p in prompts:
             with_strength(p, 1.0)
-    renderer = Renderer(Path(args.base), dirs, settings)
+    renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto")
     if strengths is not None:
         sheet, results = strength_sweep(renderer, prompts, seeds, strengths)
     else:
@@ -155,7 +155,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.base and len(bases) > 1:
         raise LoraScriptsError(f"the runs used different base models ({', '.join(sorted(bases))}); pick one with --base")
     base = Path(args.base or bases.pop())
-    renderer = Renderer(base, [], settings)
+    # The objective the runs trained with (an SD2 file may not say it itself), unless --prediction-type says.
+    kind = args.prediction_type or next((r.config.get("prediction_type") for r in runs), None) or "auto"
+    ztsnr = any(r.config.get("zero_terminal_snr") for r in runs)
+    renderer = Renderer(base, [], settings, kind, ztsnr)
     sheet = image_grid(renderer, runs, args.prompt, seeds, args.weight)
     paths = write_comparison(Path(args.out), sheet, runs)
     print(table_markdown(runs))
@@ -179,6 +182,9 @@ def _sampling_arguments(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--cfg", type=ranged(float, "cfg"), default=7.0, help="classifier-free guidance scale")
     p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--scheduler", default="euler_a", choices=("euler_a", "euler", "ddim", "dpm++"))
+    p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"),
+                   help="what the base predicts, where its file does not say (SD2 single files: epsilon for "
+                   "512-base, v_prediction for 768-v)")
 
 
 def add_commands(sub) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..config import SEED_MAX
 from ..errors import LoraScriptsError
+from ..families import LoadSettings
 from ..families.loading import load_base_model
 from .pipelines import SCHEDULERS, LoraSet, generate, make_pipeline
 from .lora_lookup import DEFAULT_DIRS, index_loras, resolve
@@ -26,7 +27,7 @@ from .prompts import parse_prompt
 LIMITS = {
     "steps": (1, 500, "sampling steps", "typical: 20 to 40"),
     "cfg": (0.0, 30.0, "the guidance scale (cfg)", "typical: 5 to 8"),
-    "side": (8, 2048, "an image side in pixels", "SD1.x draws best at 512"),
+    "side": (8, 2048, "an image side in pixels", "models draw best at their training size: 512 for SD1.x, 768 for SD2 768-v"),
     "seed": (0, SEED_MAX, "a seed", "any whole number; the same seed gives the same image"),
     "count": (1, 100, "images per prompt", "run the command again for more"),
     "step": (1, 10**9, "a checkpoint step", "the N of a run's checkpoints/step-N folder"),
@@ -90,9 +91,12 @@ class Renderer:
     base: Path
     lora_dirs: list[Path] = field(default_factory=lambda: list(DEFAULT_DIRS))
     settings: Settings = field(default_factory=Settings)
+    # What the base predicts where its file does not say (SD2 single files), as in a training config.
+    prediction_type: str = "auto"
+    zero_terminal_snr: bool = False
 
     def __post_init__(self) -> None:
-        self.model = load_base_model(self.base)
+        self.model = load_base_model(self.base, LoadSettings(self.prediction_type, self.zero_terminal_snr))
         self.pipe = make_pipeline(self.model, self.settings.scheduler)
         self.loras = LoraSet(self.pipe, self.model.family)
         self.index = index_loras(self.lora_dirs)

@@ -60,7 +60,7 @@ class Description:
 def guess_family(lora: LoraFile) -> str:
     """The label of the family the LoRA was trained on ("sd1", "sd2", "sdxl", "unknown (...)")."""
     widths = [m.down.shape[1] for n, m in sorted(lora.modules.items()) if n.endswith("attn2_to_k")]
-    return guess_lora_family(list(lora.modules), widths)
+    return guess_lora_family(list(lora.modules), widths, lora.metadata)
 
 
 def _block(name: str) -> str:

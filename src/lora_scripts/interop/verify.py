@@ -3,8 +3,9 @@
 Two independent checks:
 * by name, the way A1111 and ComfyUI load: each kohya module name must resolve to a weight of the base
   checkpoint's own (LDM) layout, with a matching shape;
-* by effect, the way diffusers loads: the file goes through `load_lora_weights` + `fuse_lora`, and each
-  layer's weight change must equal up @ down x alpha/rank computed here, and must not be zero.
+* by effect, the way diffusers loads: the file goes through `load_lora_weights`, and the weight change each
+  layer then gets (scaling x B @ A, what fuse_lora would add) must equal up @ down x alpha/rank computed
+  here, and must not be zero.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class VerifyReport:
         return f"{self.path.name} FAILED verification:\n" + "\n".join(f"  - {p}" for p in self.problems())
 
 
-def verify(lora_path: Path, base_path: Path) -> VerifyReport:
+def verify(lora_path: Path, base_path: Path, loaded=None) -> VerifyReport:
+    """loaded: (model, networks) of the base already in memory (see _check_diffusers)."""
     lora = read_lora(lora_path)
     check_base(Path(base_path))
     report = VerifyReport(Path(lora_path), len(lora.modules), unknown_keys=list(lora.unknown))
@@ -80,7 +82,7 @@ def verify(lora_path: Path, base_path: Path) -> VerifyReport:
     report.zero = all(float(m.up.abs().max()) == 0.0 for m in lora.modules.values())
     report.nonfinite = nonfinite_tensors(lora)[0]
     if not report.unmatched and not report.wrong_shape and not report.nonfinite:
-        _check_diffusers(lora, Path(lora_path), Path(base_path), report)
+        _check_diffusers(lora, Path(lora_path), Path(base_path), report, loaded)
     return report
 
 
@@ -136,36 +138,72 @@ def _load_into(pipe, lora: LoraFile, lora_path: Path, table, report: VerifyRepor
                             "--to diffusers`, which was checked here")
 
 
-def _weight(module: torch.nn.Module) -> torch.Tensor:
-    return (module.base_layer if hasattr(module, "base_layer") else module).weight
+def _adapter_delta(module: torch.nn.Module, adapter: str, shape: torch.Size) -> torch.Tensor | None:
+    """The weight change the loaded adapter applies to this layer (scaling x B @ A, what fuse_lora adds), or None
+    when the loader gave the layer none of it."""
+    if adapter not in getattr(module, "lora_A", {}):
+        return None
+    a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+    return (b.flatten(1) @ a.flatten(1)).reshape(shape) * module.scaling[adapter]
+
+
+def _tolerance(module: torch.nn.Module, adapter: str) -> float:
+    """fp32 adapters: summation order only (1e-3); a loader that keeps them in the model's fp16/bf16 rounds
+    each factor once, which a wrong alpha or scale (errors of 30 % and more) still stands far above."""
+    dtype = module.lora_A[adapter].weight.dtype
+    return max(_RTOL, 4 * torch.finfo(dtype).eps)
+
+
+def _remove_adapter(networks: dict[str, torch.nn.Module], adapter: str, active: dict[int, list[str]]) -> None:
+    """Take the checked adapter out again and re-activate what was active, so a model in use (the self-test
+    runs on the trained networks) is left as it was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for net in networks.values():
+        for module in net.modules():
+            if isinstance(module, BaseTunerLayer) and adapter in module.lora_A:
+                module.delete_adapter(adapter)
+                if active.get(id(module)):
+                    module.set_adapter(active[id(module)])
+        getattr(net, "peft_config", {}).pop(adapter, None)
 
 
 @torch.no_grad()
-def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: VerifyReport) -> None:
+def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: VerifyReport, loaded=None) -> None:
+    """loaded: (model, networks) already in memory, e.g. the trained ones at the end of a run: the base is then
+    not loaded a second time (for SDXL that second copy would not fit a 32 GB host)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from ..families.loading import load_base_model
-    from ..generation.pipelines import make_pipeline
     from .table import module_table as table_for
 
-    # The objective plays no part in a weight check: an SD2 file that does not say its own is fine here.
-    model = load_base_model(base, LoadSettings(weights_only=True))
+    if loaded is None:
+        # The objective plays no part in a weight check: an SD2 file that does not say its own is fine here.
+        model, networks = load_base_model(base, LoadSettings(weights_only=True)), {}
+    else:
+        model, networks = loaded
+    family = model.family
+    names = (family.denoiser,) + family.text_encoders
+    parts = {n: networks.get(n, model.modules[n]) for n in names}
     table = table_for(base_configs(base))
-    components = model.modules
-    targets = {name: components[table[name].component].get_submodule(table[name].path) for name in lora.modules}
-    before = {name: _weight(mod).detach().float().clone() for name, mod in targets.items()}
-    pipe = make_pipeline(model)
-    _load_into(pipe, lora, lora_path, table, report, (model.family.denoiser,) + model.family.text_encoders)
-    pipe.fuse_lora(lora_scale=1.0, adapter_names=["verify"])
-    for name, m in sorted(lora.modules.items()):
-        expected = m.delta()
-        mod = components[table[name].component].get_submodule(table[name].path)
-        applied = _weight(mod).detach().float() - before[name]
-        norm = float(expected.norm())
-        if norm == 0.0:
-            continue
-        if float(applied.norm()) == 0.0:
-            report.not_applied.append(name)
-            continue
-        rel = float((applied - expected).norm()) / norm
-        report.max_rel_error = max(report.max_rel_error, rel)
-        if rel > _RTOL:
-            report.wrong_strength.append(f"{name} (off by {rel:.1%})")
+    active = {id(m): list(m.active_adapters) for net in parts.values() for m in net.modules()
+              if isinstance(m, BaseTunerLayer)}
+    pipe = family.pipeline(model, model.schedule, parts)
+    try:
+        _load_into(pipe, lora, lora_path, table, report, names)
+        for name, m in sorted(lora.modules.items()):
+            expected = m.delta()
+            norm = float(expected.norm())
+            if norm == 0.0:
+                continue
+            module = parts[table[name].component].get_submodule(table[name].path)
+            applied = _adapter_delta(module, "verify", expected.shape)
+            if applied is None or float(applied.norm()) == 0.0:
+                report.not_applied.append(name)
+                continue
+            rel = float((applied - expected).norm()) / norm
+            report.max_rel_error = max(report.max_rel_error, rel)
+            if rel > _tolerance(module, "verify"):
+                report.wrong_strength.append(f"{name} (off by {rel:.1%})")
+    finally:
+        _remove_adapter(parts, "verify", active)

@@ -139,7 +139,7 @@ def fit(trainer: Trainer, resume: Path | None = None, on_progress: ProgressCallb
     # The finished LoRA gets a last validation loss and preview images before the files are closed.
     _observe(trainer, loop, metrics, validate=bool(trainer.validator), sample=bool(trainer.previews.plans))
     lora_path, diffusers_path = _save_final(trainer, loop, facts, metrics)
-    verified = _self_test(config, lora_path) if acc.is_main_process else None
+    verified = _self_test(trainer, lora_path) if acc.is_main_process else None
     result = TrainResult(lora_path, diffusers_path, out, loop.step, loop.epoch, loop.last_loss,
                          metrics.losses if metrics else [], time.time() - started, len(trainer.samples), verified,
                          list(metrics.validation) if metrics else [])
@@ -169,13 +169,17 @@ def write_summary(result: TrainResult, config) -> None:
     atomic_write_text(config.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
-def _self_test(config, lora_path: Path) -> str | None:
-    """Reload the saved file the way diffusers and A1111/ComfyUI do; a file that loses keys fails the run."""
+def _self_test(trainer: Trainer, lora_path: Path) -> str | None:
+    """Reload the saved file the way diffusers and A1111/ComfyUI do; a file that loses keys fails the run. The
+    names are checked against the base file's header; the effect on the networks already in memory."""
+    config = trainer.config
     if not config.verify_after_training:
         return None
     from ..interop.verify import verify
 
-    report = verify(lora_path, config.base_model)
+    unwrap = trainer.accelerator.unwrap_model
+    networks = {n: unwrap(m) for n, m in trainer.trained.items() if n != trainer.model.family.autoencoder}
+    report = verify(lora_path, config.base_model, loaded=(trainer.model, networks))
     if not report.ok:
         raise TrainingError(f"the LoRA was written but failed its self-test; please report this as a bug.\n"
                             f"{report.summary()}")

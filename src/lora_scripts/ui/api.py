@@ -453,7 +453,9 @@ def compare(request: Request, body: CompareBody) -> dict:
         raise OutsideWorkspace(f"base_model {base}: outside the workspace")
     settings = Settings(steps=body.steps, cfg=body.cfg)
     with request.app.state.studio.lock:
-        sheet = image_grid(Renderer(base, [], settings), runs, [body.prompt], [body.seed, body.seed + 1], body.weight)
+        kind = next((r.config.get("prediction_type") for r in runs), None) or "auto"
+        renderer = Renderer(base, [], settings, kind, any(r.config.get("zero_terminal_snr") for r in runs))
+        sheet = image_grid(renderer, runs, [body.prompt], [body.seed, body.seed + 1], body.weight)
     out = ws.state / "compare" / time.strftime("%Y%m%d-%H%M%S")
     paths = write_comparison(out, sheet, runs)
     return {"sheet": ws.rel(paths["sheet"]), "losses": ws.rel(paths["losses"]), "rows": [r.row() for r in runs],
