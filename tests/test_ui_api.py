@@ -664,3 +664,24 @@ def test_a_stop_during_the_workers_imports_is_kept_until_they_are_done(tmp_path)
         assert seen == [signal.SIGINT] and not stop.pending
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_studio_draws_from_an_sd2_file_that_does_not_say_its_objective(ws, tiny_sd2_ckpt):
+    """An SD2 single file that does not say what it predicts is refused until the page says it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_sd2_ckpt), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        configs = json.loads(f.metadata()["lora_scripts.architecture"])
+    # The tiny file keeps its (tiny) configs, as it must to load; like a user's SD2 file it no longer says v.
+    del configs["scheduler"]["prediction_type"]
+    save_file(state, str(ws / "models" / "sd2.safetensors"), {"lora_scripts.architecture": json.dumps(configs)})
+    c = client(ws)
+    body = {"base_model": "models/sd2.safetensors", "prompt": "a lab", "seed": 1, "steps": 2}
+    r = c.post("/api/generate", headers=HEADERS, json=body)
+    assert r.status_code == 400 and "prediction_type" in r.json()["error"]
+    image = c.post("/api/generate", headers=HEADERS, json={**body, "prediction_type": "v_prediction"}).json()["image"]
+    assert (ws / image).is_file()

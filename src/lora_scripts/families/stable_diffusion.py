@@ -116,8 +116,9 @@ class StableDiffusionFamily(Family):
         """What a single file says about its objective: our own files carry their scheduler config; files
         written with modelspec metadata carry modelspec.prediction_type."""
         if ARCHITECTURE_KEY in metadata:
-            return json.loads(metadata[ARCHITECTURE_KEY])["scheduler"].get("prediction_type", "epsilon"), \
-                "the checkpoint's embedded scheduler config says so"
+            kind = json.loads(metadata[ARCHITECTURE_KEY]).get("scheduler", {}).get("prediction_type")
+            if kind:
+                return kind, "the checkpoint's embedded scheduler config says so"
         spec = metadata.get("modelspec.prediction_type")
         if spec:
             return {"v": "v_prediction"}.get(spec, spec), "the checkpoint's modelspec.prediction_type says so"

@@ -89,6 +89,8 @@ class GenerateBody(BaseModel):
     cfg: float = Field(5.0, ge=0, le=30)
     sampler: str = "euler_a"
     strengths: list[float] | None = None  # a strength sweep of the prompt's first <lora:...> tag
+    # What the base predicts where its file does not say (SD2 single files), as prediction_type in a config.
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
 
 
 # --- config editor -------------------------------------------------------------------------------------------
@@ -399,8 +401,8 @@ def generate(request: Request, body: GenerateBody) -> dict:
     base = ws.path(body.base_model, must_exist=True)
     settings = Settings(steps=body.steps, cfg=body.cfg, scheduler=body.sampler, negative=body.negative)
     if body.strengths:
-        return {"image": studio.sweep(base, body.prompt, body.seed, body.strengths, settings)}
-    return {"image": studio.generate(base, body.prompt, body.seed, settings)}
+        return {"image": studio.sweep(base, body.prompt, body.seed, body.strengths, settings, body.prediction_type)}
+    return {"image": studio.generate(base, body.prompt, body.seed, settings, body.prediction_type)}
 
 
 

@@ -76,24 +76,26 @@ class Studio:
             self._descriptions[path] = cached
         return cached[1]
 
-    def _renderer_for(self, base: Path, settings: Settings) -> Renderer:
+    def _renderer_for(self, base: Path, settings: Settings, prediction_type: str = "auto") -> Renderer:
         r = self._renderer
-        if r is None or r.base != base or r.settings.scheduler != settings.scheduler:
-            r = self._renderer = Renderer(base, [self.ws.root], settings)
+        if (r is None or r.base != base or r.settings.scheduler != settings.scheduler
+                or r.prediction_type != prediction_type):
+            r = self._renderer = Renderer(base, [self.ws.root], settings, prediction_type)
         r.settings = settings
         r.index = self.loras()  # LoRAs trained since the last call; LoraSet reloads files changed on disk
         return r
 
-    def generate(self, base: Path, prompt: str, seed: int, settings: Settings) -> str:
+    def generate(self, base: Path, prompt: str, seed: int, settings: Settings, prediction_type: str = "auto") -> str:
         with self.lock:
-            rendered = self._renderer_for(base, settings).render(prompt, [seed])[0]
+            rendered = self._renderer_for(base, settings, prediction_type).render(prompt, [seed])[0]
             path = self._new_path()
             save_png(rendered.image, path, rendered.params)
             return self.ws.rel(path)
 
-    def sweep(self, base: Path, prompt: str, seed: int, strengths: list[float], settings: Settings) -> str:
+    def sweep(self, base: Path, prompt: str, seed: int, strengths: list[float], settings: Settings,
+              prediction_type: str = "auto") -> str:
         with self.lock:
-            sheet, _ = strength_sweep(self._renderer_for(base, settings), [prompt], [seed], strengths)
+            sheet, _ = strength_sweep(self._renderer_for(base, settings, prediction_type), [prompt], [seed], strengths)
             path = self._new_path()
             sheet.save(path)
             return self.ws.rel(path)

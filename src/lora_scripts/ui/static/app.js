@@ -332,7 +332,7 @@ async function runGenerate(sweep) {
   try {
     const r = await api("POST", "/api/generate", { base_model: $("#gen-base").value, prompt: $("#gen-prompt").value,
       negative: $("#gen-negative").value, seed: +$("#gen-seed").value, steps: +$("#gen-steps").value, cfg: +$("#gen-cfg").value,
-      strengths: sweep ? [0, 0.25, 0.5, 0.75, 1] : null });
+      prediction_type: $("#gen-prediction").value, strengths: sweep ? [0, 0.25, 0.5, 0.75, 1] : null });
     $("#gen-out").prepend(el("img", { src: fileUrl(r.image), title: r.image, className: "generated" }));
     setStatus($("#gen-status"), `done in ${((performance.now() - t0) / 1000).toFixed(1)} s: ${r.image}`, "good");
   } catch (e) { setStatus($("#gen-status"), e.message, "bad"); }
