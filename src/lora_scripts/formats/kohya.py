@@ -13,7 +13,8 @@ from torch import Tensor
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
-_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight")
+KOHYA_PARAMS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 
 class KeyConversionError(ValueError):
@@ -30,30 +31,53 @@ def kohya_module_name(component: str, module_path: str) -> str:
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:
-    for suffix in _PEFT_TO_KOHYA:
+    for suffix in _PEFT_SUFFIXES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     raise KeyConversionError(f"{key!r} is not a peft LoRA key (expected *.lora_A.weight / *.lora_B.weight)")
 
 
+def join_kohya(modules: dict[str, tuple[Tensor, Tensor, float]]) -> dict[str, Tensor]:
+    """The one kohya writer: module name -> (down, up, alpha) as `NAME.lora_down.weight`, `NAME.lora_up.weight`
+    and `NAME.alpha`. Every module gets its alpha: a file without one loads everywhere as alpha = rank,
+    silently changing the strength."""
+    out: dict[str, Tensor] = {}
+    for name, (down, up, alpha) in modules.items():
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def split_kohya(state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """The one kohya reader: keys grouped per module (name -> {"down", "up", "alpha"}, as the file has them),
+    and the keys that are no kohya LoRA parameter (LyCORIS, DoRA scales, ...), for the caller to report."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        name, _, param = key.partition(".")
+        if param in KOHYA_PARAMS and name.startswith((UNET_PREFIX, "lora_te")):
+            parts.setdefault(name, {})[KOHYA_PARAMS[param]] = value
+        else:
+            unknown.append(key)
+    return parts, unknown
+
+
 def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float]) -> dict[str, Tensor]:
     """`states` maps component ("unet", "text_encoder") to its peft LoRA state dict; `alphas` gives each
-    component's lora_alpha. Every module gets an `.alpha` key: a file without one loads everywhere as
-    alpha = rank, silently changing the strength."""
-    out: dict[str, Tensor] = {}
+    component's lora_alpha."""
+    modules: dict[str, tuple[Tensor, Tensor, float]] = {}
     for component, state in states.items():
-        modules = set()
+        pairs: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
             module, suffix = _split_peft_key(key)
+            pairs.setdefault(module, {})[suffix] = value
+        for module, pair in pairs.items():
             name = kohya_module_name(component, module)
-            out[f"{name}.{_PEFT_TO_KOHYA[suffix]}"] = value
-            modules.add(name)
-        for name in modules:
-            out[f"{name}.alpha"] = torch.tensor(float(alphas[component]))
-    expected = sum(len(s) for s in states.values()) + sum(len({_split_peft_key(k)[0] for k in s}) for s in states.values())
-    if len(out) != expected:
-        raise KeyConversionError("two modules map to the same kohya name")
-    return out
+            if name in modules:
+                raise KeyConversionError("two modules map to the same kohya name")
+            modules[name] = (pair["lora_A.weight"], pair["lora_B.weight"], alphas[component])
+    return join_kohya(modules)
 
 
 def kohya_to_peft(
@@ -64,21 +88,16 @@ def kohya_to_peft(
     reverse = {kohya_module_name(c, p): (c, p) for c, paths in module_paths.items() for p in paths}
     states: dict[str, dict[str, Tensor]] = {c: {} for c in module_paths}
     alphas: dict[str, dict[str, float]] = {c: {} for c in module_paths}
-    unknown = []
-    for key, value in state.items():
-        name, _, param = key.partition(".")
-        if name not in reverse:
-            unknown.append(key)
-            continue
-        component, path = reverse[name]
-        if param == "alpha":
-            alphas[component][path] = float(value)
-        elif param == "lora_down.weight":
-            states[component][f"{path}.lora_A.weight"] = value
-        elif param == "lora_up.weight":
-            states[component][f"{path}.lora_B.weight"] = value
-        else:
-            unknown.append(key)
+    parts, unknown = split_kohya(state)
+    unknown += [f"{name}.{param}" for name in parts if name not in reverse for param in parts[name]]
     if unknown:
         raise KeyConversionError(f"{len(unknown)} keys match no module of the model, first: {sorted(unknown)[0]!r}")
+    for name, p in parts.items():
+        component, path = reverse[name]
+        if "alpha" in p:
+            alphas[component][path] = float(p["alpha"])
+        if "down" in p:
+            states[component][f"{path}.lora_A.weight"] = p["down"]
+        if "up" in p:
+            states[component][f"{path}.lora_B.weight"] = p["up"]
     return states, alphas

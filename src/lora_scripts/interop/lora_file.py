@@ -23,12 +23,11 @@ from torch import Tensor
 from ..atomic import atomic_save_safetensors
 from ..errors import LoraScriptsError
 from ..formats.diffusers import ADAPTER_METADATA_KEY
-from ..formats.kohya import TE_PREFIX, UNET_PREFIX, kohya_module_name
+from ..formats.kohya import TE_PREFIX, UNET_PREFIX, join_kohya, kohya_module_name, split_kohya
 from .table import Entry
 
 KOHYA = "kohya"
 DIFFUSERS = "diffusers"
-_KOHYA_PARAMS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -171,14 +170,7 @@ def update_shape(m: LoraModule) -> tuple[int, ...]:
 
 
 def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
-    parts: dict[str, dict[str, Tensor]] = {}
-    unknown = []
-    for key, value in state.items():
-        name, _, param = key.partition(".")
-        if param in _KOHYA_PARAMS and name.startswith(("lora_unet_", "lora_te")):
-            parts.setdefault(name, {})[_KOHYA_PARAMS[param]] = value
-        else:
-            unknown.append(key)
+    parts, unknown = split_kohya(state)
     modules = {}
     for name, p in parts.items():
         if "down" in p and "up" in p:
@@ -236,12 +228,8 @@ def _pattern_value(patterns: dict[str, float], path: str, default):
 def kohya_state(lora: LoraFile, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Every module gets an explicit `.alpha` (= rank where the source had none: the same strength)."""
     dtype = dtype or lora.dtype
-    out = {}
-    for name, m in sorted(lora.modules.items()):
-        out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank), dtype=dtype)
-    return out
+    modules = {name: (m.down, m.up, m.alpha if m.alpha is not None else m.rank) for name, m in sorted(lora.modules.items())}
+    return {k: v.to(dtype).contiguous() for k, v in join_kohya(modules).items()}
 
 
 def write_kohya(lora: LoraFile, path: Path, metadata: dict[str, str] | None = None,
