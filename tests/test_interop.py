@@ -15,7 +15,7 @@ from lora_scripts.generation.pipelines import make_pipeline
 from lora_scripts.interop.describe import describe
 from lora_scripts.interop.lora_file import read_lora
 from lora_scripts.interop.ops import combine, resize
-from lora_scripts.interop.table import sd15_table
+from lora_scripts.interop.table import family_table
 from lora_scripts.interop.verify import verify
 from lora_scripts.training.loop import train
 
@@ -214,7 +214,7 @@ def test_sd15_table_names_every_golden_module_and_its_checkpoint_key():
     """The kohya names of all three presets (golden lists) resolve to weights of SD1.5's original layout."""
     from conftest import REPO
 
-    table = sd15_table()
+    table = family_table("sd1")
     for path in (REPO / "tests" / "golden").glob("sd15_*.txt"):
         for name in path.read_text().split():
             entry = table[name]

@@ -32,12 +32,6 @@ def module_table(configs: dict[str, Any]) -> dict[str, Entry]:
     return _table(json.dumps({**{k: configs[k] for k in keep}, FAMILY_KEY: family.name}, sort_keys=True))
 
 
-def sd15_table() -> dict[str, Entry]:
-    """The table of a real SD1.5 (embedded configs)."""
-    family = default_family()
-    return module_table({**family.embedded_configs(), FAMILY_KEY: family.name})
-
-
 def family_table(label: str) -> dict[str, Entry] | None:
     """The table of a real model of the family a LoRA file is for (by its label, e.g. "sd2"), from the embedded
     configs: what a LoRA without a base is described and converted against. None for families we do not train."""
