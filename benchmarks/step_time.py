@@ -26,7 +26,7 @@ import yaml
 
 
 def build_checkpoint(kind: str, folder: Path) -> Path:
-    from lora_scripts.toy.tiny import write_tiny_checkpoint
+    from lora_scripts.families.tiny import write_tiny_checkpoint
 
     if kind == "tiny":
         return write_tiny_checkpoint(folder / "tiny.safetensors")

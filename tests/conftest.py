@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from lora_scripts.toy.tiny import write_tiny_checkpoint
+    from lora_scripts.families.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-sd15.safetensors", seed=0)
 
@@ -32,7 +32,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def tiny_sd2_ckpt(tmp_path_factory) -> Path:
     """A tiny SD2 768-v-style single file: OpenCLIP text encoder layout, linear projections, v-prediction (its
     embedded scheduler config says so, as a real 768-v file would need prediction_type: v_prediction)."""
-    from lora_scripts.toy.tiny import write_tiny_checkpoint
+    from lora_scripts.families.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-sd2-v.safetensors", seed=0,
                                  family="sd2", prediction_type="v_prediction")
@@ -41,7 +41,7 @@ def tiny_sd2_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2_base_folder(tmp_path_factory) -> Path:
     """A tiny SD2 512-base-style (epsilon) model as a diffusers folder."""
-    from lora_scripts.toy.tiny import write_tiny_folder
+    from lora_scripts.families.tiny import write_tiny_folder
 
     return write_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-sd2-base", seed=1, family="sd2",
                              prediction_type="epsilon")

@@ -6,7 +6,7 @@ from lora_scripts.errors import ModelLoadError
 from lora_scripts.families import detect_family
 from lora_scripts.families.loading import load_base_model
 from lora_scripts.families.clip_tokenizer import clip_tokenizer
-from lora_scripts.toy.tiny import build_tiny_models
+from lora_scripts.families.tiny import build_tiny_models
 
 
 def test_clip_tokenizer_matches_openai_ids():

@@ -198,3 +198,19 @@ def test_sd2_v_is_told_by_metadata_and_sdxl_folders_are_refused(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ModelLoadError, match="SDXL diffusers model"):
         detect_folder_family(folder)
+
+
+@pytest.mark.parametrize("family,prediction", [("sd15", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction")])
+def test_each_family_loads_alike_from_a_single_file_and_a_folder(tmp_path, family, prediction):
+    """The same tiny model written both ways users have it loads to the same networks and the same objective."""
+    from lora_scripts.families.tiny import write_tiny_checkpoint, write_tiny_folder
+
+    single = load_base_model(write_tiny_checkpoint(tmp_path / "m.safetensors", 3, family=family, prediction_type=prediction))
+    folder = load_base_model(write_tiny_folder(tmp_path / "m", 3, family=family, prediction_type=prediction))
+    for model in (single, folder):
+        assert (model.family.name, model.prediction_type) == (family, prediction)
+    ids = single.family.tokenize(single.tokenizers, ["a red circle"])["input_ids"]
+    assert torch.equal(ids, folder.family.tokenize(folder.tokenizers, ["a red circle"])["input_ids"])
+    for name in single.modules:
+        a, b = single.modules[name].state_dict(), folder.modules[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -13,7 +13,7 @@ from conftest import REPO, seed_config
 from lora_scripts.formats.kohya import kohya_module_name
 from lora_scripts.hashes import sshs_hashes
 from lora_scripts.families import FAMILIES
-from lora_scripts.toy.tiny import build_tiny_models
+from lora_scripts.families.tiny import build_tiny_models
 
 
 def _run(args, cwd):

@@ -444,7 +444,7 @@ def render(messages: dict[str, str]) -> str:
 def _all_messages() -> dict[str, str]:
     import tempfile
 
-    from lora_scripts.toy.tiny import write_tiny_checkpoint
+    from lora_scripts.families.tiny import write_tiny_checkpoint
 
     refused, _, commands, http = catalogue()
     messages = {}

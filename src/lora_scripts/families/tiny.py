@@ -7,15 +7,17 @@ seconds on a CPU. They cannot draw anything; the pretrained toy base model is bu
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..families.saving import save_ldm_checkpoint
-from ..families import FAMILIES
+from . import FAMILIES
+from .clip_tokenizer import write_clip_tokenizer_files
+from .saving import save_ldm_checkpoint
 
 # Widths are multiples of 32 because LDM configs hard-code 32 GroupNorm groups.
 _UNET = dict(
@@ -64,19 +66,11 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.
 
 def write_tiny_folder(folder: Path, seed: int = 0, family: str = "sd15", prediction_type: str | None = None) -> Path:
     """The same models as a diffusers folder (save_pretrained), as users download them."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from ..families.clip_tokenizer import write_clip_tokenizer_files
-
     unet, vae, text_encoder, configs = build_tiny_models(seed, family, prediction_type)
     tok_dir = write_clip_tokenizer_files(Path(folder) / "_tokenizer", pad_token=FAMILIES[family].pad_token)
-    from transformers import CLIPTokenizer
-
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
                                    unet=unet, scheduler=DDPMScheduler.from_config(configs["scheduler"]),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
-    import shutil
-
     shutil.rmtree(tok_dir)
     return Path(folder)
