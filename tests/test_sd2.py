@@ -214,3 +214,83 @@ def test_each_family_loads_alike_from_a_single_file_and_a_folder(tmp_path, famil
     for name in single.modules:
         a, b = single.modules[name].state_dict(), folder.modules[name].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_folders_as_the_hub_has_them(tmp_path, tiny_sd2_base_folder, tiny_ckpt):
+    """SD2 folders written by transformers 4 (text_model. keys, position_ids), an SD2 folder whose scheduler does
+    not say its objective, SD1 folders saved under another pipeline class, and inpainting models."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_scripts.errors import ModelLoadError
+    from lora_scripts.families.tiny import write_tiny_folder
+    from lora_scripts.interop.table import base_shapes
+
+    old = shutil.copytree(tiny_sd2_base_folder, tmp_path / "sd2-tf4")
+    weights = old / "text_encoder" / "model.safetensors"
+    state = {f"text_model.{k}": v for k, v in load_file(str(weights)).items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state, str(weights))
+    assert base_shapes(old) == base_shapes(tiny_sd2_base_folder)
+    a, b = load_base_model(old).text_encoder.state_dict(), load_base_model(tiny_sd2_base_folder).text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+    unsure = shutil.copytree(tiny_sd2_base_folder, tmp_path / "sd2-unsure")
+    sched = unsure / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({k: v for k, v in json.loads(sched.read_text()).items() if k != "prediction_type"}))
+    with pytest.raises(ModelLoadError, match="prediction_type: v_prediction"):
+        load_base_model(unsure)
+
+    sd1 = write_tiny_folder(tmp_path / "sd1-img2img", 0)
+    index = json.loads((sd1 / "model_index.json").read_text())
+    (sd1 / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"}))
+    assert load_base_model(sd1).family.name == "sd15"
+    unet_cfg = sd1 / "unet" / "config.json"
+    unet_cfg.write_text(json.dumps({**json.loads(unet_cfg.read_text()), "in_channels": 9}))
+    with pytest.raises(ModelLoadError, match="inpainting model"):
+        load_base_model(sd1)
+
+
+@pytest.mark.slow
+def test_self_test_leaves_the_trained_networks_as_they_were(tmp_path, dataset, tiny_ckpt):
+    """bf16 frozen weights: diffusers casts a text encoder to them when it loads the checked adapter; the trained
+    fp32 LoRA and the train/eval modes must come back, and the file must pass (not 'off by 1 %')."""
+    from safetensors.torch import load_file
+
+    from lora_scripts.training.loop import fit
+    from lora_scripts.training.trainer import Trainer
+
+    tr = Trainer(load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=2, train_text_encoder=True,
+                                         mixed_precision="bf16", save_precision="fp32", learning_rate=1e-3))).setup()
+    result = fit(tr)
+    assert "0 unmatched" in result.verified
+    lora = [p for net in tr.trained.values() for n, p in net.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    saved = load_file(str(result.diffusers_path)) if result.diffusers_path else None
+    states = tr.lora_states()
+    from lora_scripts.formats.kohya import peft_to_kohya
+
+    written = load_file(str(result.lora_path))
+    kohya = peft_to_kohya(states, {c: 16.0 for c in states})
+    assert all(torch.equal(written[k], kohya[k]) for k in kohya if not k.endswith(".alpha")), saved
+
+
+def test_check_says_what_training_would_refuse_about_an_sd2_base(tmp_path, dataset, tiny_sd2_ckpt):
+    """check reports the missing prediction_type (train refuses at once) and a resolution below a real model's."""
+    from safetensors.torch import save_file
+
+    from lora_scripts.data.check import check_dataset
+
+    unsure = tmp_path / "v2-1.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(1)}, str(unsure))
+    report = check_dataset(load_config(seed_config(tmp_path, unsure)))
+    assert [f.message for f in report.findings if f.level == "error"] == [
+        "base_model is a Stable Diffusion 2.x file that does not say whether it predicts epsilon (512-base) or v "
+        "(768-v): set prediction_type: epsilon or prediction_type: v_prediction"]
+    told = check_dataset(load_config(seed_config(tmp_path, unsure, prediction_type="v_prediction")))
+    assert told.ok and any("trained at 768 px" in f.message for f in told.findings)
+    tiny = check_dataset(load_config(seed_config(tmp_path, tiny_sd2_ckpt)))  # a model of its own size: no advice
+    assert tiny.ok and not any("trained at" in f.message for f in tiny.findings)

@@ -116,12 +116,21 @@ def test_shapes_match_tensors_and_real_sizes():
     assert planned[P + "logit_scale"] == ()
 
 
-@pytest.mark.parametrize("bad", ["text_projection.weight", "encoder.layers.0.self_attn.qkv.weight",
-                                 "text_model.final_layer_norm.weight"])
+@pytest.mark.parametrize("bad", ["text_projection.weight", "encoder.layers.0.self_attn.qkv.weight"])
 def test_unknown_key_raises(bad):
     state = tiny_open_clip(3).state_dict()
     with pytest.raises(LdmConversionError, match="no OpenCLIP equivalent"):
         open_clip_to_ldm({**state, bad: torch.zeros(1)})
+
+
+def test_transformers4_keys_convert_alike_and_a_mix_raises():
+    """SD2 folders on the Hub were saved by transformers 4: `text_model.` keys and position_ids."""
+    state = tiny_open_clip(3).state_dict()
+    old = {f"text_model.{k}": v for k, v in state.items()} | {"text_model.embeddings.position_ids": torch.arange(77)}
+    new, converted = open_clip_to_ldm(state), open_clip_to_ldm(old)
+    assert new.keys() == converted.keys() and all(torch.equal(new[k], converted[k]) for k in new)
+    with pytest.raises(LdmConversionError, match="both with and without"):
+        open_clip_to_ldm({**state, "text_model.final_layer_norm.weight": torch.zeros(1)})
 
 
 def test_missing_projection_raises():

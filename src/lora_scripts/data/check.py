@@ -255,6 +255,29 @@ def dataset_warnings(samples: list[Sample], config: TrainConfig) -> list[Finding
     return report.findings
 
 
+def _base_findings(config: TrainConfig, report: CheckReport) -> None:
+    """What training would refuse about the base at once (an SD2 file that does not say what it predicts), and
+    a resolution below the one the model was trained at. A base that cannot be read is training's to report."""
+    from ..errors import ModelLoadError
+    from ..families.loading import ARCHITECTURE_KEY, base_family
+
+    base = Path(config.base_model)
+    if not base.exists():
+        return
+    try:
+        family, metadata = base_family(base)
+    except ModelLoadError:
+        return
+    stated = family.stated_prediction_type(base, metadata)
+    kind = stated if config.prediction_type == "auto" else config.prediction_type
+    if kind is None and family.resolution_for("v_prediction") != family.resolution_for("epsilon"):
+        report.add(ERROR, "settings", f"base_model is a {family.label} file that does not say whether it predicts "
+                   "epsilon (512-base) or v (768-v): set prediction_type: epsilon or prediction_type: v_prediction")
+    elif config.resolution < family.resolution_for(kind) and ARCHITECTURE_KEY not in metadata:  # a real-size model
+        report.add(WARNING, "settings", f"resolution {config.resolution}: this {family.label} model was trained at "
+                   f"{family.resolution_for(kind)} px; LoRAs trained smaller draw worse at its native size")
+
+
 def check_dataset(config: TrainConfig, trigger: str | None = None, vram_gb: float | None = None) -> CheckReport:
     report = CheckReport()
     notes: list[str] = []
@@ -276,6 +299,7 @@ def check_dataset(config: TrainConfig, trigger: str | None = None, vram_gb: floa
     _orphans(samples, config, report)
     _caption_findings(samples, config, trigger, report)
     _settings_findings(samples, config, report)
+    _base_findings(config, report)
     if config.batch_size > report.stats["images_with_repeats"]:
         report.add(ERROR, "settings", f"batch_size {config.batch_size} is larger than the dataset "
                    f"({report.stats['images_with_repeats']} images counting repeats)")

@@ -84,6 +84,11 @@ class Model:
         self.schedule = schedule  # the diffusers scheduler the model was trained with (sampling starts from it)
         self.objective = objective
         self.objective_reason = objective_reason  # why this objective: the log says it
+        self.native_resolution = family.default_resolution  # the side it draws best at (families set it on load)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return (self.native_resolution, self.native_resolution)
 
     @property
     def denoiser(self) -> nn.Module:

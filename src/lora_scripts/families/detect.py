@@ -47,6 +47,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
         raise ModelLoadError(f"{path} is an SD3 checkpoint; {_TRAINED}.")
     if any("double_blocks." in k for k in keys):
         raise ModelLoadError(f"{path} is a Flux checkpoint; {_TRAINED}.")
+    if _UNET in shapes and len(shapes[_UNET]) == 4 and shapes[_UNET][1] == 9:
+        raise ModelLoadError(f"{path} is an inpainting checkpoint (9 input channels); {_TRAINED} text-to-image "
+                             "models: train on the base model and use the LoRA with the inpainting model")
     if _UNET not in shapes:
         raise ModelLoadError(
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
@@ -67,6 +70,9 @@ def detect_folder_family(folder: Path) -> str:
         raise ModelLoadError(f"{folder} is {_OTHER_PIPELINES[cls]} diffusers model ({cls}); {_TRAINED}.")
     configs = {name: _read_json(folder / name / "config.json", folder) for name in index
                 if not name.startswith("_") and (folder / name / "config.json").is_file()}
+    if configs.get("unet", {}).get("in_channels") == 9:
+        raise ModelLoadError(f"{folder} is an inpainting model (9 input channels); {_TRAINED} text-to-image "
+                             "models: train on the base model and use the LoRA with the inpainting model")
     for family in TRAINABLE:
         if family.recognise_folder(index, configs):
             return family.name

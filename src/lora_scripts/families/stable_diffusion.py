@@ -82,8 +82,9 @@ class StableDiffusionFamily(Family):
         raise NotImplementedError
 
     def recognise_folder(self, index: dict[str, Any], configs: dict[str, dict[str, Any]]) -> bool:
-        return (index.get("_class_name") == "StableDiffusionPipeline"
-                and self.recognise_configs(configs))
+        # Any pipeline class saved over these components (StableDiffusionPipeline, Img2Img, DiffusionPipeline):
+        # the components decide, as they did before families were modules.
+        return "unet" in configs and self.recognise_configs(configs)
 
     def recognise_configs(self, configs: dict[str, dict[str, Any]]) -> bool:
         return configs.get("text_encoder", {}).get("hidden_act") == self.text_encoder_act
@@ -93,7 +94,9 @@ class StableDiffusionFamily(Family):
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
                                                            requires_safety_checker=False)
-            said = pipe.scheduler.config.get("prediction_type"), f"{path.name}/scheduler says so"
+            # The folder's own scheduler_config.json, not the loaded config: diffusers fills a missing key with
+            # its default (epsilon), which would be a silent guess for an SD2 folder that does not say.
+            said = self.stated_prediction_type(path, {}), f"{path.name}/scheduler/scheduler_config.json says so"
             kind, reason = self.resolve_prediction_type(settings, said, path)
         else:
             # Decided before the load (seconds to a minute): a file that does not say is refused at once.
@@ -109,8 +112,14 @@ class StableDiffusionFamily(Family):
         if settings.zero_terminal_snr:
             reason += "; zero_terminal_snr: true rescales the schedule to SNR 0 at its last step (Lin et al. 2023)"
         modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-        return SDModel(self, path, modules, {"tokenizer": pipe.tokenizer}, schedule, DiffusionObjective(schedule),
-                       reason)
+        model = SDModel(self, path, modules, {"tokenizer": pipe.tokenizer}, schedule, DiffusionObjective(schedule),
+                        reason)
+        # A real single file loads with the embedded configs, whose UNet sample_size is one variant's (SD2: 768);
+        # its objective tells 512-base from 768-v. Folders and our own files carry their own size.
+        embedded = not path.is_dir() and ARCHITECTURE_KEY not in metadata
+        size = self.resolution_for(kind) if embedded else pipe.unet.config.sample_size * pipe.vae_scale_factor
+        model.native_resolution = size
+        return model
 
     def prediction_type_in_file(self, metadata: dict[str, str]) -> tuple[str | None, str]:
         """What a single file says about its objective: our own files carry their scheduler config; files
@@ -312,10 +321,6 @@ class StableDiffusionFamily(Family):
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def native_size(self, pipe) -> tuple[int, int]:
-        """(height, width) the model was trained at: its UNet's sample size in pixels."""
-        return (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
 
     # --- what a LoRA file says about its base ---------------------------------------------------------------
     def lora_metadata(self, prediction_type: str) -> dict[str, str]:

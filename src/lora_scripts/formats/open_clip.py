@@ -54,6 +54,15 @@ _LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _RESBLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
+def _transformers5(state: dict) -> dict:
+    """transformers 4 saved CLIPTextModel with a `text_model.` level and, in older versions, the position_ids
+    buffer (every SD2 diffusers folder on the Hub was written so); transformers 5 has neither."""
+    out = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    if len(out) != sum(not k.endswith("embeddings.position_ids") for k in state):
+        raise LdmConversionError("the text encoder state has keys both with and without the text_model. prefix")
+    return out
+
+
 def _plan(keys) -> dict[str, tuple[str, ...]]:
     """LDM key (without prefix) -> the transformers keys it is made of, in concatenation order."""
     plan: dict[str, list[str | None]] = {}
@@ -99,6 +108,7 @@ def open_clip_to_ldm(state: dict[str, Tensor], *, unused_last_block: bool = True
     layers SD2 uses; ``text_projection`` (identity, (width, width) like ViT-H's) and ``logit_scale``
     are always written, because real files have them and loaders size their models from the file.
     """
+    state = _transformers5(state)
     plan = _plan(state)
     out = {}
     for dst, parts in plan.items():
@@ -118,6 +128,7 @@ def open_clip_shapes_to_ldm(
     shapes: dict[str, tuple[int, ...]], *, unused_last_block: bool = True
 ) -> dict[str, tuple[int, ...]]:
     """The keys and shapes :func:`open_clip_to_ldm` writes, from the text encoder's shapes alone."""
+    shapes = _transformers5(shapes)
     plan = _plan(shapes)
     out: dict[str, tuple[int, ...]] = {}
     for dst, parts in plan.items():

@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         for p in prompts:
             with_strength(p, 1.0)
-    renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto")
+    renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto", args.zero_terminal_snr)
     if strengths is not None:
         sheet, results = strength_sweep(renderer, prompts, seeds, strengths)
     else:
@@ -157,7 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = Path(args.base or bases.pop())
     # The objective the runs trained with (an SD2 file may not say it itself), unless --prediction-type says.
     kind = args.prediction_type or next((r.config.get("prediction_type") for r in runs), None) or "auto"
-    ztsnr = any(r.config.get("zero_terminal_snr") for r in runs)
+    ztsnr = args.zero_terminal_snr or any(r.config.get("zero_terminal_snr") for r in runs)
     renderer = Renderer(base, [], settings, kind, ztsnr)
     sheet = image_grid(renderer, runs, args.prompt, seeds, args.weight)
     paths = write_comparison(Path(args.out), sheet, runs)
@@ -185,6 +185,8 @@ def _sampling_arguments(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"),
                    help="what the base predicts, where its file does not say (SD2 single files: epsilon for "
                    "512-base, v_prediction for 768-v)")
+    p.add_argument("--zero-terminal-snr", action="store_true", help="the base was trained with a zero-terminal-SNR "
+                   "schedule (as zero_terminal_snr: true in a config): sample it that way")
 
 
 def add_commands(sub) -> None:

@@ -24,7 +24,15 @@ SCHEDULERS = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler,
 
 def make_pipeline(model: Model, scheduler: str = "ddim"):
     """The family's pipeline around the model's own networks, with one of our samplers."""
-    return model.family.pipeline(model, SCHEDULERS[scheduler].from_config(model.schedule.config))
+    return model.family.pipeline(model, sampler(model, scheduler))
+
+
+def sampler(model: Model, name: str):
+    """One of our samplers on the model's noise schedule. A zero-terminal-SNR schedule is sampled from its last
+    (pure-noise) step: 'trailing' timestep spacing, as Lin et al. (2023) require; 'leading' would never start
+    there and the image keeps a trace of the mean brightness the model was meant to unlearn."""
+    extra = {"timestep_spacing": "trailing"} if model.schedule.config.get("rescale_betas_zero_snr") else {}
+    return SCHEDULERS[name].from_config(model.schedule.config, **extra)
 
 
 class LoraSet:
@@ -123,7 +131,7 @@ def _load_failure(path: Path, exc: Exception) -> str:
 def generate(pipe, prompt: str, seeds: Sequence[int], size: tuple[int, int], steps: int = 30, cfg: float = 5.0,
              negative: str = "") -> list[Image.Image]:
     """One image per seed; each seed gets its own CPU generator, so results do not depend on batch size.
-    size: (height, width); a family's native size is `family.native_size(pipe)`."""
+    size: (height, width); a model's native size is `model.native_size`."""
     height, width = size
     # Zero-terminal-SNR models over-expose under plain CFG; Lin et al. (2023) rescale the guided prediction (0.7).
     rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0

@@ -116,7 +116,7 @@ class Renderer:
             weights[ref.name] = weights.get(ref.name, 0.0) + ref.weight  # A1111 adds repeated tags
         self.loras.apply(weights)
         s = self.settings
-        size = s.size or self.model.family.native_size(self.pipe)
+        size = s.size or self.model.native_size
         images = generate(self.pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative,
                           size=(size[1], size[0]))
         hashes = {r.name: self._lora_hash(r.name) for r in refs}

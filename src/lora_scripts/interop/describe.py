@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .lora_file import LoraFile, read_lora
-from ..families import guess_lora_family, lora_metadata_for
+from ..families import family_by_label, guess_lora_family, lora_metadata_for
 from .table import Entry, family_table, ldm_alias
 
 # The width of the text embedding that cross-attention reads tells the family apart.
@@ -100,7 +100,8 @@ def _warnings(lora: LoraFile, family: str, table: dict[str, Entry] | None) -> li
     if table is not None:
         unmatched = [n for n in lora.modules if n not in table and ldm_alias(n, table) is None]
         if unmatched:
-            out.append(f"{len(unmatched)} of {len(lora.modules)} module names match no {family} layer; A1111 and "
+            label = family_by_label(family).label if family_by_label(family) else family
+            out.append(f"{len(unmatched)} of {len(lora.modules)} module names match no {label} layer; A1111 and "
                        f"ComfyUI would skip them (e.g. {sorted(unmatched)[0]})")
     version = lora.metadata.get("ss_base_model_version", "")
     expected = lora_metadata_for(family).get("ss_base_model_version")

@@ -21,7 +21,11 @@ _STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", ADAPTE
 def derived_metadata(source: LoraFile, result: LoraFile, state: dict[str, Tensor], family: str, note: str
                      ) -> dict[str, str]:
     meta = {k: v for k, v in source.metadata.items() if k not in _STALE}
-    prediction = "v_prediction" if meta.get("modelspec.prediction_type") in ("v", "v_prediction") else "epsilon"
+    # Files of every age say v-prediction one way or another: modelspec, sd-scripts' version string, or the
+    # older ss_v_parameterization flag.
+    v = (meta.get("modelspec.prediction_type") in ("v", "v_prediction")
+         or meta.get("ss_base_model_version", "").endswith("_v") or meta.get("ss_v_parameterization") == "True")
+    prediction = "v_prediction" if v else "epsilon"
     meta.update(lora_metadata_for(family, prediction))
     ranks = Counter(m.rank for m in result.modules.values())
     alphas = Counter(float(m.alpha if m.alpha is not None else m.rank) for m in result.modules.values())

@@ -18,7 +18,7 @@ import torch
 
 from ..families.loading import quiet_loading
 from .files import check_base
-from .lora_file import LoraFile, nonfinite_tensors, read_lora
+from .lora_file import LoraFile, LoraModule, nonfinite_tensors, read_lora
 from .table import base_configs, base_shapes, module_table
 from ..families import LoadSettings, family_for_configs
 
@@ -147,13 +147,6 @@ def _adapter_delta(module: torch.nn.Module, adapter: str, shape: torch.Size) -> 
     return (b.flatten(1) @ a.flatten(1)).reshape(shape) * module.scaling[adapter]
 
 
-def _tolerance(module: torch.nn.Module, adapter: str) -> float:
-    """fp32 adapters: summation order only (1e-3); a loader that keeps them in the model's fp16/bf16 rounds
-    each factor once, which a wrong alpha or scale (errors of 30 % and more) still stands far above."""
-    dtype = module.lora_A[adapter].weight.dtype
-    return max(_RTOL, 4 * torch.finfo(dtype).eps)
-
-
 def _remove_adapter(networks: dict[str, torch.nn.Module], adapter: str, active: dict[int, list[str]]) -> None:
     """Take the checked adapter out again and re-activate what was active, so a model in use (the self-test
     runs on the trained networks) is left as it was."""
@@ -188,22 +181,33 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: Verify
     table = table_for(base_configs(base))
     active = {id(m): list(m.active_adapters) for net in parts.values() for m in net.modules()
               if isinstance(m, BaseTunerLayer)}
+    # diffusers casts a text encoder it loads an adapter into to the base's dtype, trained LoRA included, and
+    # leaves it in eval mode: what a model in use had is put back afterwards (LoRA tensors are small).
+    kept = {id(p): (p, p.data.clone()) for net in parts.values() for n, p in net.named_parameters() if "lora_" in n}
+    modes = {id(m): (m, m.training) for net in parts.values() for m in net.modules()}
     pipe = family.pipeline(model, model.schedule, parts)
     try:
         _load_into(pipe, lora, lora_path, table, report, names)
         for name, m in sorted(lora.modules.items()):
-            expected = m.delta()
+            module = parts[table[name].component].get_submodule(table[name].path)
+            # What the file says, in the precision the loader keeps the adapter in (fp16 under an fp16 base): a
+            # value rounded once by the loader is its choice, a wrong alpha, scale or layer is an error.
+            dtype = module.lora_A["verify"].weight.dtype if "verify" in getattr(module, "lora_A", {}) else None
+            expected = (LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) if dtype else m).delta()
             norm = float(expected.norm())
             if norm == 0.0:
                 continue
-            module = parts[table[name].component].get_submodule(table[name].path)
             applied = _adapter_delta(module, "verify", expected.shape)
             if applied is None or float(applied.norm()) == 0.0:
                 report.not_applied.append(name)
                 continue
             rel = float((applied - expected).norm()) / norm
             report.max_rel_error = max(report.max_rel_error, rel)
-            if rel > _tolerance(module, "verify"):
+            if rel > _RTOL:
                 report.wrong_strength.append(f"{name} (off by {rel:.1%})")
     finally:
         _remove_adapter(parts, "verify", active)
+        for param, data in kept.values():
+            param.data = data
+        for module, training in modes.values():
+            module.training = training  # each module's own flag (train() would recurse into the children)

@@ -33,7 +33,7 @@ class Sampler:
         lora_set = LoraSet(pipe, model.family)
         for name, path in (loras or {}).items():
             lora_set.load(name, path)
-        return cls(pipe, lora_set, model.family.native_size(pipe))
+        return cls(pipe, lora_set, model.native_size)
 
     def images(self, prompts: Sequence[str], seeds: Sequence[int], weights: dict[str, float],
                steps: int = 25, cfg: float = 5.0) -> list[Image.Image]:

@@ -16,7 +16,7 @@ import torch
 
 from ..config import SamplePrompt, TrainConfig
 from ..errors import ConfigError
-from ..generation.pipelines import SCHEDULERS, generate
+from ..generation.pipelines import generate, sampler
 from ..generation.pnginfo import Parameters, save_png
 from ..generation.prompts import parse_prompt
 from ..families import Model
@@ -98,8 +98,8 @@ class PreviewSampler:
 
     def pipe(self):
         if self._pipe is None:
-            sched = SCHEDULERS[self.config.sample_sampler].from_config(self.model.schedule.config)
-            self._pipe = self.model.family.pipeline(self.model, sched, self._networks())
+            self._pipe = self.model.family.pipeline(self.model, sampler(self.model, self.config.sample_sampler),
+                                                    self._networks())
         return self._pipe
 
     @torch.no_grad()
