@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelLoadError
-from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name
+from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name, unet_name_from_ldm
 from ..formats.ldm import CLIP_PREFIX, UNET_PREFIX, _unet_key, clip_to_ldm, unet_to_ldm, vae_to_ldm
 from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
 from .clip_tokenizer import write_clip_tokenizer_files
@@ -283,12 +282,10 @@ class StableDiffusionFamily(Family):
 
     def ldm_alias(self, kohya_name: str, table: dict[str, ModuleEntry]) -> str | None:
         """ComfyUI also accepts UNet names in the LDM layout (lora_unet_input_blocks_1_1_proj_in); its kohya name."""
-        prefix = KOHYA_UNET
-        if not kohya_name.startswith(prefix):
+        if not kohya_name.startswith(KOHYA_UNET):
             return None
-        by_ldm = {re.sub(r"\.weight$", "", e.ldm_key.removeprefix(UNET_PREFIX)).replace(".", "_"): name
-                  for name, e in table.items() if e.component == "unet"}
-        return by_ldm.get(kohya_name.removeprefix(prefix))
+        by_ldm = {unet_name_from_ldm(e.ldm_key): name for name, e in table.items() if e.component == "unet"}
+        return by_ldm.get(kohya_name)
 
     # --- single files ---------------------------------------------------------------------------------------
     def text_encoder_to_ldm(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -22,12 +22,27 @@ class KeyConversionError(ValueError):
 
 
 def kohya_module_name(component: str, module_path: str) -> str:
+    """SD1.x/SD2.x names: the UNet by its diffusers path, the one text encoder under lora_te_."""
     if component == "unet":
         return UNET_PREFIX + module_path.replace(".", "_")
     if component == "text_encoder":
-        path = module_path if module_path.startswith("text_model.") else f"text_model.{module_path}"
-        return TE_PREFIX + path.replace(".", "_")
+        return text_encoder_name(TE_PREFIX, module_path)
     raise KeyConversionError(f"unknown component {component!r}")
+
+
+def text_encoder_name(prefix: str, module_path: str) -> str:
+    """A CLIP text-encoder layer under a prefix (lora_te_, and SDXL's lora_te1_/lora_te2_), with CLIP's
+    `text_model.` level that transformers 5 dropped from CLIPTextModel (A1111/ComfyUI expect it)."""
+    path = module_path if module_path.startswith("text_model.") else f"text_model.{module_path}"
+    return prefix + path.replace(".", "_")
+
+
+def unet_name_from_ldm(ldm_key: str) -> str:
+    """A UNet layer named by its key in the original single-file layout, as sd-scripts names SDXL's
+    (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q) and as ComfyUI also accepts for SD1."""
+    from .ldm import UNET_PREFIX as LDM_UNET
+
+    return UNET_PREFIX + ldm_key.removeprefix(LDM_UNET).removesuffix(".weight").replace(".", "_")
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:

@@ -22,6 +22,9 @@ _UNET_FIXED = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
+# SDXL's size/crop conditioning MLP (addition_embed_type "text_time"). SD-upscale's class embedding also maps to
+# label_emb in the SGM layout, so this is used only for text_time UNets, never as a fixed entry.
+_TEXT_TIME = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 _UNET_RESNET = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -44,10 +47,15 @@ def _map_resnet(rest: str) -> str:
     return f"{_UNET_RESNET[layer]}.{param}"
 
 
-def _unet_key(key: str, layers_per_block: int, up_has_attn: dict[int, bool]) -> str:
+def _unet_key(key: str, layers_per_block: int, up_has_attn: dict[int, bool], text_time: bool = False) -> str:
+    """diffusers UNet2DConditionModel key -> its key in the original (LDM/SGM) layout. SDXL needs nothing more
+    than text_time: its transformer depth stays inside `transformer_blocks.N` and the block index arithmetic
+    holds for three down blocks as for four."""
     stem, param = key.rsplit(".", 1)
     if stem in _UNET_FIXED:
         return f"{_UNET_FIXED[stem]}.{param}"
+    if text_time and stem in _TEXT_TIME:
+        return f"{_TEXT_TIME[stem]}.{param}"
     if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         idx = i * (layers_per_block + 1) + j + 1
@@ -71,13 +79,13 @@ def _unet_key(key: str, layers_per_block: int, up_has_attn: dict[int, bool]) -> 
     raise LdmConversionError(f"UNet key {key!r} has no LDM equivalent")
 
 
-def unet_to_ldm(state: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+def unet_to_ldm(state: dict[str, Tensor], layers_per_block: int, text_time: bool = False) -> dict[str, Tensor]:
     up_has_attn: dict[int, bool] = {}
     for k in state:
         if m := re.match(r"up_blocks\.(\d+)\.", k):
             i = int(m[1])
             up_has_attn[i] = up_has_attn.get(i, False) or ".attentions." in k
-    out = {UNET_PREFIX + _unet_key(k, layers_per_block, up_has_attn): v for k, v in state.items()}
+    out = {UNET_PREFIX + _unet_key(k, layers_per_block, up_has_attn, text_time): v for k, v in state.items()}
     if len(out) != len(state):
         raise LdmConversionError("two UNet keys map to the same LDM key")
     return out
