@@ -135,10 +135,11 @@ def vae_to_ldm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def clip_to_ldm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """transformers >= 5 flattens CLIPTextModel (no ``text_model.``); LDM files keep that prefix."""
+def clip_to_ldm(state: dict[str, Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Tensor]:
+    """transformers >= 5 flattens CLIPTextModel (no ``text_model.``); LDM files keep that prefix. prefix: where
+    the encoder lives (SD1: cond_stage_model.transformer.; SDXL's CLIP-L: conditioner.embedders.0.transformer.)."""
     out = {}
     for k, v in state.items():
         inner = k if k.startswith("text_model.") else f"text_model.{k}"
-        out[CLIP_PREFIX + inner] = v
+        out[prefix + inner] = v
     return out

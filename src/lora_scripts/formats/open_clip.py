@@ -197,3 +197,17 @@ def open_clip_weight_of(module_path: str) -> tuple[str, int | None]:
     if name not in _LAYER:
         raise LdmConversionError(f"{module_path!r} has no weight in the OpenCLIP layout")
     return prefix + _LAYER[name] + ".weight", None
+
+
+def open_clip_with_projection_to_ldm(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """transformers 5 ``CLIPTextModelWithProjection`` (SDXL's OpenCLIP-bigG) -> its single-file keys under
+    ``prefix`` (SDXL: ``conditioner.embedders.1.model.``). Unlike SD2's: every block is used (SDXL takes the
+    penultimate hidden state itself), so no unused block is added, and the trained projection is kept,
+    transposed: OpenCLIP computes ``x @ P`` where nn.Linear computes ``x @ W.T``. At real size P is square
+    (1280 x 1280), so a missing transpose would load without any error."""
+    body = {k: v for k, v in state.items() if k != "text_projection.weight"}
+    if "text_projection.weight" not in state:
+        raise LdmConversionError("the text encoder state has no text_projection.weight (not a CLIPTextModelWithProjection)")
+    out = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in open_clip_to_ldm(body, unused_last_block=False).items()}
+    out["text_projection"] = state["text_projection.weight"].T.contiguous()
+    return {prefix + k: v for k, v in out.items()}
