@@ -90,8 +90,10 @@ def test_sd2_module_table_names_the_openclip_weights_a1111_patches():
 @pytest.mark.slow
 def test_sd2_v_trains_end_to_end_and_the_file_is_an_sd2_lora(tmp_path, dataset, tiny_sd2_ckpt):
     cfg = load_config(seed_config(tmp_path, tiny_sd2_ckpt, epochs=2, train_text_encoder=True, save_precision="fp32",
-                                  validation_split=0.25, validate_every_n_steps=1))
+                                  validation_split=0.25, validate_every_n_steps=1, sample_every_n_steps=4,
+                                  sample_prompts=[{"prompt": "a lab", "steps": 2, "size": 64}]))
     result = train(cfg)
+    assert len(list((result.output_dir / "samples").glob("*.png"))) >= 1  # previews through the SD2 pipeline
     assert "0 unmatched" in result.verified  # the self-test: names against the base's OpenCLIP layout, and effect
     with safe_open(str(result.lora_path), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
@@ -123,6 +125,9 @@ def _every_command_works_on(lora: Path, base: Path, tmp_path: Path) -> None:
     assert main(["generate", "--base", str(base), "--prompt", f"a lab <lora:{lora.stem}:0.8>", "--lora-dir",
                  str(lora.parent), "--steps", "2", "--size", "32x32", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 1
+    assert main(["compare", str(lora.parent), "--prompt", "a lab", "--steps", "2", "--size", "32x32",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.png").is_file()
 
 
 def test_init_and_check_use_the_family_defaults(tmp_path, dataset, tiny_sd2_ckpt):
