@@ -15,14 +15,13 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import build_checkpoint, make_data  # noqa: E402
+from step_time import build_checkpoint, make_data, timed_step  # noqa: E402
 
 
 def _trainer(tmp: Path, ckpt: Path, data: Path, args, channels_last: bool):
@@ -35,18 +34,6 @@ def _trainer(tmp: Path, ckpt: Path, data: Path, args, channels_last: bool):
            "cache_latents": args.cache}  # without the cache the VAE encode is part of the step (random_crop)
     (tmp / f"c{int(channels_last)}.yaml").write_text(yaml.safe_dump(cfg))
     return Trainer(load_config(tmp / f"c{int(channels_last)}.yaml")).setup()
-
-
-def _step(tr, i: int) -> float:
-    batch = next(tr.batches)
-    t0 = time.perf_counter()
-    loss = tr.compute_loss(batch, tr.step_rng(i, 0))
-    tr.accelerator.backward(loss)
-    tr.optimizer.step()
-    tr.optimizer.zero_grad(set_to_none=True)
-    if tr.accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -68,7 +55,7 @@ def main() -> None:
         times: dict[bool, list[float]] = {True: [], False: []}
         for i in range(args.warmup + args.steps):
             for flag, tr in trainers.items():
-                t = _step(tr, i)
+                t = timed_step(tr, next(tr.batches), i)
                 if i >= args.warmup:
                     times[flag].append(t)
         on, off = statistics.median(times[True]), statistics.median(times[False])

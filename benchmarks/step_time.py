@@ -59,6 +59,18 @@ def make_data(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
+def timed_step(tr, batch, i: int) -> float:
+    """Seconds of one optimizer step as the trainer runs it (forward, backward, AdamW), device work included."""
+    t0 = time.perf_counter()
+    loss = tr.compute_loss(batch, tr.step_rng(i, 0))
+    tr.accelerator.backward(loss)
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
@@ -86,16 +98,7 @@ def main() -> None:
         t0 = time.time()
         tr = Trainer(load_config(tmp / "c.yaml")).setup()
         setup_s = time.time() - t0
-        times = []
-        for i, batch in enumerate(tr.loader):
-            t0 = time.perf_counter()
-            loss = tr.compute_loss(batch, tr.step_rng(i, 0))
-            tr.accelerator.backward(loss)
-            tr.optimizer.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-            if tr.accelerator.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [timed_step(tr, batch, i) for i, batch in enumerate(tr.loader)]
         timed = times[args.warmup :]
         result = {
             "model": args.model, "resolution": args.resolution, "batch": args.batch, "rank": args.rank,

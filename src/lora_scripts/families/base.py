@@ -113,7 +113,6 @@ class Family:
     name: str  # our id, e.g. "sd15"
     label: str  # what users call it, for messages
     lora_label: str  # what `inspect` and the web UI call a LoRA file of this family
-    supported: bool = True  # False: detected so we can say so clearly, but not trainable yet
     denoiser: str = "unet"  # component names, as peft/diffusers and our checkpoints call them
     text_encoders: tuple[str, ...] = ("text_encoder",)
     autoencoder: str = "vae"

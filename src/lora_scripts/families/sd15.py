@@ -36,9 +36,5 @@ class SD15(StableDiffusionFamily):
     def text_encoder_to_ldm(self, state):
         return clip_to_ldm(state)
 
-    def lora_metadata(self, prediction_type: str) -> dict[str, str]:
-        return {"ss_base_model_version": "sd_v1", "ss_v2": "False",
-                "modelspec.architecture": self.modelspec_architecture}
-
 
 FAMILY = SD15()

@@ -60,9 +60,10 @@ class SD2(StableDiffusionFamily):
     def lora_metadata(self, prediction_type: str) -> dict[str, str]:
         # As sd-scripts writes them (library/train_util.py, sai_model_spec.py). A1111 lists a LoRA under an SD2
         # model only when ss_v2 is exactly "True".
-        v = prediction_type == "v_prediction"
-        return {"ss_base_model_version": "sd_v2_v" if v else "sd_v2", "ss_v2": "True",
-                "modelspec.architecture": "stable-diffusion-v2-768-v/lora" if v else self.modelspec_architecture}
+        if prediction_type != "v_prediction":
+            return super().lora_metadata(prediction_type)
+        return {"ss_base_model_version": "sd_v2_v", "ss_v2": str(self.v2),
+                "modelspec.architecture": "stable-diffusion-v2-768-v/lora"}
 
     def target_problems(self, component: str, modules: list[str]) -> list[str]:
         """A1111 applies an OpenCLIP layer's attention LoRA only when q, k, v and out_proj are all there (it

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelLoadError
 from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name, unet_name_from_ldm
-from ..formats.ldm import CLIP_PREFIX, UNET_PREFIX, _unet_key, clip_to_ldm, unet_to_ldm, vae_to_ldm
+from ..formats.ldm import CLIP_PREFIX, UNET_PREFIX, _unet_key, clip_to_ldm, unet_to_ldm, vae_to_ldm, with_text_model
 from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
 from .clip_tokenizer import write_clip_tokenizer_files
 from .objective import PREDICTION_TYPES, DiffusionObjective
@@ -321,7 +321,9 @@ class StableDiffusionFamily(Family):
 
     # --- what a LoRA file says about its base ---------------------------------------------------------------
     def lora_metadata(self, prediction_type: str) -> dict[str, str]:
-        raise NotImplementedError
+        """How sd-scripts files a LoRA of this family (A1111 lists it under matching models by these)."""
+        return {"ss_base_model_version": self.base_model_version, "ss_v2": str(self.v2),
+                "modelspec.architecture": self.modelspec_architecture}
 
 
 def _unet_targets(unet: nn.Module, targets: str | list[str]) -> list[str]:
@@ -348,8 +350,7 @@ def _text_encoder_targets(text_encoder: nn.Module, targets: str | list[str]) -> 
 
 
 def clip_ldm_entry(path: str, shape: tuple[int, ...]) -> ModuleEntry:
-    inner = path if path.startswith("text_model.") else f"text_model.{path}"
-    return ModuleEntry("text_encoder", path, f"{CLIP_PREFIX}{inner}.weight", shape)
+    return ModuleEntry("text_encoder", path, f"{CLIP_PREFIX}{with_text_model(path)}.weight", shape)
 
 
 __all__ = ["ARCHITECTURE_KEY", "SDModel", "StableDiffusionFamily", "clip_to_ldm", "clip_ldm_entry"]

@@ -31,10 +31,11 @@ def kohya_module_name(component: str, module_path: str) -> str:
 
 
 def text_encoder_name(prefix: str, module_path: str) -> str:
-    """A CLIP text-encoder layer under a prefix (lora_te_, and SDXL's lora_te1_/lora_te2_), with CLIP's
-    `text_model.` level that transformers 5 dropped from CLIPTextModel (A1111/ComfyUI expect it)."""
-    path = module_path if module_path.startswith("text_model.") else f"text_model.{module_path}"
-    return prefix + path.replace(".", "_")
+    """A CLIP text-encoder layer under a prefix (lora_te_, and SDXL's lora_te1_/lora_te2_), with the
+    `text_model.` level A1111/ComfyUI expect."""
+    from .ldm import with_text_model
+
+    return prefix + with_text_model(module_path).replace(".", "_")
 
 
 def unet_name_from_ldm(ldm_key: str) -> str:

@@ -135,11 +135,13 @@ def vae_to_ldm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def with_text_model(key: str) -> str:
+    """transformers >= 5 flattened CLIP's text tower (no ``text_model.`` level); single files, kohya names and
+    A1111/ComfyUI keep that level."""
+    return key if key.startswith("text_model.") else f"text_model.{key}"
+
+
 def clip_to_ldm(state: dict[str, Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Tensor]:
-    """transformers >= 5 flattens CLIPTextModel (no ``text_model.``); LDM files keep that prefix. prefix: where
-    the encoder lives (SD1: cond_stage_model.transformer.; SDXL's CLIP-L: conditioner.embedders.0.transformer.)."""
-    out = {}
-    for k, v in state.items():
-        inner = k if k.startswith("text_model.") else f"text_model.{k}"
-        out[prefix + inner] = v
-    return out
+    """A CLIP text encoder's state in the single-file layout. prefix: where the encoder lives (SD1:
+    cond_stage_model.transformer.; SDXL's CLIP-L: conditioner.embedders.0.transformer.)."""
+    return {prefix + with_text_model(k): v for k, v in state.items()}

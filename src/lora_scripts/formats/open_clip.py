@@ -1,4 +1,4 @@
-"""transformers ``CLIPTextModel`` <-> OpenCLIP text tower in the original SD2 single-file (LDM) layout.
+"""transformers' CLIP text-encoder state <-> the OpenCLIP text tower in the original SD2 single-file (LDM) layout.
 
 SD2 checkpoints store OpenCLIP ViT-H/14's text tower under ``cond_stage_model.model.``: fused q/k/v
 (``attn.in_proj_*``, as ``torch.nn.MultiheadAttention`` keeps them), ``ln_1``/``ln_2``/``mlp.c_fc``/
@@ -55,7 +55,7 @@ _RESBLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
 def _transformers5(state: dict) -> dict:
-    """transformers 4 saved CLIPTextModel with a `text_model.` level and, in older versions, the position_ids
+    """transformers 4 saved CLIP text encoders with a `text_model.` level and, in older versions, the position_ids
     buffer (every SD2 diffusers folder on the Hub was written so); transformers 5 has neither."""
     out = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
     if len(out) != sum(not k.endswith("embeddings.position_ids") for k in state):
@@ -102,7 +102,7 @@ def _renumber(key: str, block: int) -> str:
 
 
 def open_clip_to_ldm(state: dict[str, Tensor], *, unused_last_block: bool = True) -> dict[str, Tensor]:
-    """transformers 5 ``CLIPTextModel`` state (no ``text_model.`` prefix) -> SD2 single-file keys.
+    """a transformers 5 CLIP text-encoder state (no ``text_model.`` prefix) -> SD2 single-file keys.
 
     ``unused_last_block`` appends the zero (identity) resblock real SD2 files carry after the
     layers SD2 uses; ``text_projection`` (identity, (width, width) like ViT-H's) and ``logit_scale``
@@ -161,10 +161,10 @@ def _split_key(key: str) -> list[str]:
 
 
 def ldm_to_open_clip(state: dict[str, Tensor], num_layers: int | None = None) -> dict[str, Tensor]:
-    """SD2 single-file text-encoder keys -> transformers 5 ``CLIPTextModel`` state.
+    """SD2 single-file text-encoder keys -> a transformers 5 CLIP text-encoder state.
 
     ``num_layers`` (23 for SD2) drops the resblocks SD2 never runs; None keeps every block.
-    ``text_projection`` and ``logit_scale`` are dropped: ``CLIPTextModel`` has neither.
+    ``text_projection`` and ``logit_scale`` are dropped: the transformers text encoder has neither.
     """
     out: dict[str, Tensor] = {}
     for full, value in state.items():
@@ -200,14 +200,14 @@ def open_clip_weight_of(module_path: str) -> tuple[str, int | None]:
 
 
 def open_clip_with_projection_to_ldm(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """transformers 5 ``CLIPTextModelWithProjection`` (SDXL's OpenCLIP-bigG) -> its single-file keys under
+    """a transformers 5 CLIP text encoder with its projection (SDXL's OpenCLIP-bigG) -> its single-file keys under
     ``prefix`` (SDXL: ``conditioner.embedders.1.model.``). Unlike SD2's: every block is used (SDXL takes the
     penultimate hidden state itself), so no unused block is added, and the trained projection is kept,
     transposed: OpenCLIP computes ``x @ P`` where nn.Linear computes ``x @ W.T``. At real size P is square
     (1280 x 1280), so a missing transpose would load without any error."""
     body = {k: v for k, v in state.items() if k != "text_projection.weight"}
     if "text_projection.weight" not in state:
-        raise LdmConversionError("the text encoder state has no text_projection.weight (not a CLIPTextModelWithProjection)")
+        raise LdmConversionError("the text encoder state has no text_projection.weight (not a text encoder with a projection)")
     out = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in open_clip_to_ldm(body, unused_last_block=False).items()}
     out["text_projection"] = state["text_projection.weight"].T.contiguous()
     return {prefix + k: v for k, v in out.items()}

@@ -78,17 +78,17 @@ def verify(lora_path: Path, base_path: Path, loaded=None) -> VerifyReport:
     lora = read_lora(lora_path)
     check_base(Path(base_path))
     report = VerifyReport(Path(lora_path), len(lora.modules), unknown_keys=list(lora.unknown))
-    _check_names(lora, Path(base_path), report)
+    configs = base_configs(Path(base_path))
+    table = module_table(configs)
+    _check_names(lora, Path(base_path), table, family_for_configs(configs), report)
     report.zero = all(float(m.up.abs().max()) == 0.0 for m in lora.modules.values())
     report.nonfinite = nonfinite_tensors(lora)[0]
     if not report.unmatched and not report.wrong_shape and not report.nonfinite:
-        _check_diffusers(lora, Path(lora_path), Path(base_path), report, loaded)
+        _check_diffusers(lora, Path(lora_path), Path(base_path), table, report, loaded)
     return report
 
 
-def _check_names(lora: LoraFile, base: Path, report: VerifyReport) -> None:
-    configs = base_configs(base)
-    table = module_table(configs)
+def _check_names(lora: LoraFile, base: Path, table, family, report: VerifyReport) -> None:
     shapes = base_shapes(base)  # a diffusers folder's names in the single-file layout A1111/ComfyUI resolve
     for name, m in sorted(lora.modules.items()):
         entry = table.get(name)
@@ -97,7 +97,6 @@ def _check_names(lora: LoraFile, base: Path, report: VerifyReport) -> None:
         elif tuple(m.delta().shape) != entry.shape or tuple(shapes[entry.ldm_key]) != entry.ldm_shape:
             # entry.shape: the layer's; ldm_shape: the single file's weight it lives in (fused q/k/v: 3x the rows)
             report.wrong_shape.append(f"{name}: {tuple(m.delta().shape)} vs {tuple(shapes[entry.ldm_key])}")
-    family = family_for_configs(configs)
     for component in (family.denoiser,) + family.text_encoders:
         paths = [table[n].path for n in lora.modules if n in table and table[n].component == component]
         report.partial += family.target_problems(component, paths)
@@ -162,13 +161,12 @@ def _remove_adapter(networks: dict[str, torch.nn.Module], adapter: str, active: 
 
 
 @torch.no_grad()
-def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: VerifyReport, loaded=None) -> None:
+def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, table, report: VerifyReport, loaded=None) -> None:
     """loaded: (model, networks) already in memory, e.g. the trained ones at the end of a run: the base is then
     not loaded a second time (for SDXL that second copy would not fit a 32 GB host)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ..families.loading import load_base_model
-    from .table import module_table as table_for
 
     if loaded is None:
         # The objective plays no part in a weight check: an SD2 file that does not say its own is fine here.
@@ -178,7 +176,6 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, report: Verify
     family = model.family
     names = (family.denoiser,) + family.text_encoders
     parts = {n: networks.get(n, model.modules[n]) for n in names}
-    table = table_for(base_configs(base))
     active = {id(m): list(m.active_adapters) for net in parts.values() for m in net.modules()
               if isinstance(m, BaseTunerLayer)}
     # diffusers casts a text encoder it loads an adapter into to the base's dtype, trained LoRA included, and
