@@ -30,6 +30,8 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
 
     if kind == "tiny":
         return write_tiny_checkpoint(folder / "tiny.safetensors")
+    if kind == "sdxl":
+        return build_sdxl_checkpoint(folder)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -43,6 +45,50 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
     te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k != "architectures"}))
     # No architecture metadata: it loads with the embedded SD1.5 configs, exactly like a real checkpoint.
     return save_ldm_checkpoint(folder / "sd15-random.safetensors", unet, vae, te, None, torch.float16)
+
+
+def build_sdxl_checkpoint(folder: Path) -> Path:
+    """A real-size SDXL with random weights in the SGM layout, fp16 (as sd_xl_base_1.0.safetensors), without
+    architecture metadata: it loads with the embedded configs like the real file. Built one component at a time
+    (the fp32 UNet alone is 10 GB)."""
+    import gc
+
+    from safetensors.torch import save_file
+
+    from lora_scripts.families import FAMILIES
+    from lora_scripts.formats.ldm import unet_to_ldm, vae_to_ldm
+
+    family = FAMILIES["sdxl"]
+    configs = family.embedded_configs()
+    torch.manual_seed(0)
+    state = {}
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+        module = _build_component(family, configs, name)
+        part = module.state_dict()
+        if name == "unet":
+            part = unet_to_ldm(part, configs["unet"]["layers_per_block"], text_time=True)
+        elif name == "vae":
+            part = vae_to_ldm(part)
+        else:
+            part = family.text_encoder_to_ldm(part, name)
+        state.update({k: v.to(torch.float16).contiguous() for k, v in part.items()})
+        del module, part
+        gc.collect()
+    path = folder / "sdxl-random.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def _build_component(family, configs: dict, name: str) -> torch.nn.Module:
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if name == "unet":
+        return UNet2DConditionModel.from_config(configs["unet"])
+    if name == "vae":
+        return AutoencoderKL.from_config(configs["vae"])
+    cfg = {k: v for k, v in configs[name].items() if k != "architectures"}
+    return getattr(transformers, family.text_encoder_classes[name])(transformers.CLIPTextConfig(**cfg))
 
 
 def make_data(folder: Path, n: int, size: int) -> Path:
@@ -73,7 +119,7 @@ def timed_step(tr, batch, i: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)

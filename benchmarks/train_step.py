@@ -5,12 +5,14 @@ peak memory and MFU.
     python benchmarks/train_step.py --model sd15 --resolution 256 --batch 1 --steps 3
     python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --rounds 2
     python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --device cuda --mixed-precision bf16
+    python benchmarks/train_step.py --model sdxl --resolution 512 --batch 1 --steps 2 --mixed-precision bf16
 
 Each variant runs in its own process; peak memory is measured over the timed steps (resident set size on CPU,
 sampled; torch.cuda.max_memory_allocated on GPU, reset after set-up)
 on the same checkpoint and images:
-  reference          diffusers' train_text_to_image_lora.py step (benchmarks/reference_diffusers_lora.py):
-                     attention LoRA rank 4, VAE encode and text encoder every step, its default fp32
+  reference          diffusers' train_text_to_image_lora.py step (benchmarks/reference_diffusers_lora.py;
+                     SDXL: train_text_to_image_lora_sdxl.py, benchmarks/reference_diffusers_lora_sdxl.py):
+                     attention LoRA rank 4, VAE encode and text encoder(s) every step
   ours (defaults)    lora-scripts as a user gets it: kohya preset rank 16, latent and text caches
   ours (equal)       the reference's settings: attention LoRA rank 4 = alpha, no caches
   ours (equal+cache) the reference's LoRA settings with our caches
@@ -107,16 +109,29 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
 
     acc = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     model = load_base_model(ckpt)
-    loop = ReferenceLoop(model, acc)
+    if args.model == "sdxl":
+        from reference_diffusers_lora_sdxl import ReferenceSDXLLoop
+
+        loop = ReferenceSDXLLoop(model, acc)
+    else:
+        loop = ReferenceLoop(model, acc)
     rng = random.Random(0)
     files = sorted(data.glob("*.png"))
     batches = []
+
+    def ids(tokenizer, chunk):
+        return tokenizer([f"a benchmark image {f.stem}" for f in chunk], max_length=tokenizer.model_max_length,
+                         padding="max_length", truncation=True, return_tensors="pt").input_ids.to(acc.device)
+
     for i in range(0, len(files), args.batch):
         chunk = files[i : i + args.batch]
         pixels = torch.stack([reference_pixels(f, args.resolution, rng) for f in chunk]).to(acc.device)
-        ids = model.tokenizer([f"a benchmark image {f.stem}" for f in chunk], max_length=model.tokenizer.model_max_length,
-                              padding="max_length", truncation=True, return_tensors="pt").input_ids.to(acc.device)
-        batches.append({"pixel_values": pixels.contiguous().float(), "input_ids": ids})
+        batch = {"pixel_values": pixels.contiguous().float(), "input_ids": ids(model.tokenizers["tokenizer"], chunk)}
+        if args.model == "sdxl":  # the example's collate: both tokenizers, each image's size and crop corner
+            batch.update(input_ids_one=batch["input_ids"], input_ids_two=ids(model.tokenizers["tokenizer_2"], chunk),
+                         original_sizes=[(args.resolution, args.resolution)] * len(chunk),
+                         crop_top_lefts=[(0, 0)] * len(chunk))
+        batches.append(batch)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -143,7 +158,7 @@ def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
     setup_s = time.perf_counter() - t
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.unet.train()
+    trainer.set_train_mode()
     times, it = [], iter(trainer.loader)
     first = None
     with PeakRSS() as rss:
@@ -161,7 +176,10 @@ def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
 def _result(args, times, flops, setup_s, peak) -> dict:
     timed = times[args.warmup :]
     s = sum(timed) / len(timed)
-    return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s, "peak_bytes": peak, "setup_s": setup_s}
+    # ru_maxrss: the whole process, loading included (what a 16-32 GB host must hold at its worst moment).
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s, "peak_bytes": peak, "setup_s": setup_s,
+            "maxrss_bytes": maxrss}
 
 
 def _mean_of_rounds(rounds: list[dict]) -> dict:
@@ -169,6 +187,7 @@ def _mean_of_rounds(rounds: list[dict]) -> dict:
     flops = rounds[0]["flops_per_step"]
     return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s,
             "peak_bytes": max(r["peak_bytes"] for r in rounds), "setup_s": rounds[0]["setup_s"],
+            "maxrss_bytes": max(r["maxrss_bytes"] for r in rounds),
             "rounds_s_per_step": [r["s_per_step"] for r in rounds]}
 
 
@@ -181,7 +200,7 @@ def build_inputs(args, tmp: Path) -> tuple[Path, Path]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
@@ -222,14 +241,15 @@ def main() -> int:
     print(f"\n{args.model} {args.resolution}px batch {args.batch} on {args.device} ({torch.get_num_threads()} threads), "
           f"{args.mixed_precision}; matmul rate {peak_rate / 1e9:.1f} GFLOP/s")
     print(f"{args.rounds} round(s); s/step is the mean over rounds, peak memory the highest")
-    print("| variant | s/step | steps/s vs reference | peak memory | vs reference | GFLOP/step | MFU | setup s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | s/step | steps/s vs reference | peak memory | vs reference | GFLOP/step | MFU | setup s | "
+          "peak RSS incl. loading |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         setup = "" if r["setup_s"] is None else f"{r['setup_s']:.1f}"
         print(f"| {name} | {r['s_per_step']:.3f} | {ref['s_per_step'] / r['s_per_step']:.2f}x | "
               f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_bytes'] / ref['peak_bytes']:.2f}x | "
               f"{r['flops_per_step'] / 1e9:.1f} | {r['flops_per_s'] / peak_rate:.1%} | "
-              f"{setup} |")
+              f"{setup} | {r['maxrss_bytes'] / 2**30:.2f} GiB |")
     print("JSON " + json.dumps({"args": vars(args), "matmul_rate": peak_rate, "results": results}))
     return 0
 

@@ -47,7 +47,24 @@ def tiny_sd2_base_folder(tmp_path_factory) -> Path:
                              prediction_type="epsilon")
 
 
-BASES = ("tiny_ckpt", "tiny_sd2_ckpt")  # one fixture name per family, for tests parametrised by family
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(tmp_path_factory) -> Path:
+    """A tiny SDXL in the SGM single-file layout: CLIP-L and OpenCLIP-bigG of different widths (32 and 64, with
+    a 48-wide projection), 10 layers in the second, the real UNet block structure with text_time embedding."""
+    from lora_scripts.families.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-sdxl.safetensors", seed=0, family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory) -> Path:
+    """The same tiny SDXL (same seed) as a diffusers folder."""
+    from lora_scripts.families.tiny import write_tiny_folder
+
+    return write_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0, family="sdxl")
+
+
+BASES = ("tiny_ckpt", "tiny_sd2_ckpt", "tiny_sdxl_ckpt")  # one fixture name per family, for tests parametrised by family
 
 
 def make_images(folder: Path, n: int, size=(32, 32), seed: int = 0, captions: bool = True) -> list[str]:

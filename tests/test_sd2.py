@@ -52,8 +52,9 @@ def test_family_interface_encode_objective_loss(base, request):
     assert cond.hidden.shape[:2] == (2, 77) and cond.rows()[1].hidden.shape == cond.hidden.shape[1:]
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     noised = model.objective.sample(latents, torch.Generator().manual_seed(1))
+    placement = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)  # SDXL's size conditioning; SD1/SD2 ignore it
     with torch.no_grad():
-        pred = family.predict(model.denoiser, noised.noisy, noised.timesteps, cond)
+        pred = family.predict(model.denoiser, noised.noisy, noised.timesteps, cond, placement)
     loss = model.objective.loss(pred, noised)
     assert pred.shape == latents.shape and torch.isfinite(loss)
     target = model.objective.target(noised)
@@ -172,7 +173,10 @@ SD2 = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
     (SD1, {}, "sd15"),
     (SD2, {}, "sd2"),
     (SD2, {"modelspec.prediction_type": "v"}, "sd2"),
-    (dict(SD1, **{"conditioner.embedders.1.model.positional_embedding": (77, 1280)}), {}, "SDXL checkpoint"),
+    (dict(SD1, **{"conditioner.embedders.1.model.positional_embedding": (77, 1280)}), {}, "SDXL-layout checkpoint"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3), "model.diffusion_model.label_emb.0.0.weight":
+      (1280, 2816), "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+      "conditioner.embedders.1.model.positional_embedding": (77, 1280)}, {}, "sdxl"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, {}, "SD3 checkpoint"),
     ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, {}, "Flux checkpoint"),
     ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 1280)}, {}, "is a LoRA file"),
@@ -188,8 +192,9 @@ def test_family_detection_table(shapes, meta, expected):
             detect_family(shapes, "m.safetensors", meta)
 
 
-def test_sd2_v_is_told_by_metadata_and_sdxl_folders_are_refused(tmp_path):
-    """768-v vs 512-base: only metadata tells (modelspec.prediction_type); a folder says it by model_index."""
+def test_sd2_v_is_told_by_metadata_and_folders_without_components_are_refused(tmp_path):
+    """768-v vs 512-base: only metadata tells (modelspec.prediction_type); a folder says it by its scheduler, and
+    one without its component configs is named as incomplete whatever its model_index says."""
     import json
 
     from lora_scripts.errors import ModelLoadError
@@ -201,7 +206,7 @@ def test_sd2_v_is_told_by_metadata_and_sdxl_folders_are_refused(tmp_path):
     folder = tmp_path / "sdxl"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelLoadError, match="SDXL diffusers model"):
+    with pytest.raises(ModelLoadError, match="not a complete diffusers model"):
         detect_folder_family(folder)
 
 

@@ -65,11 +65,14 @@ class TrainConfig(BaseModel):
     )
     save_precision: Literal["fp16", "bf16", "fp32"] = _f("fp16", "dtype of the saved LoRA (fp16 as kohya writes; halves the file)")
     save_format: Literal["kohya", "diffusers"] = _f("kohya", "kohya = A1111/ComfyUI file; diffusers = also write pytorch_lora_weights.safetensors")
-    train_text_encoder: bool = _f(False, "also train LoRA on the CLIP text encoder (stronger trigger words, more overfitting risk)")
+    train_text_encoder: bool = _f(False, "also train LoRA on the text encoder(s) (stronger trigger words, more overfitting risk)")
     text_encoder_lr: float | None = _f(None, "text-encoder LoRA learning rate; default = learning_rate", "5e-5", gt=0, le=1)
+    text_encoder_2_lr: float | None = _f(None, "SDXL's second text encoder (OpenCLIP-bigG) LoRA learning rate, as "
+                                         "sd-scripts' second text_encoder_lr value; default = text_encoder_lr", "5e-5",
+                                         gt=0, le=1)
 
     # --- data --------------------------------------------------------------------------------------
-    resolution: int = _f(512, "training resolution in pixels (512 for SD1.x and SD2 512-base, 768 for SD2 768-v); images are resized and cropped to it", "512", ge=32, le=4096)
+    resolution: int = _f(512, "training resolution in pixels (512 for SD1.x and SD2 512-base, 768 for SD2 768-v, 1024 for SDXL); images are resized and cropped to it", "512", ge=32, le=4096)
     enable_bucket: bool = _f(True, "aspect-ratio bucketing: non-square images keep their shape instead of being centre-cropped")
     min_bucket_reso: int | None = _f(None, "smallest bucket side; default = resolution / 2", ge=32)
     max_bucket_reso: int | None = _f(None, "largest bucket side; default = resolution * 2", ge=32)
@@ -161,7 +164,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _base_exists(cls, v: Path) -> Path:
         if not v.exists():
-            raise ValueError("file does not exist; download an SD1.x checkpoint (e.g. v1-5-pruned.safetensors) and point base_model at it")
+            raise ValueError("file does not exist; download a Stable Diffusion 1.x, 2.x or SDXL checkpoint (e.g. "
+                             "v1-5-pruned.safetensors, sd_xl_base_1.0.safetensors) and point base_model at it")
         return v
 
     @field_validator("validation_dir")
@@ -227,6 +231,11 @@ class TrainConfig(BaseModel):
     @property
     def te_lr(self) -> float:
         return self.text_encoder_lr or self.learning_rate
+
+    def lr_of(self, position: int) -> float:
+        """The learning rate of the trainable component at this position (Family.trainable order): the denoiser,
+        then each text encoder."""
+        return (self.learning_rate, self.te_lr, self.text_encoder_2_lr or self.te_lr)[min(position, 2)]
 
     @property
     def bucket_range(self) -> tuple[int, int]:

@@ -142,9 +142,16 @@ def _kohya_lora(path: Path) -> None:
 
 
 def _sdxl_like(path: Path) -> None:
+    """SDXL's two encoders but no label_emb: a damaged or partial SDXL file."""
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
                "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1),
                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(1)}, str(path))
+
+
+def _sdxl_refiner(path: Path) -> None:
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1),
+               "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(1)}, str(path))
 
 
 def _unwritable(root: Path) -> str:
@@ -200,7 +207,10 @@ REFUSED = [
             r"is a LoRA file, not a base model"),
     Refused("base_truncated", "base_model is a truncated .safetensors",
             lambda r, b: _bad_base(r, b, lambda p: p.write_bytes(b.read_bytes()[:5000])), r"corrupt, truncated"),
-    Refused("base_sdxl", "base_model is an SDXL checkpoint", lambda r, b: _bad_base(r, b, _sdxl_like), r"SDXL"),
+    Refused("base_sdxl", "base_model is an SDXL file without label_emb", lambda r, b: _bad_base(r, b, _sdxl_like),
+            r"SDXL-layout checkpoint .* the file is incomplete"),
+    Refused("base_sdxl_refiner", "base_model is the SDXL refiner", lambda r, b: _bad_base(r, b, _sdxl_refiner),
+            r"is an SDXL refiner .*LoRAs are trained on the SDXL base"),
     Refused("base_random", "base_model is random bytes",
             lambda r, b: _bad_base(r, b, lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096))),
             r"corrupt, truncated|not a .*checkpoint"),

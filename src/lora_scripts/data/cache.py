@@ -131,6 +131,14 @@ def latent_cache_plan(config: TrainConfig) -> tuple[bool, str]:
     return True, ""
 
 
+def offload_plan(config: TrainConfig) -> tuple[bool, bool]:
+    """(VAE off the GPU, text encoders off the GPU) during training: each once its cache holds everything the
+    steps need, unless previews or validation still run it. For SDXL this is what fits 8 GB: the encoders and
+    the VAE are a fifth of the frozen weights."""
+    observed = bool(config.sample_prompts or config.validation_split or config.validation_dir)
+    return (latent_cache_plan(config)[0] and not observed, text_cache_plan(config)[0] and not observed)
+
+
 def text_cache_plan(config: TrainConfig) -> tuple[bool, str]:
     if not config.cache_text_encoder_outputs:
         return False, "cache_text_encoder_outputs is false"

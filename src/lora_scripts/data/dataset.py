@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..config import TrainConfig
 from .buckets import make_buckets, nearest_bucket
-from .images import fit_to_bucket, open_rgb, to_tensor
+from .images import fit_and_place, open_rgb, placement, to_tensor
 from .scan import Sample
 
 
@@ -66,10 +66,12 @@ class LoraDataset(Dataset):
             flip = self.config.flip_aug and rng.random() < 0.5
             cached = self.latent_cache.get(item, flip)
             return {"latent_mean": cached.mean, "latent_logvar": cached.logvar,
+                    "placement": placement(item.sample.size, item.bucket, flip=flip).ids(),
                     "caption": process_caption(item.sample.caption, self.config, rng)}
-        im = fit_to_bucket(open_rgb(item.sample.path), item.bucket, rng if self.config.random_crop else None)
+        im, place = fit_and_place(open_rgb(item.sample.path), item.bucket, rng if self.config.random_crop else None)
         flip = self.config.flip_aug and rng.random() < 0.5
-        return {"pixel_values": to_tensor(im, flip), "caption": process_caption(item.sample.caption, self.config, rng)}
+        return {"pixel_values": to_tensor(im, flip), "placement": (place.flipped() if flip else place).ids(),
+                "caption": process_caption(item.sample.caption, self.config, rng)}
 
 
 class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -119,7 +121,7 @@ class Collate:
     def __call__(self, examples: list[dict]) -> dict:
         captions = [e["caption"] for e in examples]
         batch = {"tokens": self.family.tokenize(self.tokenizers, captions), "captions": captions}
-        for key in ("pixel_values", "latent_mean", "latent_logvar"):
+        for key in ("pixel_values", "latent_mean", "latent_logvar", "placement"):
             if key in examples[0]:
                 batch[key] = torch.stack([e[key] for e in examples])
         return batch

@@ -205,16 +205,65 @@ def _transform(icc: bytes, in_mode: str, out_mode: str) -> ImageCms.ImageCmsTran
     return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), in_mode, out_mode)
 
 
-def fit_to_bucket(im: Image.Image, size: tuple[int, int], rng: random.Random | None) -> Image.Image:
-    """Scale so the image covers (width, height), then crop: centred, or at random when rng is given."""
-    bw, bh = size
-    scale = max(bw / im.width, bh / im.height)
-    new_w, new_h = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
-    if (new_w, new_h) != im.size:
-        im = im.resize((new_w, new_h), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+@dataclass(frozen=True)
+class Placement:
+    """Where a training crop comes from: the image's size as opened, the crop's top-left corner in the image
+    scaled to cover the bucket, and the crop's size. SDXL is conditioned on exactly these numbers (original
+    size, crop top-left, target size), so they must be the real ones: a centred crop of a wide image is not at
+    (0, 0)."""
+
+    original: tuple[int, int]  # (height, width)
+    crop_top_left: tuple[int, int]  # (top, left), in the scaled image
+    target: tuple[int, int]  # (height, width): the bucket
+    scaled_width: int  # of the image the crop is cut from
+
+    def flipped(self) -> Placement:
+        """The same crop after a horizontal flip: its left edge is now measured from the other side."""
+        top, left = self.crop_top_left
+        return Placement(self.original, (top, self.scaled_width - self.target[1] - left), self.target,
+                         self.scaled_width)
+
+    def ids(self) -> torch.Tensor:
+        """(orig h, orig w, crop top, crop left, target h, target w): SDXL's add_time_ids order."""
+        return torch.tensor([*self.original, *self.crop_top_left, *self.target], dtype=torch.long)
+
+
+def crop_box(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None
+             ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((scaled width, scaled height), (left, top)): the image of `size` (width, height) scaled to cover the
+    bucket (width, height), and where the crop starts: centred, or at random when rng is given."""
+    bw, bh = bucket
+    width, height = size
+    scale = max(bw / width, bh / height)
+    new_w, new_h = max(bw, round(width * scale)), max(bh, round(height * scale))
     dx, dy = new_w - bw, new_h - bh
     left, top = (rng.randint(0, dx), rng.randint(0, dy)) if rng else (dx // 2, dy // 2)
-    return im.crop((left, top, left + bw, top + bh))
+    return (new_w, new_h), (left, top)
+
+
+def placement(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+              flip: bool = False) -> Placement:
+    """The Placement of the crop fit_to_bucket takes (the same rng draws), from the image's size alone."""
+    (new_w, _), (left, top) = crop_box(size, bucket, rng)
+    place = Placement((size[1], size[0]), (top, left), (bucket[1], bucket[0]), new_w)
+    return place.flipped() if flip else place
+
+
+def fit_to_bucket(im: Image.Image, size: tuple[int, int], rng: random.Random | None) -> Image.Image:
+    """Scale so the image covers (width, height), then crop: centred, or at random when rng is given."""
+    return fit_and_place(im, size, rng)[0]
+
+
+def fit_and_place(im: Image.Image, size: tuple[int, int], rng: random.Random | None
+                  ) -> tuple[Image.Image, Placement]:
+    """fit_to_bucket, and where the crop came from (before any flip)."""
+    bw, bh = size
+    (new_w, new_h), (left, top) = crop_box(im.size, size, rng)
+    original = (im.height, im.width)
+    if (new_w, new_h) != im.size:
+        scale = max(bw / im.width, bh / im.height)
+        im = im.resize((new_w, new_h), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+    return im.crop((left, top, left + bw, top + bh)), Placement(original, (top, left), (bh, bw), new_w)
 
 
 def to_tensor(im: Image.Image, flip: bool) -> torch.Tensor:

@@ -25,8 +25,7 @@ def family_for_configs(configs: dict[str, Any]) -> Family:
 
 
 # LoRA files of families we recognise but do not train yet: their label and how sd-scripts files them.
-_OTHER_LORA_FAMILIES = {"sdxl": {"ss_base_model_version": "sdxl_base_v1-0",
-                                 "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}}
+_OTHER_LORA_FAMILIES: dict[str, dict[str, str]] = {}
 
 
 def family_by_label(label: str) -> Family | None:
@@ -44,14 +43,12 @@ def guess_lora_family(module_names: list[str], cross_attention_widths: list[int]
     if not cross_attention_widths:
         return "unknown (no cross-attention layer)"
     width = cross_attention_widths[0]
-    if width == 2048:
-        return "sdxl"
     family = next((f for f in FAMILIES.values() if getattr(f, "cross_attention_dim", None) == width), None)
     if family is not None:
         return family.lora_label
     version = (metadata or {}).get("ss_base_model_version", "")
-    said = next((f for f in FAMILIES.values() if f.lora_metadata("epsilon")["ss_base_model_version"] == version
-                 or f.lora_metadata("v_prediction")["ss_base_model_version"] == version), None)
+    said = next((f for f in FAMILIES.values() if version and (f.lora_metadata("epsilon")["ss_base_model_version"] == version
+                 or f.lora_metadata("v_prediction")["ss_base_model_version"] == version)), None)
     return said.lora_label if said else f"unknown (cross-attention width {width})"
 
 

@@ -51,6 +51,9 @@ class LoadSettings:
     zero_terminal_snr: bool = False
     # Only the weights matter (verify, bake, name tables): an objective the file does not state is not asked for.
     weights_only: bool = False
+    # Load the weights straight in this dtype (the training dtype): an SDXL loaded in fp32 and then cast would
+    # need 14 GB of host RAM at once, more than many users have. None: as diffusers loads them (fp32).
+    dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,17 @@ from pathlib import Path
 from ..errors import ModelLoadError
 from .sd15 import FAMILY as SD15
 from .sd2 import FAMILY as SD2
+from .sdxl import FAMILY as SDXL
 
-# The trainable families in the order their markers are tested (SD2's are the more specific).
-TRAINABLE = (SD2, SD15)
+# The trainable families in the order their markers are tested (the more specific first).
+TRAINABLE = (SDXL, SD2, SD15)
 
 _UNET = "model.diffusion_model.input_blocks.0.0.weight"
-_TRAINED = "this version trains Stable Diffusion 1.x and 2.x"
+_TRAINED = "this version trains Stable Diffusion 1.x, 2.x and SDXL"
 # Pipeline classes of families that are recognised but not trainable yet: their label.
-_OTHER_PIPELINES = {"StableDiffusionXLPipeline": "an SDXL", "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
-                    "StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a Flux"}
+_OTHER_PIPELINES = {"StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a Flux"}
+_REFINER = ("an SDXL refiner (it has only the OpenCLIP-bigG text encoder); LoRAs are trained on the SDXL base or a "
+            "fine-tune of it (sd_xl_base_1.0.safetensors) and are used with the refiner's output as they are")
 
 
 def _is_lora(keys: list[str]) -> bool:
@@ -32,7 +34,7 @@ def _is_lora(keys: list[str]) -> bool:
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint",
                   metadata: Mapping[str, str] | None = None) -> str:
-    """Return the family name ("sd15", "sd2"), or raise ModelLoadError saying what the file is instead."""
+    """Return the family name ("sd15", "sd2", "sdxl"), or raise ModelLoadError saying what the file is instead."""
     keys = sorted(shapes)
     if not keys:
         raise ModelLoadError(f"{path} holds no tensors: it is empty or not a model checkpoint")
@@ -41,8 +43,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             f"{path} is a LoRA file, not a base model. Set base_model to the Stable Diffusion checkpoint the "
             "LoRA was trained on (e.g. v1-5-pruned.safetensors)."
         )
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelLoadError(f"{path} is an SDXL checkpoint; {_TRAINED} (SDXL support is planned).")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and \
+            not any(k.startswith("conditioner.embedders.1.") for k in keys):
+        raise ModelLoadError(f"{path} is {_REFINER}.")
     if any(".joint_blocks." in k for k in keys):
         raise ModelLoadError(f"{path} is an SD3 checkpoint; {_TRAINED}.")
     if any("double_blocks." in k for k in keys):
@@ -55,6 +58,10 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
             f"{_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."
         )
+    if any(k.startswith("conditioner.embedders.") for k in keys) and not SDXL.recognise(dict(shapes), {}):
+        # Only Stability's SGM layout (SDXL) has conditioner.embedders: never another family's file.
+        raise ModelLoadError(f"{path}: an SDXL-layout checkpoint without both text encoders (conditioner.embedders.0"
+                             ".transformer.* and conditioner.embedders.1.model.*) and label_emb; the file is incomplete.")
     for family in TRAINABLE:
         if family.recognise(dict(shapes), dict(metadata or {})):
             return family.name
@@ -70,6 +77,11 @@ def detect_folder_family(folder: Path) -> str:
         raise ModelLoadError(f"{folder} is {_OTHER_PIPELINES[cls]} diffusers model ({cls}); {_TRAINED}.")
     configs = {name: _read_json(folder / name / "config.json", folder) for name in index
                 if not name.startswith("_") and (folder / name / "config.json").is_file()}
+    if "unet" not in configs:
+        raise ModelLoadError(f"{folder} is not a complete diffusers model: {folder / 'unet' / 'config.json'} is "
+                             "missing; copy or download the whole folder again")
+    if "text_encoder_2" in configs and "text_encoder" not in configs:
+        raise ModelLoadError(f"{folder} is {_REFINER}.")
     if configs.get("unet", {}).get("in_channels") == 9:
         raise ModelLoadError(f"{folder} is an inpainting model (9 input channels); {_TRAINED} text-to-image "
                              "models: train on the base model and use the LoRA with the inpainting model")
@@ -77,7 +89,7 @@ def detect_folder_family(folder: Path) -> str:
         if family.recognise_folder(index, configs):
             return family.name
     act = configs.get("text_encoder", {}).get("hidden_act")
-    raise ModelLoadError(f"{folder} is a diffusers {cls or 'model'} that is not Stable Diffusion 1.x or 2.x "
+    raise ModelLoadError(f"{folder} is a diffusers {cls or 'model'} that is not Stable Diffusion 1.x, 2.x or SDXL "
                          f"(text encoder activation {act!r}); {_TRAINED}.")
 
 

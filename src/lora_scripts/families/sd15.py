@@ -30,10 +30,10 @@ class SD15(StableDiffusionFamily):
         # Every SD1.x release is epsilon; the rare v-prediction fine-tune says so with prediction_type.
         return "epsilon", "SD1.x checkpoints are epsilon-prediction (set prediction_type for a v-prediction fine-tune)"
 
-    def text_encoder_entry(self, path, shape):
+    def text_encoder_entry(self, component, path, shape):
         return clip_ldm_entry(path, shape)
 
-    def text_encoder_to_ldm(self, state):
+    def text_encoder_to_ldm(self, state, component="text_encoder"):
         return clip_to_ldm(state)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 from ..formats.open_clip import OPEN_CLIP_PREFIX, open_clip_shapes_to_ldm, open_clip_to_ldm, open_clip_weight_of
 from .base import ModuleEntry
-from .stable_diffusion import StableDiffusionFamily
+from .stable_diffusion import StableDiffusionFamily, open_clip_attention_problems
 
 _UNET = "model.diffusion_model.input_blocks.0.0.weight"
 _CROSS_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -44,17 +44,17 @@ class SD2(StableDiffusionFamily):
             "(512-base, e.g. v2-1_512-ema-pruned) or v (768-v, e.g. v2-1_768-ema-pruned): set prediction_type: "
             "v_prediction for a 768-v model or prediction_type: epsilon for a 512-base model in the config")
 
-    def text_encoder_entry(self, path: str, shape: tuple[int, ...]) -> ModuleEntry:
+    def text_encoder_entry(self, component: str, path: str, shape: tuple[int, ...]) -> ModuleEntry:
         key, index = open_clip_weight_of(path)
         if index is None:
             return ModuleEntry("text_encoder", path, key, shape)
         rows = (index * shape[0], (index + 1) * shape[0])
         return ModuleEntry("text_encoder", path, key, shape, rows, (3 * shape[0],) + tuple(shape[1:]))
 
-    def text_encoder_to_ldm(self, state):
+    def text_encoder_to_ldm(self, state, component="text_encoder"):
         return open_clip_to_ldm(state)
 
-    def text_encoder_shapes_to_ldm(self, shapes):
+    def text_encoder_shapes_to_ldm(self, shapes, component="text_encoder"):
         return open_clip_shapes_to_ldm(shapes)
 
     def lora_metadata(self, prediction_type: str) -> dict[str, str]:
@@ -66,21 +66,7 @@ class SD2(StableDiffusionFamily):
                 "modelspec.architecture": "stable-diffusion-v2-768-v/lora"}
 
     def target_problems(self, component: str, modules: list[str]) -> list[str]:
-        """A1111 applies an OpenCLIP layer's attention LoRA only when q, k, v and out_proj are all there (it
-        patches the fused nn.MultiheadAttention as one); a subset would be silently dropped in A1111."""
-        if component != "text_encoder":
-            return []
-        layers: dict[str, set[str]] = {}
-        for m in modules:
-            head, _, last = m.rpartition(".")
-            if last in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                layers.setdefault(head, set()).add(last)
-        partial = sorted(h for h, got in layers.items() if len(got) < 4)
-        if not partial:
-            return []
-        return [f"lora_targets: {partial[0]} gets LoRA on {', '.join(sorted(layers[partial[0]]))} only; for "
-                f"{self.label} text encoders A1111 applies attention LoRA only when q_proj, k_proj, v_proj and "
-                "out_proj are all targeted. Use the kohya or attn preset, or list all four"]
+        return open_clip_attention_problems(self.label, modules) if component == "text_encoder" else []
 
 
 FAMILY = SD2()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ def _is_linear_or_1x1(module: nn.Module) -> bool:
 class StableDiffusionFamily(Family):
     config_files = ("unet", "vae", "text_encoder", "scheduler")
     pad_token = "<|endoftext|>"  # how the tokenizer pads (SD2's OpenCLIP pads with "!")
+    # Tokenizer folder of each text encoder, and how that tokenizer pads (SDXL has two).
+    tokenizer_folders = {"text_encoder": "tokenizer"}
+    pipeline_class = StableDiffusionPipeline
+    model_index = _MODEL_INDEX
+    text_time = False  # SDXL's UNet takes pooled text and size ids (label_emb in single files)
     base_model_version: str
     v2: bool
     modelspec_architecture: str
@@ -91,17 +97,22 @@ class StableDiffusionFamily(Family):
     # --- loading --------------------------------------------------------------------------------------------
     def load(self, path: Path, metadata: dict[str, str], settings: LoadSettings) -> SDModel:
         if path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
-                                                           requires_safety_checker=False)
+            pipe = self.pipeline_class.from_pretrained(str(path), local_files_only=True, torch_dtype=settings.dtype,
+                                                       **self._pipeline_extras())
             # The folder's own scheduler_config.json, not the loaded config: diffusers fills a missing key with
             # its default (epsilon), which would be a silent guess for an SD2 folder that does not say.
             said = self.stated_prediction_type(path, {}), f"{path.name}/scheduler/scheduler_config.json says so"
             kind, reason = self.resolve_prediction_type(settings, said, path)
         else:
             # Decided before the load (seconds to a minute): a file that does not say is refused at once.
-            kind, reason = self.resolve_prediction_type(settings, self.prediction_type_in_file(metadata), path)
+            kind, reason = self.resolve_prediction_type(settings, self.file_prediction_type(path, metadata), path)
             configs = json.loads(metadata[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in metadata else self.embedded_configs()
-            pipe = self._load_single_file(path, configs)
+            pipe = self._load_single_file(path, configs, settings.dtype)
+        zero_snr = settings.zero_terminal_snr
+        if not zero_snr and settings.prediction_type == "auto" and not path.is_dir() \
+                and self.file_zero_terminal_snr(path, metadata):
+            zero_snr, reason = True, reason + "; it also says it was trained with zero terminal SNR"
+        settings = replace(settings, zero_terminal_snr=zero_snr)
         if settings.zero_terminal_snr and kind != "v_prediction":
             raise ConfigError("the config", [f"zero_terminal_snr = true with an {kind} model ({reason}): at SNR 0 "
                                              "the epsilon target carries no information about the image; set "
@@ -110,15 +121,23 @@ class StableDiffusionFamily(Family):
         schedule = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=kind, **extra)
         if settings.zero_terminal_snr:
             reason += "; zero_terminal_snr: true rescales the schedule to SNR 0 at its last step (Lin et al. 2023)"
-        modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-        model = SDModel(self, path, modules, {"tokenizer": pipe.tokenizer}, schedule, DiffusionObjective(schedule),
-                        reason)
+        modules = {n: getattr(pipe, n) for n in (self.denoiser, self.autoencoder) + self.text_encoders}
+        tokenizers = {t: getattr(pipe, t) for t in self.tokenizer_folders.values()}
+        model = SDModel(self, path, modules, tokenizers, schedule, DiffusionObjective(schedule), reason)
         # A real single file loads with the embedded configs, whose UNet sample_size is one variant's (SD2: 768);
         # its objective tells 512-base from 768-v. Folders and our own files carry their own size.
         embedded = not path.is_dir() and ARCHITECTURE_KEY not in metadata
         size = self.resolution_for(kind) if embedded else pipe.unet.config.sample_size * pipe.vae_scale_factor
         model.native_resolution = size
         return model
+
+    def file_prediction_type(self, path: Path, metadata: dict[str, str]) -> tuple[str | None, str]:
+        """What a single file says about its objective, and why we believe it."""
+        return self.prediction_type_in_file(metadata)
+
+    def file_zero_terminal_snr(self, path: Path, metadata: dict[str, str]) -> bool:
+        """Whether a single file says it was trained with a zero-terminal-SNR schedule (SD1/SD2 files never do)."""
+        return False
 
     def prediction_type_in_file(self, metadata: dict[str, str]) -> tuple[str | None, str]:
         """What a single file says about its objective: our own files carry their scheduler config; files
@@ -140,7 +159,7 @@ class StableDiffusionFamily(Family):
             except (OSError, ValueError):
                 return None
             return kind if kind in PREDICTION_TYPES else None
-        return self.prediction_type_in_file(metadata)[0]
+        return self.file_prediction_type(path, metadata)[0]
 
     def resolution_for(self, prediction_type: str | None) -> int:
         """The side the family's models were trained at (SD2: 768 for 768-v models)."""
@@ -159,34 +178,43 @@ class StableDiffusionFamily(Family):
     def unknown_prediction_type(self, path: Path) -> tuple[str, str]:
         raise NotImplementedError
 
-    def _load_single_file(self, path: Path, configs: dict[str, dict[str, Any]]) -> StableDiffusionPipeline:
+    def _pipeline_extras(self) -> dict[str, Any]:
+        """Constructor arguments of the pipeline class beyond the components (no safety checker)."""
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def _load_single_file(self, path: Path, configs: dict[str, dict[str, Any]], dtype: torch.dtype | None = None):
         with tempfile.TemporaryDirectory() as tmp:
             self._write_config_folder(Path(tmp), configs)
             # diffusers logs every skipped EMA/optimizer key at WARNING; those are expected in pruned checkpoints.
             logging.getLogger("diffusers").setLevel(logging.ERROR)
             try:
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(path), config=tmp, local_files_only=True, safety_checker=None,
-                    feature_extractor=None, requires_safety_checker=False,
-                )
+                pipe = self.pipeline_class.from_single_file(str(path), config=tmp, local_files_only=True,
+                                                            torch_dtype=dtype, **self._pipeline_extras())
             except Exception as exc:
                 raise ModelLoadError(f"diffusers could not load {path} as {self.label}: {exc}") from exc
         self._check_no_meta(pipe, path)
         return pipe
 
     def _write_config_folder(self, folder: Path, configs: dict[str, dict[str, Any]]) -> None:
-        (folder / "model_index.json").write_text(json.dumps(_MODEL_INDEX))
+        (folder / "model_index.json").write_text(json.dumps(self.model_index))
         for name, cfg in ((c, configs[c]) for c in self.config_files):
             sub = folder / name
             sub.mkdir()
             filename = "scheduler_config.json" if name == "scheduler" else "config.json"
             (sub / filename).write_text(json.dumps(cfg))
-        write_clip_tokenizer_files(folder / "tokenizer", pad_token=self.pad_token)
+        self.write_tokenizers(folder)
 
-    @staticmethod
-    def _check_no_meta(pipe: StableDiffusionPipeline, path: Path) -> None:
+    def write_tokenizers(self, folder: Path) -> dict[str, Path]:
+        """Each text encoder's tokenizer files (built in code: nothing from a hub), as a diffusers folder has them."""
+        return {folder_name: write_clip_tokenizer_files(folder / folder_name, pad_token=self.pad_for(encoder))
+                for encoder, folder_name in self.tokenizer_folders.items()}
+
+    def pad_for(self, encoder: str) -> str:
+        return self.pad_token
+
+    def _check_no_meta(self, pipe, path: Path) -> None:
         # from_single_file leaves parameters missing from the file on the meta device instead of failing.
-        for name in ("unet", "vae", "text_encoder"):
+        for name in (self.denoiser, self.autoencoder) + self.text_encoders:
             missing = [n for n, p in getattr(pipe, name).named_parameters() if p.device.type == "meta"]
             if missing:
                 raise ModelLoadError(
@@ -206,7 +234,9 @@ class StableDiffusionFamily(Family):
         penultimate layer, which is what SD2 was trained on)."""
         return Conditioning(text_encoders["text_encoder"](tokens["input_ids"].to(device))[0])
 
-    def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+    def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning,
+                placement: Tensor | None = None) -> Tensor:
+        """placement: (batch, 6) where each crop came from (data.images.Placement.ids); SD1/SD2 ignore it."""
         return denoiser(noisy, timesteps, cond.hidden).sample
 
     def latents(self, vae: nn.Module, sample: Tensor) -> Tensor:
@@ -218,6 +248,10 @@ class StableDiffusionFamily(Family):
         if component == "unet":
             return _unet_targets(module, targets)
         return _text_encoder_targets(module, targets)
+
+    def idle_modules(self, component: str, module: nn.Module, targets: list[str]) -> list[str]:
+        """Targeted modules whose output never reaches the loss (none for SD1/SD2)."""
+        return []
 
     def target_layers(self, component: str, module: nn.Module) -> list[str]:
         """Every layer a module-name list may name (for checking such a list)."""
@@ -235,21 +269,43 @@ class StableDiffusionFamily(Family):
 
     vae_scale_factor = 8  # pixels per latent cell
 
+    text_encoder_classes = {"text_encoder": "CLIPTextModel"}  # transformers class of each text encoder
+    # Tiny test/demo sizes (families/tiny.py): the same classes and key layout as the real model, ~2 M parameters.
+    # Widths are multiples of 32 because LDM configs hard-code 32 GroupNorm groups.
+    tiny_sizes = {
+        "unet": dict(block_out_channels=[32, 64], layers_per_block=2, sample_size=32, cross_attention_dim=32,
+                     attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=32),
+        "vae": dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                    sample_size=64, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
+        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
+                             pad_token_id=49407),
+    }
+
+    def build_modules(self, configs: dict[str, dict[str, Any]]) -> dict[str, nn.Module]:
+        """The networks these configs describe, freshly initialised (on the current default device: "meta" for
+        a size-only model); the VAE only where its config is given."""
+        import transformers
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        # In this order (denoiser, VAE, text encoders): a seeded tiny model keeps its weights across versions.
+        out = {self.denoiser: UNet2DConditionModel.from_config(configs[self.denoiser])}
+        if self.autoencoder in configs:
+            out[self.autoencoder] = AutoencoderKL.from_config(configs[self.autoencoder])
+        for name, cls in self.text_encoder_classes.items():
+            te_cfg = {k: v for k, v in configs[name].items() if k != "architectures"}
+            out[name] = getattr(transformers, cls)(transformers.CLIPTextConfig(**te_cfg))
+        return out
+
     def meta_modules(self, configs: dict[str, dict[str, Any]], dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
         """The networks at their real size without memory (memory estimate, name tables); the VAE only where its
-        config is given."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
+        config is given (and then in fp32: dtype is for the denoiser and text encoders)."""
         with torch.device("meta"):
-            out = {"unet": UNet2DConditionModel.from_config(configs["unet"])}
-            te_cfg = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
-            out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**te_cfg))
-            if "vae" in configs:
-                out["vae"] = AutoencoderKL.from_config(configs["vae"])
+            out = self.build_modules(configs)
         if dtype is not None:
-            out["unet"].to(dtype)
-            out["text_encoder"].to(dtype)
+            for name in (self.denoiser,) + self.text_encoders:
+                out[name].to(dtype)
         return out
 
     def latent_channels(self, configs: dict[str, dict[str, Any]]) -> int:
@@ -263,21 +319,23 @@ class StableDiffusionFamily(Family):
 
     def module_table(self, configs: dict[str, dict[str, Any]]) -> dict[str, ModuleEntry]:
         """kohya name -> ModuleEntry for every layer a LoRA can target, from the configs alone (meta device)."""
-        modules = self.meta_modules(configs)
+        modules = self.meta_modules({k: v for k, v in configs.items() if k != self.autoencoder})
         unet = modules["unet"]
         lpb = unet.config.layers_per_block
         up_attn = {i: hasattr(block, "attentions") for i, block in enumerate(unet.up_blocks)}
         table: dict[str, ModuleEntry] = {}
         for path, m in unet.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                ldm = UNET_PREFIX + _unet_key(f"{path}.weight", lpb, up_attn)
+                ldm = UNET_PREFIX + _unet_key(f"{path}.weight", lpb, up_attn, self.text_time)
                 table[self.kohya_name("unet", path)] = ModuleEntry("unet", path, ldm, tuple(m.weight.shape))
-        for path, m in modules["text_encoder"].named_modules():
-            if isinstance(m, nn.Linear):
-                table[self.kohya_name("text_encoder", path)] = self.text_encoder_entry(path, tuple(m.weight.shape))
+        for component in self.text_encoders:
+            for path, m in modules[component].named_modules():
+                if isinstance(m, nn.Linear) and path != "text_projection":
+                    entry = self.text_encoder_entry(component, path, tuple(m.weight.shape))
+                    table[self.kohya_name(component, path)] = entry
         return table
 
-    def text_encoder_entry(self, path: str, shape: tuple[int, ...]) -> ModuleEntry:
+    def text_encoder_entry(self, component: str, path: str, shape: tuple[int, ...]) -> ModuleEntry:
         raise NotImplementedError
 
     def ldm_alias(self, kohya_name: str, table: dict[str, ModuleEntry]) -> str | None:
@@ -288,36 +346,40 @@ class StableDiffusionFamily(Family):
         return by_ldm.get(kohya_name)
 
     # --- single files ---------------------------------------------------------------------------------------
-    def text_encoder_to_ldm(self, state: dict[str, Any]) -> dict[str, Any]:
+    def text_encoder_to_ldm(self, state: dict[str, Any], component: str = "text_encoder") -> dict[str, Any]:
         raise NotImplementedError
 
     def ldm_state_dict(self, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
         """The components in the original single-file layout A1111 and ComfyUI read."""
         unet = modules["unet"]
-        state = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+        state = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, self.text_time)
         state.update(vae_to_ldm(modules["vae"].state_dict()))
-        state.update(self.text_encoder_to_ldm(modules["text_encoder"].state_dict()))
+        for name in self.text_encoders:
+            state.update(self.text_encoder_to_ldm(modules[name].state_dict(), name))
         return state
 
     def folder_shapes_to_ldm(self, configs: dict[str, Any], shapes: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
         """A diffusers folder's UNet and text-encoder key shapes renamed to the single-file layout (renaming
         only, so shapes stand in for tensors)."""
-        out = unet_to_ldm(shapes["unet"], configs["unet"]["layers_per_block"])
-        out.update(self.text_encoder_shapes_to_ldm(shapes["text_encoder"]))
+        out = unet_to_ldm(shapes["unet"], configs["unet"]["layers_per_block"], self.text_time)
+        for name in self.text_encoders:
+            out.update(self.text_encoder_shapes_to_ldm(shapes[name], name))
         return out
 
-    def text_encoder_shapes_to_ldm(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        return self.text_encoder_to_ldm(shapes)
+    def text_encoder_shapes_to_ldm(self, shapes: dict[str, tuple[int, ...]], component: str = "text_encoder"
+                                   ) -> dict[str, tuple[int, ...]]:
+        return self.text_encoder_to_ldm(shapes, component)
 
     # --- generation -----------------------------------------------------------------------------------------
-    def pipeline(self, model: Model, scheduler, modules: dict[str, nn.Module] | None = None) -> StableDiffusionPipeline:
+    def pipeline(self, model: Model, scheduler, modules: dict[str, nn.Module] | None = None):
         """modules: stand-ins for the model's own (the trainer passes its unwrapped, LoRA-carrying networks)."""
-        parts = {**model.modules, **(modules or {})}
-        pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
-                                       tokenizer=model.tokenizers["tokenizer"], unet=parts["unet"], scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = self.pipeline_from_parts({**model.modules, **(modules or {})}, model.tokenizers, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def pipeline_from_parts(self, modules: dict[str, nn.Module], tokenizers: dict[str, Any], scheduler):
+        """The family's diffusers pipeline around these networks and tokenizers."""
+        return self.pipeline_class(**modules, **tokenizers, scheduler=scheduler, **self._pipeline_extras())
 
     # --- what a LoRA file says about its base ---------------------------------------------------------------
     def lora_metadata(self, prediction_type: str) -> dict[str, str]:
@@ -349,8 +411,25 @@ def _text_encoder_targets(text_encoder: nn.Module, targets: str | list[str]) -> 
     )
 
 
-def clip_ldm_entry(path: str, shape: tuple[int, ...]) -> ModuleEntry:
-    return ModuleEntry("text_encoder", path, f"{CLIP_PREFIX}{with_text_model(path)}.weight", shape)
+def open_clip_attention_problems(label: str, modules: list[str]) -> list[str]:
+    """A1111 applies an OpenCLIP layer's attention LoRA only when q, k, v and out_proj are all there (it
+    patches the fused nn.MultiheadAttention as one); a subset would be silently dropped in A1111."""
+    layers: dict[str, set[str]] = {}
+    for m in modules:
+        head, _, last = m.rpartition(".")
+        if last in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            layers.setdefault(head, set()).add(last)
+    partial = sorted(h for h, got in layers.items() if len(got) < 4)
+    if not partial:
+        return []
+    return [f"lora_targets: {partial[0]} gets LoRA on {', '.join(sorted(layers[partial[0]]))} only; for "
+            f"{label} OpenCLIP text encoders A1111 applies attention LoRA only when q_proj, k_proj, v_proj and "
+            "out_proj are all targeted. Use the kohya or attn preset, or list all four"]
 
 
-__all__ = ["ARCHITECTURE_KEY", "SDModel", "StableDiffusionFamily", "clip_to_ldm", "clip_ldm_entry"]
+def clip_ldm_entry(path: str, shape: tuple[int, ...], component: str = "text_encoder",
+                   prefix: str = CLIP_PREFIX) -> ModuleEntry:
+    return ModuleEntry(component, path, f"{prefix}{with_text_model(path)}.weight", shape)
+
+
+__all__ = ["ARCHITECTURE_KEY", "SDModel", "StableDiffusionFamily", "clip_to_ldm", "clip_ldm_entry", "open_clip_attention_problems"]

@@ -1,4 +1,4 @@
-"""peft LoRA state dicts <-> kohya/A1111 LoRA keys (SD1.x).
+"""peft LoRA state dicts <-> kohya/A1111 LoRA keys.
 
 kohya names a module by its diffusers path with dots turned into underscores, under `lora_unet_` or
 `lora_te_`; A1111 and ComfyUI look these names up in their own tables, so a name that differs by one
@@ -7,6 +7,8 @@ transformers >= 5 flattened it away, because that is what A1111/ComfyUI expect.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -79,9 +81,10 @@ def split_kohya(state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]],
     return parts, unknown
 
 
-def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float]) -> dict[str, Tensor]:
+def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float],
+                  name_of: Callable[[str, str], str] = kohya_module_name) -> dict[str, Tensor]:
     """`states` maps component ("unet", "text_encoder") to its peft LoRA state dict; `alphas` gives each
-    component's lora_alpha."""
+    component's lora_alpha; `name_of(component, module path)` is the family's kohya name (Family.kohya_name)."""
     modules: dict[str, tuple[Tensor, Tensor, float]] = {}
     for component, state in states.items():
         pairs: dict[str, dict[str, Tensor]] = {}
@@ -89,7 +92,7 @@ def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float]
             module, suffix = _split_peft_key(key)
             pairs.setdefault(module, {})[suffix] = value
         for module, pair in pairs.items():
-            name = kohya_module_name(component, module)
+            name = name_of(component, module)
             if name in modules:
                 raise KeyConversionError("two modules map to the same kohya name")
             modules[name] = (pair["lora_A.weight"], pair["lora_B.weight"], alphas[component])
@@ -97,11 +100,12 @@ def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float]
 
 
 def kohya_to_peft(
-    state: dict[str, Tensor], module_paths: dict[str, list[str]]
+    state: dict[str, Tensor], module_paths: dict[str, list[str]],
+    name_of: Callable[[str, str], str] = kohya_module_name,
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, float]]]:
     """Inverse of peft_to_kohya. Underscores are ambiguous (`to_q`, `transformer_blocks`), so the reverse
     map is derived from the model's real module paths per component. Unknown keys are an error."""
-    reverse = {kohya_module_name(c, p): (c, p) for c, paths in module_paths.items() for p in paths}
+    reverse = {name_of(c, p): (c, p) for c, paths in module_paths.items() for p in paths}
     states: dict[str, dict[str, Tensor]] = {c: {} for c in module_paths}
     alphas: dict[str, dict[str, float]] = {c: {} for c in module_paths}
     parts, unknown = split_kohya(state)

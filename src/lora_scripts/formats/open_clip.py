@@ -183,14 +183,15 @@ def ldm_to_open_clip(state: dict[str, Tensor], num_layers: int | None = None) ->
     return out
 
 
-def open_clip_weight_of(module_path: str) -> tuple[str, int | None]:
-    """Where a text-encoder Linear's weight lives in the SD2 single file: (key, None), or (fused in_proj key,
-    index 0/1/2 of q/k/v) for an attention projection that the file fuses with its two siblings."""
+def open_clip_weight_of(module_path: str, prefix: str = OPEN_CLIP_PREFIX) -> tuple[str, int | None]:
+    """Where a text-encoder Linear's weight lives in the single file (SD2's tower under cond_stage_model.model.,
+    SDXL's bigG under conditioner.embedders.1.model.): (key, None), or (fused in_proj key, index 0/1/2 of
+    q/k/v) for an attention projection that the file fuses with its two siblings."""
     m = re.fullmatch(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(.+)", module_path)
     if m is None:
         raise LdmConversionError(f"{module_path!r} is not a layer of the text encoder's transformer")
     block, name = m.groups()
-    prefix = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{block}."
+    prefix = f"{prefix}transformer.resblocks.{block}."
     attn = name.removeprefix("self_attn.")
     if attn in _QKV:
         return prefix + "attn.in_proj_weight", _QKV.index(attn)
@@ -210,4 +211,14 @@ def open_clip_with_projection_to_ldm(state: dict[str, Tensor], prefix: str) -> d
         raise LdmConversionError("the text encoder state has no text_projection.weight (not a text encoder with a projection)")
     out = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in open_clip_to_ldm(body, unused_last_block=False).items()}
     out["text_projection"] = state["text_projection.weight"].T.contiguous()
+    return {prefix + k: v for k, v in out.items()}
+
+
+def open_clip_with_projection_shapes_to_ldm(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes :func:`open_clip_with_projection_to_ldm` writes, from the encoder's shapes alone."""
+    if "text_projection.weight" not in shapes:
+        raise LdmConversionError("the text encoder state has no text_projection.weight (not a text encoder with a projection)")
+    body = {k: v for k, v in shapes.items() if k != "text_projection.weight"}
+    out = {k.removeprefix(OPEN_CLIP_PREFIX): v for k, v in open_clip_shapes_to_ldm(body, unused_last_block=False).items()}
+    out["text_projection"] = tuple(reversed(shapes["text_projection.weight"]))
     return {prefix + k: v for k, v in out.items()}

@@ -23,12 +23,12 @@ from torch import Tensor
 from ..atomic import atomic_save_safetensors
 from ..errors import LoraScriptsError
 from ..formats.diffusers import ADAPTER_METADATA_KEY
-from ..formats.kohya import TE_PREFIX, UNET_PREFIX, join_kohya, kohya_module_name, split_kohya
+from ..formats.kohya import UNET_PREFIX, join_kohya, split_kohya
 from .table import Entry
 
 KOHYA = "kohya"
 DIFFUSERS = "diffusers"
-_PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
 
 
 class LoraFileError(LoraScriptsError):
@@ -66,7 +66,7 @@ class LoraFile:
     dtype: torch.dtype = torch.float16
 
     def components(self) -> Counter:
-        return Counter("text_encoder" if n.startswith(TE_PREFIX) else "unet" if n.startswith(UNET_PREFIX) else "other"
+        return Counter("text_encoder" if n.startswith("lora_te") else "unet" if n.startswith(UNET_PREFIX) else "other"
                        for n in self.modules)
 
 
@@ -205,6 +205,7 @@ def _from_peft(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
             parts.setdefault((m[1], m[2]), {})[m[3]] = value
         else:
             unknown.append(key)
+    name_of = _peft_family(parts, metadata).kohya_name
     modules = {}
     for (component, path), p in parts.items():
         if "A" not in p or "B" not in p:
@@ -212,8 +213,19 @@ def _from_peft(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
             continue
         cfg = configs.get(component, {})
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha"))
-        modules[kohya_module_name(component, path)] = LoraModule(p["A"], p["B"], None if alpha is None else float(alpha))
+        modules[name_of(component, path)] = LoraModule(p["A"], p["B"], None if alpha is None else float(alpha))
     return LoraFile(modules, metadata, DIFFUSERS, sorted(unknown))
+
+
+def _peft_family(parts: dict[tuple[str, str], dict[str, Tensor]], metadata: dict[str, str]):
+    """The family whose kohya names a diffusers-layout file's modules get (SDXL's differ from SD1's): told by a
+    second text encoder, the cross-attention width or the metadata; SD1 when nothing tells."""
+    from ..families import default_family, family_by_label, guess_lora_family
+
+    second = ["lora_te2_"] if any(c == "text_encoder_2" for c, _ in parts) else []
+    widths = [p["A"].shape[1] for (c, path), p in sorted(parts.items())
+              if c == "unet" and path.endswith("attn2.to_k") and "A" in p]
+    return family_by_label(guess_lora_family(second, widths, metadata)) or default_family()
 
 
 def _pattern_value(patterns: dict[str, float], path: str, default):

@@ -96,7 +96,7 @@ def kohya_file_contents(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors cast to save_precision (alpha included, as kohya does) and the full metadata with its hashes."""
     dtype = DTYPES[config.save_precision]
-    kohya = peft_to_kohya(states, {c: config.alpha for c in states})
+    kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(kohya.items())}
     meta = kohya_metadata(config, facts, step, epoch, max_steps)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(state, meta)
@@ -109,7 +109,10 @@ def save_kohya(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -
 
 
 def save_diffusers(path: Path, config: TrainConfig, states: dict[str, dict[str, Tensor]],
-                   lora_configs: dict[str, dict[str, Any]]) -> Path:
+                   lora_configs: dict[str, dict[str, Any]], base: dict[str, str] | None = None) -> Path:
+    """base: the family's ss_base_model_version/modelspec keys, so `inspect` and `convert` know the family of a
+    file whose names alone do not tell (diffusers reads only its own key)."""
     dtype = DTYPES[config.save_precision]
     tensors, meta = peft_to_diffusers(states, lora_configs)
-    return atomic_save_safetensors({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, path, meta)
+    return atomic_save_safetensors({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, path,
+                                   {**(base or {}), **meta})

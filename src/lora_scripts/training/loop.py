@@ -354,7 +354,8 @@ def _save_final(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: 
         trainer.save_lora(lora_path, facts, loop.step, loop.epoch)
         if config.save_format == "diffusers":
             diffusers_path = save_diffusers(out / "pytorch_lora_weights.safetensors", config, trainer.lora_states(),
-                                            lora_config_dicts(trainer))
+                                            lora_config_dicts(trainer), trainer.model.family.lora_metadata(
+                                                trainer.model.prediction_type))
         metrics.close()
     acc.wait_for_everyone()
     return lora_path, diffusers_path

@@ -38,11 +38,12 @@ class MemoryEstimate:
     transient: float
     vae_encode: float
     basis: str
+    caching: float = 0.0  # while the caches fill, before the denoiser joins: the encoders, the VAE and one encode
 
     @property
     def total(self) -> float:
         step = self.weights + self.lora + self.activations + self.transient
-        return max(step, self.weights + self.lora + self.vae_encode)
+        return max(step, self.weights + self.lora + self.vae_encode, self.caching)
 
     @property
     def total_gb(self) -> float:
@@ -50,7 +51,7 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict:
         parts = {k: round(getattr(self, k) / GB, 3) for k in ("weights", "lora", "activations", "transient",
-                                                              "vae_encode")}
+                                                              "vae_encode", "caching")}
         return {"total_gb": round(self.total_gb, 2), "parts_gb": parts, "basis": self.basis,
                 "summary": f"estimated peak {self.total_gb:.2f} GB allocated (weights {parts['weights']:.2f}, "
                            f"activations {parts['activations']:.2f}, LoRA+optimizer {parts['lora']:.2f}); "
@@ -123,24 +124,29 @@ def _count_saved(run) -> tuple[float, float]:
     return total, largest
 
 
-def estimate_memory(config: TrainConfig) -> MemoryEstimate:
+def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryEstimate:
+    """configs: the base's component configs with its family (interop.table.base_configs); read from
+    config.base_model when not given."""
     import logging
 
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ..data.cache import latent_cache_plan, offload_plan
     from ..dtypes import DTYPES
     from ..families import family_for_configs
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # it warns about .to(dtype) on a model without weights
-    configs = _configs(config)
+    configs = configs or _configs(config)
     family = family_for_configs(configs)
     dtype = DTYPES[config.mixed_precision]
     modules = family.meta_modules(configs, dtype)
     vae = modules.pop(family.autoencoder)
     denoiser = modules[family.denoiser]
     vae_bytes = 2 if config.mixed_precision == "bf16" else 4
-    weights = sum(p.numel() for m in modules.values() for p in m.parameters()) * _BYTES[config.mixed_precision] \
-        + sum(p.numel() for p in vae.parameters()) * vae_bytes
+    vae_off, text_off = offload_plan(config)  # what the trainer moves off the GPU once its caches are full
+    on_gpu = [m for n, m in modules.items() if not (text_off and n in family.text_encoders)]
+    weights = sum(p.numel() for m in on_gpu for p in m.parameters()) * _BYTES[config.mixed_precision] \
+        + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
     for m in modules.values():
         m.requires_grad_(False)
     lora_cfg = dict(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights=False)
@@ -161,13 +167,20 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
         else:
             cond = family.blank_conditioning(configs, b, dtype, "meta")
         latents = torch.empty(b, family.latent_channels(configs), side, side, dtype=dtype, device="meta")
-        family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype))
+        size = torch.tensor([config.resolution] * 2 + [0, 0] + [config.resolution] * 2).expand(b, 6).to("meta")
+        family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype), size)
 
     activations, largest = _count_saved(step)
-    vae_peak = _vae_encode_peak(vae, b, config.resolution)
+    cached = latent_cache_plan(config)[0]
+    vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
+    # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
+    frozen = {n: m for n, m in modules.items() if n in family.text_encoders}
+    caching = (sum(p.numel() for m in frozen.values() for p in m.parameters()) * _BYTES[config.mixed_precision]
+               + sum(p.numel() for p in vae.parameters()) * vae_bytes + _vae_encode_peak(vae, 1, config.resolution)
+               if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
              "LoRA targets (LoRA layers in fp32), flash/memory-efficient SDPA assumed; CUDA context not included")
-    return MemoryEstimate(weights, lora_params * 4 * 4, activations, 2 * largest, vae_peak, basis)
+    return MemoryEstimate(weights, lora_params * 4 * 4, activations, 2 * largest, vae_peak, basis, caching)
 
 
 def _vae_encode_peak(vae, batch: int, resolution: int) -> float:

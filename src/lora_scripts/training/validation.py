@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..data.dataset import build_items
-from ..data.images import fit_to_bucket, open_rgb, to_tensor
+from ..data.images import fit_and_place, open_rgb, to_tensor
 from ..data.scan import Sample, scan_dataset
 from ..families import Model
 
@@ -52,6 +52,7 @@ class Validator:
         self.weight_dtype = weight_dtype
         self.items = build_items([Sample(s.path, s.caption, 1, s.size) for s in samples], config)
         self._latents: list[torch.Tensor] | None = None
+        self._placements: list[torch.Tensor] = []
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -66,7 +67,9 @@ class Validator:
             vae, device = self.model.vae, self.accelerator.device
             self._latents = []
             for item in self.items:
-                pixels = to_tensor(fit_to_bucket(open_rgb(item.sample.path), item.bucket, None), flip=False)
+                im, place = fit_and_place(open_rgb(item.sample.path), item.bucket, None)
+                pixels = to_tensor(im, flip=False)
+                self._placements.append(place.ids()[None].to(device))
                 dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
                 self._latents.append(self.model.family.latents(vae, dist.mean.float()))
         return self._latents
@@ -90,7 +93,7 @@ class Validator:
                     noised = model.objective.noisy(latents, noise, step)
                     with acc.autocast():
                         pred = family.predict(nets[family.denoiser], noised.noisy.to(self.weight_dtype), step,
-                                              cond.to(acc.device, self.weight_dtype))
+                                              cond.to(acc.device, self.weight_dtype), self._placements[i])
                     total += F.mse_loss(pred.float(), model.objective.target(noised).float()).item()
                     count += 1
         finally:
