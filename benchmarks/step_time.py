@@ -30,6 +30,8 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
 
     if kind == "tiny":
         return write_tiny_checkpoint(folder / "tiny.safetensors")
+    if kind == "tiny_sdxl":
+        return write_tiny_checkpoint(folder / "tiny-sdxl.safetensors", family="sdxl")
     if kind == "sdxl":
         return build_sdxl_checkpoint(folder)
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -119,7 +121,7 @@ def timed_step(tr, batch, i: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "tiny_sdxl", "sd15", "sdxl"], default="tiny")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)

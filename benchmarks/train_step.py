@@ -86,6 +86,11 @@ class PeakRSS:
         self._thread.join()
 
 
+def peak_rss_of_this_process() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def _peak_bytes(device: str, rss: PeakRSS) -> float:
     return float(torch.cuda.max_memory_allocated()) if device == "cuda" else float(rss.peak)
 
@@ -109,7 +114,7 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
 
     acc = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     model = load_base_model(ckpt)
-    if args.model == "sdxl":
+    if args.model.endswith("sdxl"):
         from reference_diffusers_lora_sdxl import ReferenceSDXLLoop
 
         loop = ReferenceSDXLLoop(model, acc)
@@ -127,7 +132,7 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
         chunk = files[i : i + args.batch]
         pixels = torch.stack([reference_pixels(f, args.resolution, rng) for f in chunk]).to(acc.device)
         batch = {"pixel_values": pixels.contiguous().float(), "input_ids": ids(model.tokenizers["tokenizer"], chunk)}
-        if args.model == "sdxl":  # the example's collate: both tokenizers, each image's size and crop corner
+        if args.model.endswith("sdxl"):  # the example's collate: both tokenizers, each image's size and crop corner
             batch.update(input_ids_one=batch["input_ids"], input_ids_two=ids(model.tokenizers["tokenizer_2"], chunk),
                          original_sizes=[(args.resolution, args.resolution)] * len(chunk),
                          crop_top_lefts=[(0, 0)] * len(chunk))
@@ -176,8 +181,9 @@ def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
 def _result(args, times, flops, setup_s, peak) -> dict:
     timed = times[args.warmup :]
     s = sum(timed) / len(timed)
-    # ru_maxrss: the whole process, loading included (what a 16-32 GB host must hold at its worst moment).
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The whole worker's peak, loading included (what a 16-32 GB host must hold at its worst moment). VmHWM, not
+    # ru_maxrss: Linux keeps ru_maxrss across exec, so a worker would report the parent's checkpoint build.
+    maxrss = peak_rss_of_this_process()
     return {"s_per_step": s, "flops_per_step": flops, "flops_per_s": flops / s, "peak_bytes": peak, "setup_s": setup_s,
             "maxrss_bytes": maxrss}
 
@@ -194,13 +200,14 @@ def _mean_of_rounds(rounds: list[dict]) -> dict:
 def build_inputs(args, tmp: Path) -> tuple[Path, Path]:
     from step_time import build_checkpoint, make_data
 
-    return build_checkpoint(args.model, tmp), make_data(tmp / "data", args.batch * (args.steps + args.warmup),
+    ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(args.model, tmp)
+    return ckpt, make_data(tmp / "data", args.batch * (args.steps + args.warmup),
                                                         args.resolution)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "tiny_sdxl", "sd15", "sdxl"], default="tiny")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
@@ -208,6 +215,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, order alternating")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpoint", help="use this checkpoint of --model's family instead of building a random one")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
     args = p.parse_args()

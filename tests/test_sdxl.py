@@ -313,3 +313,22 @@ def test_convert_both_ways_and_merge_into_the_sgm_checkpoint(sdxl_run, tiny_sdxl
     merged = load_base_model(baked)
     for got, want in zip(_unet_and_text(SDXL.pipeline(merged, merged.schedule), placement), _unet_and_text(live, placement)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_with_two_loras_a_sweep_and_compare(sdxl_run, tiny_sdxl_ckpt, tmp_path):
+    """The SDXL pipeline draws at the requested size (its size ids follow it) with several <lora:…> at their own
+    strengths; a sweep and compare run on the SDXL run folder."""
+    from lora_scripts.cli import main
+
+    result, cfg = sdxl_run
+    lora = result.lora_path
+    assert main(["resize", str(lora), str(tmp_path / "small.safetensors"), "--rank", "2"]) == 0
+    out = tmp_path / "gen"
+    assert main(["generate", "--base", str(tiny_sdxl_ckpt), "--prompt", f"a lab <lora:{lora.stem}:0.8> <lora:small:0.5>",
+                 "--lora-dir", str(lora.parent), "--lora-dir", str(tmp_path), "--steps", "2", "--size", "48x32",
+                 "--sweep", "0,1", "--out", str(out)]) == 0
+    images = sorted(out.glob("*.png"))
+    assert images and all(Image.open(p).size == (48, 32) for p in images if "sweep" not in p.name)
+    assert main(["compare", str(cfg.output_dir), "--prompt", "a lab", "--steps", "2", "--size", "32x32",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.png").is_file()

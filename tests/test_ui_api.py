@@ -2,6 +2,7 @@
 
 Jobs run the real worker process on the shipped toy base (a few optimizer steps each)."""
 
+import json
 import os
 import signal
 import time
@@ -685,3 +686,25 @@ def test_studio_draws_from_an_sd2_file_that_does_not_say_its_objective(ws, tiny_
     assert r.status_code == 400 and "prediction_type" in r.json()["error"]
     image = c.post("/api/generate", headers=HEADERS, json={**body, "prediction_type": "v_prediction"}).json()["image"]
     assert (ws / image).is_file()
+
+
+def test_an_sdxl_run_from_the_queue_is_listed_and_drawn_with_in_the_studio(ws, tiny_sdxl_ckpt):
+    """The web UI over an SDXL base: the job trains through the same library, the library page names the file's
+    family and verifies it, and the studio draws with it."""
+    import shutil
+
+    shutil.copy(tiny_sdxl_ckpt, ws / "models" / "sdxl-base.safetensors")
+    cfg = write_config(ws, "xl", base_model="./models/sdxl-base.safetensors", max_train_steps=2, resolution=64,
+                       train_text_encoder=True)
+    with client(ws) as c:
+        job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
+        done = wait_for(lambda: (j := _status(c, job["id"]))["status"] in ("done", "failed", "stopped") and j)
+        assert done["status"] == "done", done
+        listed = {item["name"]: item for item in c.get("/api/loras").json()}
+        assert listed["xl"]["family"] == "sdxl"
+        report = c.post("/api/loras/tool", headers=HEADERS,
+                        json={"lora": "output/xl/xl.safetensors", "action": "verify", "base_model": "models/sdxl-base.safetensors"})
+        assert report.status_code == 200 and "0 unmatched" in json.dumps(report.json())
+        body = {"base_model": "models/sdxl-base.safetensors", "prompt": "a lab <lora:xl:0.8>", "seed": 1, "steps": 2}
+        image = c.post("/api/generate", headers=HEADERS, json=body).json()["image"]
+        assert (ws / image).is_file()

@@ -57,6 +57,11 @@ class TrainConfig(BaseModel):
     # --- LoRA ------------------------------------------------------------------------------------
     output_name: str | None = _f(None, "file name of the LoRA, used as <lora:NAME:0.8>; default = basename of output_dir")
     lora_alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default = rank (scale 1.0)", "rank or rank/2", gt=0)
+    conv_rank: int | None = _f(None, "kohya's conv_dim: also put LoRA on the UNet's ResNet blocks and down/up-samplers, "
+                               "their 3x3 convolutions at this rank (LoCon-style layers in a plain kohya file, which "
+                               "A1111, ComfyUI and diffusers load); off when unset", "4-16", ge=1, le=1024)
+    conv_alpha: float | None = _f(None, "kohya's conv_alpha: alpha of those 3x3 convolutions; default = conv_rank",
+                                  "conv_rank or 1", gt=0)
     lora_dropout: float = _f(0.0, "dropout on the LoRA path during training", "0-0.1", ge=0, lt=1)
     lora_targets: TargetPreset | list[str] = _f(
         "kohya",
@@ -216,6 +221,9 @@ class TrainConfig(BaseModel):
             raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
         if self.validation_split and self.validation_dir:
             raise ValueError("set validation_split or validation_dir, not both")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ValueError("conv_alpha is set but conv_rank is not: set conv_rank (e.g. 8) to train the 3x3 "
+                             "convolutions, or remove conv_alpha")
         _outputs_apart_from_data(self)
         return self
 
@@ -227,6 +235,13 @@ class TrainConfig(BaseModel):
     @property
     def alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def conv_alpha_value(self) -> float | None:
+        """The 3x3 convolutions' alpha (None when they are not trained)."""
+        if self.conv_rank is None:
+            return None
+        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
 
     @property
     def te_lr(self) -> float:

@@ -40,6 +40,7 @@ _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 _TE_PRESETS = {"kohya": _TE_ATTN + ("fc1", "fc2"), "attn": _TE_ATTN, "qv": ("q_proj", "v_proj")}
 _UNET_SUFFIXES = {"attn": _ATTN, "qv": ("to_q", "to_v")}
+_CONV_SCOPES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # sd-scripts' UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
 TARGET_HINT = ("UNet layer names end in to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2; "
                "text-encoder ones in q_proj, k_proj, v_proj, out_proj, fc1, fc2. Or use a preset: kohya, attn, qv")
 
@@ -248,6 +249,17 @@ class StableDiffusionFamily(Family):
         if component == "unet":
             return _unet_targets(module, targets)
         return _text_encoder_targets(module, targets)
+
+    def conv_targets(self, component: str, module: nn.Module) -> tuple[list[str], list[str]]:
+        """kohya's conv_dim: every layer inside the UNet's ResNet blocks and down/up-samplers, as sd-scripts'
+        networks/lora.py adds them: (its Linear and 1x1 layers, which take the main rank; its 3x3 convolutions,
+        which take conv_rank). Text encoders have none."""
+        if component != self.denoiser:
+            return [], []
+        scopes = [n for n, m in module.named_modules() if type(m).__name__ in _CONV_SCOPES]
+        inside = [(n, m) for n, m in module.named_modules() if any(n.startswith(s + ".") for s in scopes)]
+        return (sorted(n for n, m in inside if _is_linear_or_1x1(m)),
+                sorted(n for n, m in inside if isinstance(m, nn.Conv2d) and not _is_linear_or_1x1(m)))
 
     def idle_modules(self, component: str, module: nn.Module, targets: list[str]) -> list[str]:
         """Targeted modules whose output never reaches the loss (none for SD1/SD2)."""

@@ -82,9 +82,11 @@ def split_kohya(state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]],
 
 
 def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float],
-                  name_of: Callable[[str, str], str] = kohya_module_name) -> dict[str, Tensor]:
+                  name_of: Callable[[str, str], str] = kohya_module_name,
+                  conv_alpha: float | None = None) -> dict[str, Tensor]:
     """`states` maps component ("unet", "text_encoder") to its peft LoRA state dict; `alphas` gives each
-    component's lora_alpha; `name_of(component, module path)` is the family's kohya name (Family.kohya_name)."""
+    component's lora_alpha; `name_of(component, module path)` is the family's kohya name (Family.kohya_name);
+    `conv_alpha` is the alpha of convolutions with a kernel wider than 1x1 (kohya's conv_alpha)."""
     modules: dict[str, tuple[Tensor, Tensor, float]] = {}
     for component, state in states.items():
         pairs: dict[str, dict[str, Tensor]] = {}
@@ -95,7 +97,10 @@ def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float]
             name = name_of(component, module)
             if name in modules:
                 raise KeyConversionError("two modules map to the same kohya name")
-            modules[name] = (pair["lora_A.weight"], pair["lora_B.weight"], alphas[component])
+            down = pair["lora_A.weight"]
+            wide = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+            alpha = conv_alpha if wide and conv_alpha is not None else alphas[component]
+            modules[name] = (down, pair["lora_B.weight"], alpha)
     return join_kohya(modules)
 
 

@@ -39,18 +39,32 @@ def check_targets(family, modules: dict[str, nn.Module], config: TrainConfig, ch
         raise ConfigError("the config", problems)
 
 
-def lora_config(config: TrainConfig, modules: list[str]) -> LoraConfig:
+def choose_targets(family, component: str, module: nn.Module, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(every module of this component that gets LoRA, the 3x3 convolutions among them that take conv_rank):
+    lora_targets' modules, plus with conv_rank those of the ResNet blocks and samplers (Family.conv_targets)."""
+    chosen = family.target_modules(component, module, config.lora_targets)
+    if config.conv_rank is None:
+        return chosen, []
+    linear, conv = family.conv_targets(component, module)
+    return sorted(set(chosen) | set(linear) | set(conv)), conv
+
+
+def lora_config(config: TrainConfig, modules: list[str], conv: list[str] = ()) -> LoraConfig:
     # peft's default init is kohya's: lora_A kaiming-uniform, lora_B zeros, so step 0 equals the base model.
+    # Full module paths as patterns: peft matches a pattern at the end of a path, and a full path only itself.
     return LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
-                      target_modules=modules, init_lora_weights=True)
+                      target_modules=modules, init_lora_weights=True,
+                      rank_pattern={m: config.conv_rank for m in conv},
+                      alpha_pattern={m: config.conv_alpha_value for m in conv})
 
 
-def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str]) -> LoraConfig:
-    """Freeze the model, add LoRA layers and keep them fp32 so tiny updates survive fp16/bf16 bases."""
+def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv: list[str] = ()) -> LoraConfig:
+    """Freeze the model, add LoRA layers and keep them fp32 so tiny updates survive fp16/bf16 bases. conv: the
+    3x3 convolutions among `modules`, at conv_rank / conv_alpha."""
     if not modules:
         raise ValueError(f"lora_targets = {config.lora_targets!r} matches no layer of {type(model).__name__}")
     model.requires_grad_(False)
-    cfg = lora_config(config, modules)
+    cfg = lora_config(config, modules, conv)
     if isinstance(model, ModelMixin):
         # diffusers' own entry point: it also registers the adapter, so set_adapters()/disable_adapters() work.
         model.add_adapter(cfg)

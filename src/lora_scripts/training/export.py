@@ -44,13 +44,21 @@ def tag_frequency(captions_by_dir: dict[str, list[str]]) -> dict[str, dict[str, 
     return {d: dict(Counter(t.strip() for c in caps for t in c.split(",") if t.strip())) for d, caps in captions_by_dir.items()}
 
 
+def network_args(config: TrainConfig) -> dict[str, Any]:
+    """ss_network_args: the targets, and conv_dim/conv_alpha as sd-scripts records them (strings)."""
+    args: dict[str, Any] = {"lora_targets": config.lora_targets}
+    if config.conv_rank is not None:
+        args.update(conv_dim=str(config.conv_rank), conv_alpha=f"{config.conv_alpha_value:g}")
+    return args
+
+
 def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, max_steps: int) -> dict[str, str]:
     base = facts.family.lora_metadata(facts.prediction_type)  # how A1111 files the LoRA: by its base's version
     ss: dict[str, Any] = {
         "ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at,
         "ss_training_finished_at": time.time(), "ss_output_name": config.name,
         "ss_network_module": "networks.lora", "ss_network_dim": config.lora_rank, "ss_network_alpha": config.alpha,
-        "ss_network_dropout": config.lora_dropout, "ss_network_args": json.dumps({"lora_targets": config.lora_targets}),
+        "ss_network_dropout": config.lora_dropout, "ss_network_args": json.dumps(network_args(config)),
         "ss_base_model_version": base["ss_base_model_version"], "ss_v2": base["ss_v2"],
         "ss_sd_model_name": facts.base_model_name, "ss_new_sd_model_hash": facts.base_model_hash,
         "ss_sd_model_hash": facts.base_model_legacy_hash, "ss_steps": step, "ss_epoch": epoch,
@@ -96,7 +104,7 @@ def kohya_file_contents(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors cast to save_precision (alpha included, as kohya does) and the full metadata with its hashes."""
     dtype = DTYPES[config.save_precision]
-    kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name)
+    kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name, config.conv_alpha_value)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(kohya.items())}
     meta = kohya_metadata(config, facts, step, epoch, max_steps)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(state, meta)

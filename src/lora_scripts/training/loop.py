@@ -421,5 +421,6 @@ def lora_config_dicts(trainer: Trainer) -> dict[str, dict]:
     for component, cfg in trainer.lora_configs.items():
         d = cfg.to_dict()
         out[component] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()
-                          if k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")}
+                          if k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
+                          or k in ("rank_pattern", "alpha_pattern") and v}  # conv_rank's 3x3 layers
     return out

@@ -129,7 +129,9 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     config.base_model when not given."""
     import logging
 
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
+
+    from .adapters import choose_targets, lora_config
 
     from ..data.cache import latent_cache_plan, offload_plan
     from ..dtypes import DTYPES
@@ -149,12 +151,13 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
         + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
     for m in modules.values():
         m.requires_grad_(False)
-    lora_cfg = dict(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights=False)
     trained = family.trainable(config.train_text_encoder)
     with torch.device("meta"):
         for name in trained:
-            targets = family.target_modules(name, modules[name], config.lora_targets)
-            inject_adapter_in_model(LoraConfig(target_modules=targets, **lora_cfg), modules[name])
+            targets, conv = choose_targets(family, name, modules[name], config)
+            lora = lora_config(config, targets, conv)
+            lora.init_lora_weights = False
+            inject_adapter_in_model(lora, modules[name])
     lora_params = sum(p.numel() for m in modules.values() for n, p in m.named_parameters() if "lora_" in n)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -27,7 +27,7 @@ from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from ..families import Conditioning, LoadSettings, Model
 from ..families.loading import load_base_model
 from ..hashes import file_sha256, legacy_model_hash
-from .adapters import check_targets, inject_lora, lora_parameters
+from .adapters import check_targets, choose_targets, inject_lora, lora_parameters
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 
@@ -149,9 +149,13 @@ class Trainer:
         model.vae.to(device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
         model.vae.requires_grad_(False)
         names = family.trainable(cfg.train_text_encoder)
-        self.target_modules = {n: family.target_modules(n, model.modules[n], cfg.lora_targets) for n in names}
-        check_targets(family, model.modules, cfg, self.target_modules)
-        self.lora_configs = {n: inject_lora(model.modules[n], cfg, self.target_modules[n]) for n in names}
+        if cfg.text_encoder_2_lr is not None and len(family.text_encoders) < 2 and self.accelerator.is_main_process:
+            log.warning("text_encoder_2_lr is set, but %s has one text encoder: it is not used", family.label)
+        chosen = {n: choose_targets(family, n, model.modules[n], cfg) for n in names}
+        self.target_modules = {n: c[0] for n, c in chosen.items()}
+        check_targets(family, model.modules, cfg, {n: family.target_modules(n, model.modules[n], cfg.lora_targets)
+                                                   for n in names})
+        self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n]) for n in names}
         for n in names:  # in the file (as sd-scripts writes them) but never reached by the loss: not trained, and
             # not handed to DDP, which refuses parameters without a gradient
             idle = tuple(f"{m}." for m in family.idle_modules(n, model.modules[n], self.target_modules[n]))
