@@ -91,6 +91,18 @@ def test_detection_table(tiny_sdxl_ckpt, tmp_path):
     assert model.schedule.alphas_cumprod[-1] == 0 and "zero terminal SNR" in model.objective_reason
     user = load_base_model(marked, LoadSettings(prediction_type="epsilon"))  # the user can always set it
     assert user.prediction_type == "epsilon" and user.schedule.alphas_cumprod[-1] > 0
+    said_v = load_base_model(marked, LoadSettings(prediction_type="v_prediction"))  # as sd-scripts' --v_parameterization
+    assert said_v.schedule.alphas_cumprod[-1] == 0 and "'ztsnr' key" in said_v.objective_reason
+    # ztsnr counts only beside v_pred, as ComfyUI reads it: alone it changes nothing (and is no error).
+    lone = _edit_tiny(tiny_sdxl_ckpt, tmp_path / "ztsnr.safetensors", drop_prediction_type=True,
+                      add={"ztsnr": torch.tensor([])})
+    assert load_base_model(lone).schedule.alphas_cumprod[-1] > 0
+    for key in ("edm_mean", "edm_vpred.sigma_max"):  # Playground v2.5, CosXL: another noise schedule
+        with pytest.raises(ModelLoadError, match="EDM-schedule model"):
+            detect_family(dict(shapes, **{key: (1,)}))
+    unet_only = {k: v for k, v in shapes.items() if k.startswith("model.diffusion_model.")}
+    with pytest.raises(ModelLoadError, match="SDXL UNet without its text encoders"):
+        detect_family(unet_only)
 
 
 def test_folder_detection_table(tiny_sdxl_folder, tmp_path):
@@ -109,6 +121,33 @@ def test_folder_detection_table(tiny_sdxl_folder, tmp_path):
         (folder / "model_index.json").write_text(json.dumps(idx))
         with pytest.raises(ModelLoadError, match="refiner" if case == "refiner" else "inpainting"):
             detect_folder_family(folder)
+
+
+def test_a_folder_s_own_zero_snr_schedule_is_stated_never_slipped_in(tiny_sdxl_folder, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_sdxl_folder, tmp_path / "zsnr")
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, rescale_betas_zero_snr=True, prediction_type="v_prediction")))
+    model = load_base_model(folder)
+    assert model.schedule.alphas_cumprod[-1] == 0 and "rescale_betas_zero_snr" in model.objective_reason
+    eps = load_base_model(folder, LoadSettings(prediction_type="epsilon"))  # never epsilon at SNR 0
+    assert eps.schedule.alphas_cumprod[-1] > 0
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(cfg, _class_name="EDMEulerScheduler")))
+    with pytest.raises(ModelLoadError, match="EDM-schedule model"):
+        detect_folder_family(folder)
+
+
+def test_a_diffusers_layout_sdxl_lora_without_cross_attention_k_keeps_its_sgm_names(tmp_path):
+    """A UNet-only qv LoRA has no attn2.to_k; its to_v width or its metadata tells the family."""
+    from lora_scripts.interop.lora_file import read_lora
+
+    path = tmp_path / "qv.safetensors"
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_A.weight": torch.zeros(4, 96),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight": torch.zeros(32, 4)},
+              str(path), {"ss_base_model_version": "sdxl_base_v1-0"})
+    assert list(read_lora(path).modules) == ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v"]
 
 
 def test_placement_is_the_real_crop_and_follows_the_flip():

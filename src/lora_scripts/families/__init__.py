@@ -40,16 +40,16 @@ def guess_lora_family(module_names: list[str], cross_attention_widths: list[int]
     another size (fine-tuned architectures, our tiny test models) from what its metadata says."""
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in module_names):
         return "sdxl"
-    if not cross_attention_widths:
-        return "unknown (no cross-attention layer)"
-    width = cross_attention_widths[0]
-    family = next((f for f in FAMILIES.values() if getattr(f, "cross_attention_dim", None) == width), None)
+    width = cross_attention_widths[0] if cross_attention_widths else None
+    family = next((f for f in FAMILIES.values() if width and getattr(f, "cross_attention_dim", None) == width), None)
     if family is not None:
         return family.lora_label
     version = (metadata or {}).get("ss_base_model_version", "")
     said = next((f for f in FAMILIES.values() if version and (f.lora_metadata("epsilon")["ss_base_model_version"] == version
                  or f.lora_metadata("v_prediction")["ss_base_model_version"] == version)), None)
-    return said.lora_label if said else f"unknown (cross-attention width {width})"
+    if said:
+        return said.lora_label
+    return f"unknown (cross-attention width {width})" if width else "unknown (no cross-attention layer)"
 
 
 def lora_metadata_for(label: str, prediction_type: str = "epsilon") -> dict[str, str]:

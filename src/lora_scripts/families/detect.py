@@ -46,6 +46,12 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and \
             not any(k.startswith("conditioner.embedders.1.") for k in keys):
         raise ModelLoadError(f"{path} is {_REFINER}.")
+    if "edm_mean" in shapes or "edm_std" in shapes or any(k.startswith("edm_vpred.") for k in keys):
+        # Keys ComfyUI reads the same way (comfy/supported_models.py): Playground v2.5 (edm_mean/edm_std, its own
+        # latent scale) and EDM v-prediction files such as CosXL. SDXL's layout, another noise schedule.
+        raise ModelLoadError(f"{path} is an EDM-schedule model in SDXL's layout (Playground v2.5 or CosXL: it has "
+                             f"EDM keys); {_TRAINED} on SDXL's own schedule, and training this one on it would "
+                             "teach the wrong noise levels. Train on an SDXL base or a fine-tune of it.")
     if any(".joint_blocks." in k for k in keys):
         raise ModelLoadError(f"{path} is an SD3 checkpoint; {_TRAINED}.")
     if any("double_blocks." in k for k in keys):
@@ -58,6 +64,10 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
             f"{_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."
         )
+    if _UNET.replace("input_blocks.0.0", "label_emb.0.0") in shapes and \
+            not any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ModelLoadError(f"{path} is an SDXL UNet without its text encoders (no conditioner.embedders.*): "
+                             "use the full checkpoint (e.g. sd_xl_base_1.0.safetensors) or a diffusers folder.")
     if any(k.startswith("conditioner.embedders.") for k in keys) and not SDXL.recognise(dict(shapes), {}):
         # Only Stability's SGM layout (SDXL) has conditioner.embedders: never another family's file.
         raise ModelLoadError(f"{path}: an SDXL-layout checkpoint without both text encoders (conditioner.embedders.0"
@@ -80,8 +90,18 @@ def detect_folder_family(folder: Path) -> str:
     if "unet" not in configs:
         raise ModelLoadError(f"{folder} is not a complete diffusers model: {folder / 'unet' / 'config.json'} is "
                              "missing; copy or download the whole folder again")
-    if "text_encoder_2" in configs and "text_encoder" not in configs:
+    if "text_encoder_2" in configs and index.get("text_encoder") in (None, [None, None]):
         raise ModelLoadError(f"{folder} is {_REFINER}.")
+    if configs["unet"].get("addition_embed_type") == "text_time" and not {"text_encoder", "text_encoder_2"} <= set(configs):
+        missing = sorted({"text_encoder", "text_encoder_2"} - set(configs))
+        raise ModelLoadError(f"{folder} is not a complete SDXL diffusers model: {folder / missing[0] / 'config.json'} "
+                             "is missing; copy or download the whole folder again")
+    edm = _read_json(folder / "scheduler" / "scheduler_config.json", folder).get("_class_name", "") \
+        if (folder / "scheduler" / "scheduler_config.json").is_file() else ""
+    if edm.startswith("EDM") or configs.get("vae", {}).get("latents_mean") is not None:
+        raise ModelLoadError(f"{folder} is an EDM-schedule model in SDXL's layout (Playground v2.5 or CosXL: "
+                             f"{edm or 'its VAE has latents_mean'}); {_TRAINED} on SDXL's own schedule. Train on an "
+                             "SDXL base or a fine-tune of it.")
     if configs.get("unet", {}).get("in_channels") == 9:
         raise ModelLoadError(f"{folder} is an inpainting model (9 input channels); {_TRAINED} text-to-image "
                              "models: train on the base model and use the LoRA with the inpainting model")

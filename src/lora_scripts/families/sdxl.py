@@ -5,7 +5,9 @@ What differs from SD1/SD2 (stable_diffusion.py holds the rest):
   concatenated (768 + 1280 = 2048 wide); bigG's projected end-of-text embedding ("pooled") goes to the
   UNet beside them;
 * size conditioning: the UNet is told each training image's original size, where the crop starts and the
-  crop's size (`data.images.Placement`): the real numbers of every crop, as sd-scripts passes them;
+  crop's size (`data.images.Placement`): the real numbers of every crop, as the SDXL paper and diffusers'
+  training example define them (sd-scripts passes the offset of the whole image letterboxed into the bucket
+  instead, and no offset for random crops);
 * the original single-file layout is Stability's SGM one (`conditioner.embedders.0/1`, `label_emb`), and
   sd-scripts names LoRA modules by it: `lora_unet_input_blocks_4_1_…`, `lora_te1_…`, `lora_te2_…`;
 * v-prediction fine-tunes (NoobAI-XL v-pred and others) mark themselves with `v_pred` and `ztsnr` keys.
@@ -13,7 +15,7 @@ What differs from SD1/SD2 (stable_diffusion.py holds the rest):
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +112,17 @@ class SDXL(StableDiffusionFamily):
             return "v_prediction", f"the checkpoint carries a {V_PRED_KEY!r} key (a v-prediction fine-tune)"
         return None, ""
 
-    def file_zero_terminal_snr(self, path: Path, metadata: dict[str, str]) -> bool:
-        return ZTSNR_KEY in self._marker_keys(path)
+    def file_zero_terminal_snr(self, path: Path, metadata: dict[str, str]) -> str:
+        # As ComfyUI reads the markers (comfy/supported_models.py): ztsnr counts only beside v_pred.
+        if {V_PRED_KEY, ZTSNR_KEY} <= self._marker_keys(path):
+            return f"its {ZTSNR_KEY!r} key says it was trained with zero terminal SNR"
+        return ""
 
     @staticmethod
-    def _marker_keys(path: Path) -> set[str]:
+    def _marker_keys(path: Path) -> frozenset[str]:
         if path.is_dir():
-            return set()
-        from .loading import read_checkpoint_info
-
-        return {k for k in read_checkpoint_info(path).shapes if k in (V_PRED_KEY, ZTSNR_KEY)}
+            return frozenset()
+        return _markers(str(path), path.stat().st_mtime)
 
     def unknown_prediction_type(self, path: Path) -> tuple[str, str]:
         return "epsilon", ("SDXL base and most fine-tunes are epsilon-prediction (v-prediction ones carry a v_pred "
@@ -150,7 +153,9 @@ class SDXL(StableDiffusionFamily):
         """placement: (batch, 6) original size, crop top-left and target size of each crop (Placement.ids)."""
         if placement is None:
             raise ValueError("SDXL needs each image's size conditioning (placement)")
-        added = {"text_embeds": cond.extras["pooled"], "time_ids": placement.to(noisy.device, cond.hidden.dtype)}
+        # fp32, never the bf16 of the hidden states: bf16 holds integers above 256 only roughly (1531 -> 1528);
+        # the UNet embeds them in float and casts the embedding itself.
+        added = {"text_embeds": cond.extras["pooled"], "time_ids": placement.to(noisy.device, torch.float32)}
         return denoiser(noisy, timesteps, cond.hidden, added_cond_kwargs=added).sample
 
     def blank_tokens(self, batch: int, device) -> dict[str, Tensor]:
@@ -218,6 +223,14 @@ class SDXL(StableDiffusionFamily):
         if component == "text_encoder":
             return clip_to_ldm(shapes, CLIP_L_PREFIX)
         return open_clip_with_projection_shapes_to_ldm(shapes, BIG_G_PREFIX)
+
+
+@lru_cache(maxsize=4)
+def _markers(path: str, mtime: float) -> frozenset[str]:
+    """The marker keys a file holds (read once per file version: a .ckpt header read is a full load)."""
+    from .loading import read_checkpoint_info
+
+    return frozenset(k for k in read_checkpoint_info(Path(path)).shapes if k in (V_PRED_KEY, ZTSNR_KEY))
 
 
 FAMILY = SDXL()

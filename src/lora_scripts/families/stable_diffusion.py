@@ -93,7 +93,8 @@ class StableDiffusionFamily(Family):
         return "unet" in configs and self.recognise_configs(configs)
 
     def recognise_configs(self, configs: dict[str, dict[str, Any]]) -> bool:
-        return configs.get("text_encoder", {}).get("hidden_act") == self.text_encoder_act
+        return (configs.get("text_encoder", {}).get("hidden_act") == self.text_encoder_act
+                and "text_encoder_2" not in configs)
 
     # --- loading --------------------------------------------------------------------------------------------
     def load(self, path: Path, metadata: dict[str, str], settings: LoadSettings) -> SDModel:
@@ -110,17 +111,18 @@ class StableDiffusionFamily(Family):
             configs = json.loads(metadata[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in metadata else self.embedded_configs()
             pipe = self._load_single_file(path, configs, settings.dtype)
         zero_snr = settings.zero_terminal_snr
-        if not zero_snr and settings.prediction_type == "auto" and not path.is_dir() \
-                and self.file_zero_terminal_snr(path, metadata):
-            zero_snr, reason = True, reason + "; it also says it was trained with zero terminal SNR"
+        said_zero = "" if zero_snr or kind != "v_prediction" else self.stated_zero_terminal_snr(path, metadata)
+        if said_zero:  # a v-prediction base that says it was trained to SNR 0 is sampled and trained that way
+            zero_snr, reason = True, f"{reason}; {said_zero}"
         settings = replace(settings, zero_terminal_snr=zero_snr)
         if settings.zero_terminal_snr and kind != "v_prediction":
             raise ConfigError("the config", [f"zero_terminal_snr = true with an {kind} model ({reason}): at SNR 0 "
                                              "the epsilon target carries no information about the image; set "
                                              "prediction_type: v_prediction (a v-prediction base) or zero_terminal_snr: false"])
-        extra = {"rescale_betas_zero_snr": True} if settings.zero_terminal_snr else {}
-        schedule = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=kind, **extra)
-        if settings.zero_terminal_snr:
+        # Always stated: a folder's own rescale_betas_zero_snr must not slip past the check above.
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=kind,
+                                             rescale_betas_zero_snr=settings.zero_terminal_snr)
+        if settings.zero_terminal_snr and not said_zero:
             reason += "; zero_terminal_snr: true rescales the schedule to SNR 0 at its last step (Lin et al. 2023)"
         modules = {n: getattr(pipe, n) for n in (self.denoiser, self.autoencoder) + self.text_encoders}
         tokenizers = {t: getattr(pipe, t) for t in self.tokenizer_folders.values()}
@@ -136,9 +138,21 @@ class StableDiffusionFamily(Family):
         """What a single file says about its objective, and why we believe it."""
         return self.prediction_type_in_file(metadata)
 
-    def file_zero_terminal_snr(self, path: Path, metadata: dict[str, str]) -> bool:
-        """Whether a single file says it was trained with a zero-terminal-SNR schedule (SD1/SD2 files never do)."""
-        return False
+    def stated_zero_terminal_snr(self, path: Path, metadata: dict[str, str]) -> str:
+        """Why we believe the base was trained with a zero-terminal-SNR schedule ("" where it does not say): a
+        folder's scheduler config (rescale_betas_zero_snr), or what a single file of the family says."""
+        if path.is_dir():
+            try:
+                cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+            except (OSError, ValueError):
+                return ""
+            return ("its scheduler config says it was trained with zero terminal SNR (rescale_betas_zero_snr)"
+                    if cfg.get("rescale_betas_zero_snr") else "")
+        return self.file_zero_terminal_snr(path, metadata)
+
+    def file_zero_terminal_snr(self, path: Path, metadata: dict[str, str]) -> str:
+        """Why a single file says it was trained to zero terminal SNR ("" where it does not; SD1/SD2 never do)."""
+        return ""
 
     def prediction_type_in_file(self, metadata: dict[str, str]) -> tuple[str | None, str]:
         """What a single file says about its objective: our own files carry their scheduler config; files

@@ -59,7 +59,8 @@ class Description:
 
 def guess_family(lora: LoraFile) -> str:
     """The label of the family the LoRA was trained on ("sd1", "sd2", "sdxl", "unknown (...)")."""
-    widths = [m.down.shape[1] for n, m in sorted(lora.modules.items()) if n.endswith("attn2_to_k")]
+    # Cross-attention k and v read the text embedding: their input width is the text encoder's.
+    widths = [m.down.shape[1] for n, m in sorted(lora.modules.items()) if n.endswith(("attn2_to_k", "attn2_to_v"))]
     return guess_lora_family(list(lora.modules), widths, lora.metadata)
 
 

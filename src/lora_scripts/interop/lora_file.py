@@ -224,7 +224,7 @@ def _peft_family(parts: dict[tuple[str, str], dict[str, Tensor]], metadata: dict
 
     second = ["lora_te2_"] if any(c == "text_encoder_2" for c, _ in parts) else []
     widths = [p["A"].shape[1] for (c, path), p in sorted(parts.items())
-              if c == "unet" and path.endswith("attn2.to_k") and "A" in p]
+              if c == "unet" and path.endswith(("attn2.to_k", "attn2.to_v")) and "A" in p]
     return family_by_label(guess_lora_family(second, widths, metadata)) or default_family()
 
 

@@ -132,8 +132,8 @@ class Trainer:
 
     def setup_model(self) -> Model:
         cfg = self.config
-        # Frozen weights are read straight in the training dtype: one copy in host RAM, never an fp32 one first.
-        # (sd-scripts does the same; its VAE too is then cast back to fp32, as below.)
+        # Frozen weights are read straight in the training dtype: one copy in host RAM, never an fp32 one first
+        # (the VAE is then cast back to fp32 below, where it must be).
         dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         model = load_base_model(cfg.base_model, LoadSettings(cfg.prediction_type, cfg.zero_terminal_snr, dtype=dtype))
         if self.accelerator.is_main_process:
