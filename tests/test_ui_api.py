@@ -693,8 +693,9 @@ def test_an_sdxl_run_from_the_queue_is_listed_and_drawn_with_in_the_studio(ws, t
     family and verifies it, and the studio draws with it."""
     import shutil
 
-    shutil.copy(tiny_sdxl_ckpt, ws / "models" / "sdxl-base.safetensors")
-    cfg = write_config(ws, "xl", base_model="./models/sdxl-base.safetensors", max_train_steps=2, resolution=64,
+    # The base shares the run's name: a full checkpoint never takes a LoRA's name (it used to hide the LoRA).
+    shutil.copy(tiny_sdxl_ckpt, ws / "models" / "xl.safetensors")
+    cfg = write_config(ws, "xl", base_model="./models/xl.safetensors", max_train_steps=2, resolution=64,
                        train_text_encoder=True)
     with client(ws) as c:
         job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
@@ -703,8 +704,8 @@ def test_an_sdxl_run_from_the_queue_is_listed_and_drawn_with_in_the_studio(ws, t
         listed = {item["name"]: item for item in c.get("/api/loras").json()}
         assert listed["xl"]["family"] == "sdxl"
         report = c.post("/api/loras/tool", headers=HEADERS,
-                        json={"lora": "output/xl/xl.safetensors", "action": "verify", "base_model": "models/sdxl-base.safetensors"})
+                        json={"lora": "output/xl/xl.safetensors", "action": "verify", "base_model": "models/xl.safetensors"})
         assert report.status_code == 200 and "0 unmatched" in json.dumps(report.json())
-        body = {"base_model": "models/sdxl-base.safetensors", "prompt": "a lab <lora:xl:0.8>", "seed": 1, "steps": 2}
+        body = {"base_model": "models/xl.safetensors", "prompt": "a lab <lora:xl:0.8>", "seed": 1, "steps": 2}
         image = c.post("/api/generate", headers=HEADERS, json=body).json()["image"]
         assert (ws / image).is_file()

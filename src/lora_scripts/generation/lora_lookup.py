@@ -4,6 +4,7 @@ up in our output folders and any A1111 `models/Lora` folder."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LoraScriptsError
@@ -14,8 +15,10 @@ _SKIPPED_PARTS = {"checkpoints", "samples", "logs"}
 _NOT_LORAS = {"pytorch_lora_weights"}  # diffusers' fixed file name: found by folder, not by this name
 
 
-def index_loras(dirs: list[Path]) -> dict[str, Path]:
-    """name -> file. With two files of one name the shallower path wins (a run's final file over copies)."""
+def index_loras(dirs: list[Path], skip: Callable[[Path], bool] | None = None) -> dict[str, Path]:
+    """name -> file. With two files of one name the shallower path wins (a run's final file over copies). skip:
+    files that take no name (default: full base checkpoints, by their header)."""
+    skip = skip or is_base_checkpoint
     found: dict[str, Path] = {}
     for root in dirs:
         root = Path(root)
@@ -28,8 +31,24 @@ def index_loras(dirs: list[Path]) -> dict[str, Path]:
         for path in files:
             if _SKIPPED_PARTS.intersection(path.relative_to(root).parts[:-1]) or path.stem in _NOT_LORAS:
                 continue
-            found.setdefault(path.stem, path)
+            if path.stem not in found and not skip(path):
+                found[path.stem] = path
     return found
+
+
+_BASE_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.", "cond_stage_model.", "first_stage_model.")
+
+
+def is_base_checkpoint(path: Path) -> bool:
+    """A full model kept beside the LoRAs (a base `xl.safetensors` next to the run `output/xl/`) must not take a
+    LoRA's name. Only the header is read; a file that cannot be read is kept, for the loader to name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(k.startswith(_BASE_PREFIXES) for k in f.keys())
+    except Exception:
+        return False
 
 
 def resolve(name: str, index: dict[str, Path], dirs: list[Path]) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..interop.describe import describe
-from ..generation.lora_lookup import index_loras
+from ..generation.lora_lookup import index_loras, is_base_checkpoint
 from ..generation.pnginfo import save_png
 from ..generation.render import Renderer, Settings
 from ..generation.sweeps import strength_sweep
@@ -34,7 +34,10 @@ class Studio:
         self.lock = threading.Lock()  # one generation at a time: the model is shared
 
     def _indexed(self) -> dict[str, Path]:
-        return {name: path for name, path in index_loras([self.ws.root]).items() if STATE_DIR not in path.parts}
+        # A base checkpoint is told by its header, read only inside the workspace (a link leading out is never
+        # opened: it is listed as refused).
+        skip = lambda path: self.ws.contains(path) and is_base_checkpoint(path)  # noqa: E731
+        return {name: path for name, path in index_loras([self.ws.root], skip).items() if STATE_DIR not in path.parts}
 
     def loras(self) -> dict[str, Path]:
         """LoRA files in the workspace. A link that leads out of it is left out (refused_loras names it): the
