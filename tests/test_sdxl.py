@@ -105,6 +105,14 @@ def test_detection_table(tiny_sdxl_ckpt, tmp_path):
         detect_family(unet_only)
 
 
+def test_a_file_missing_a_weight_is_refused_not_left_on_meta(tiny_sdxl_ckpt, tmp_path):
+    """diffusers' single-file loader leaves a missing text_projection or layer on the meta device and carries on."""
+    cut = _edit_tiny(tiny_sdxl_ckpt, tmp_path / "cut.safetensors",
+                     edit=lambda k: None if k == "conditioner.embedders.1.model.text_projection" else k)
+    with pytest.raises(ModelLoadError, match="lacks .* text_encoder_2 weights .*incomplete"):
+        load_base_model(cut)
+
+
 def test_folder_detection_table(tiny_sdxl_folder, tmp_path):
     assert detect_folder_family(tiny_sdxl_folder) == "sdxl"
     index = json.loads((tiny_sdxl_folder / "model_index.json").read_text())

@@ -86,6 +86,10 @@ class TrainConfig(BaseModel):
     random_crop: bool = _f(False, "random instead of centre crop when an image is larger than its bucket")
     caption_dropout: float = _f(0.0, "probability of training on an empty caption (helps the LoRA generalise)", "0-0.1", ge=0, le=1)
     shuffle_caption: bool = _f(False, "shuffle comma-separated tags each step (for tag-style captions)")
+    max_token_length: Literal[75, 150, 225] = _f(75, "caption tokens the text encoder(s) read: 150 or 225 encode "
+                                                   "longer captions in 75-token windows, as sd-scripts' "
+                                                   "max_token_length (tag-heavy captions); longer ones are cut, "
+                                                   "with a warning counting what is lost", "75 or 225")
     keep_tokens: int = _f(0, "with shuffle_caption or caption_tag_dropout: keep the first N tags (e.g. the trigger "
                           "word) in place and never dropped", ge=0)
     caption_tag_dropout: float = _f(0.0, "drop each comma-separated tag after the first keep_tokens with this "

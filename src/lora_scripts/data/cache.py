@@ -159,7 +159,7 @@ class TextCache:
     def fill(self, captions: list[str], model, device) -> None:
         family = model.family
         for caption in sorted(set(captions) - set(self.entries)):
-            tokens = family.tokenize(model.tokenizers, [caption])
+            tokens = family.tokenize(model.tokenizers, [caption], model.token_chunks)
             self.entries[caption] = family.encode(model.text_encoders, tokens, device).rows()[0].to("cpu")
 
     def get(self, captions: list[str]):

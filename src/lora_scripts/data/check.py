@@ -141,7 +141,7 @@ def _token_findings(samples: list[Sample], config: TrainConfig, report: CheckRep
     the trigger word or the style) are silently lost. Counted with the base model's own tokenizer."""
     from ..families.clip_tokenizer import caption_overflow
 
-    long = caption_overflow([s.caption for s in samples], config.base_model)
+    long = caption_overflow([s.caption for s in samples], config.base_model, config.max_token_length)
     if not long:
         return
     limit = long[0][2]
@@ -151,7 +151,8 @@ def _token_findings(samples: list[Sample], config: TrainConfig, report: CheckRep
     report.add(WARNING, "captions", f"{len(long)} captions are longer than the {limit} tokens the text encoder reads; "
                f"training cuts off their ends ({lost} tokens lost in all): {shown}"
                + (f" and {len(long) - 5} more" if len(long) > 5 else "")
-               + ". Shorten them, or put the words that matter (trigger word first) at the start", files)
+               + ". Shorten them, put the words that matter (trigger word first) at the start"
+               + (", or set max_token_length: 225 to read up to 225 tokens" if limit < 225 else ""), files)
 
 
 def _caption_file(sample: Sample, config: TrainConfig) -> Path:

@@ -114,13 +114,14 @@ class Collate:
     """Stack images and tokenize captions the family's way (a class, not a closure, so worker processes can
     pickle it)."""
 
-    def __init__(self, family, tokenizers: dict):
+    def __init__(self, family, tokenizers: dict, chunks: int = 1):
         self.family = family
         self.tokenizers = tokenizers
+        self.chunks = chunks  # 75-token windows per caption (max_token_length / 75)
 
     def __call__(self, examples: list[dict]) -> dict:
         captions = [e["caption"] for e in examples]
-        batch = {"tokens": self.family.tokenize(self.tokenizers, captions), "captions": captions}
+        batch = {"tokens": self.family.tokenize(self.tokenizers, captions, self.chunks), "captions": captions}
         for key in ("pixel_values", "latent_mean", "latent_logvar", "placement"):
             if key in examples[0]:
                 batch[key] = torch.stack([e[key] for e in examples])

@@ -88,6 +88,7 @@ class Model:
         self.objective = objective
         self.objective_reason = objective_reason  # why this objective: the log says it
         self.native_resolution = family.default_resolution  # the side it draws best at (families set it on load)
+        self.token_chunks = 1  # 75-token windows a caption is read in (max_token_length / 75; set by the trainer)
 
     @property
     def native_size(self) -> tuple[int, int]:

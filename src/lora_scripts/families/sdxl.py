@@ -28,7 +28,8 @@ from ..formats.ldm import UNET_PREFIX, _unet_key, clip_to_ldm
 from ..formats.open_clip import (open_clip_weight_of, open_clip_with_projection_shapes_to_ldm,
                                  open_clip_with_projection_to_ldm)
 from .base import Conditioning, ModuleEntry
-from .stable_diffusion import StableDiffusionFamily, clip_ldm_entry, open_clip_attention_problems
+from .long_prompts import join_windows
+from .stable_diffusion import StableDiffusionFamily, clip_ids, clip_ldm_entry, open_clip_attention_problems
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIG_G_PREFIX = "conditioner.embedders.1.model."
@@ -132,21 +133,22 @@ class SDXL(StableDiffusionFamily):
         return 1024
 
     # --- conditioning and prediction ------------------------------------------------------------------------
-    def tokenize(self, tokenizers: dict[str, Any], captions: list[str]) -> dict[str, Tensor]:
-        out = {}
-        for key, name in (("input_ids", "tokenizer"), ("input_ids_2", "tokenizer_2")):
-            tok = tokenizers[name]
-            out[key] = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                           return_tensors="pt").input_ids
-        return out
+    def tokenize(self, tokenizers: dict[str, Any], captions: list[str], chunks: int = 1) -> dict[str, Tensor]:
+        return {"input_ids": clip_ids(tokenizers["tokenizer"], captions, chunks),
+                "input_ids_2": clip_ids(tokenizers["tokenizer_2"], captions, chunks)}
 
     def encode(self, text_encoders: dict[str, nn.Module], tokens: dict[str, Tensor], device) -> Conditioning:
         """Both encoders' penultimate hidden states side by side, and bigG's projected end-of-text embedding,
-        as StableDiffusionXLPipeline.encode_prompt computes them (clip_skip unset)."""
-        first = text_encoders["text_encoder"](tokens["input_ids"].to(device), output_hidden_states=True)
-        second = text_encoders["text_encoder_2"](tokens["input_ids_2"].to(device), output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        return Conditioning(hidden, {"pooled": second.text_embeds})
+        as StableDiffusionXLPipeline.encode_prompt computes them (clip_skip unset). A long caption's windows are
+        joined (long_prompts.py); its pooled embedding is the first window's, as sd-scripts takes it."""
+        ids, ids_2 = tokens["input_ids"], tokens["input_ids_2"]
+        batch, windowed = ids.shape[0], ids.dim() == 3
+        first = text_encoders["text_encoder"](ids.flatten(0, ids.dim() - 2).to(device), output_hidden_states=True)
+        second = text_encoders["text_encoder_2"](ids_2.flatten(0, ids_2.dim() - 2).to(device), output_hidden_states=True)
+        h1, h2, pooled = first.hidden_states[-2], second.hidden_states[-2], second.text_embeds
+        if windowed:
+            h1, h2, pooled = join_windows(h1, batch), join_windows(h2, batch), pooled.reshape(batch, -1, pooled.shape[-1])[:, 0]
+        return Conditioning(torch.cat([h1, h2], dim=-1), {"pooled": pooled})
 
     def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning,
                 placement: Tensor | None = None) -> Tensor:

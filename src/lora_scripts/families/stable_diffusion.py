@@ -21,6 +21,7 @@ from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name, unet_n
 from ..formats.ldm import CLIP_PREFIX, UNET_PREFIX, _unet_key, clip_to_ldm, unet_to_ldm, vae_to_ldm, with_text_model
 from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
 from .clip_tokenizer import write_clip_tokenizer_files
+from .long_prompts import chunked_ids, join_windows
 from .objective import PREDICTION_TYPES, DiffusionObjective
 
 # Safetensors metadata key under which our own small checkpoints carry their component configs.
@@ -238,16 +239,18 @@ class StableDiffusionFamily(Family):
                 )
 
     # --- conditioning and prediction ------------------------------------------------------------------------
-    def tokenize(self, tokenizers: dict[str, Any], captions: list[str]) -> dict[str, Tensor]:
-        tok = tokenizers["tokenizer"]
-        ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                  return_tensors="pt").input_ids
-        return {"input_ids": ids}
+    def tokenize(self, tokenizers: dict[str, Any], captions: list[str], chunks: int = 1) -> dict[str, Tensor]:
+        """chunks > 1: max_token_length 75 x chunks, as (batch, chunks, 77) windows (long_prompts.py)."""
+        return {"input_ids": clip_ids(tokenizers["tokenizer"], captions, chunks)}
 
     def encode(self, text_encoders: dict[str, nn.Module], tokens: dict[str, Tensor], device) -> Conditioning:
         """The text encoder's last hidden states (SD2's 23-layer encoder already ends at OpenCLIP's
-        penultimate layer, which is what SD2 was trained on)."""
-        return Conditioning(text_encoders["text_encoder"](tokens["input_ids"].to(device))[0])
+        penultimate layer, which is what SD2 was trained on); windows of a long caption joined."""
+        ids = tokens["input_ids"]
+        if ids.dim() == 2:
+            return Conditioning(text_encoders["text_encoder"](ids.to(device))[0])
+        hidden = text_encoders["text_encoder"](ids.flatten(0, 1).to(device))[0]
+        return Conditioning(join_windows(hidden, ids.shape[0]))
 
     def predict(self, denoiser: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning,
                 placement: Tensor | None = None) -> Tensor:
@@ -435,6 +438,14 @@ def _text_encoder_targets(text_encoder: nn.Module, targets: str | list[str]) -> 
         n for n, m in text_encoder.named_modules()
         if ".layers." in f".{n}" and isinstance(m, nn.Linear) and any(n.endswith("." + s) for s in suffixes)
     )
+
+
+def clip_ids(tokenizer, captions: list[str], chunks: int = 1) -> Tensor:
+    """(batch, 77) ids, or (batch, chunks, 77) windows for captions up to 75 x chunks tokens."""
+    if chunks > 1:
+        return chunked_ids(tokenizer, captions, chunks)
+    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
 
 
 def open_clip_attention_problems(label: str, modules: list[str]) -> list[str]:

@@ -82,6 +82,8 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
         "ss_clip_skip": None, "ss_v_parameterization": facts.prediction_type == "v_prediction", "ss_cache_latents": False,
         "ss_tag_frequency": json.dumps(facts.tag_frequency), "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
     }
+    if config.max_token_length > 75:  # as sd-scripts records it (left out at the default, as before)
+        ss["ss_max_token_length"] = config.max_token_length
     return {k: str(v) for k, v in ss.items()}
 
 

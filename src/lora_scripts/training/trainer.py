@@ -127,7 +127,8 @@ class Trainer:
         model.denoiser.to(self.accelerator.device)
         self.sampler = BucketBatchSampler(self.items, cfg.batch_size, cfg.seed)
         loader = DataLoader(LoraDataset(self.items, cfg, self.latent_cache), batch_sampler=self.sampler,
-                            collate_fn=Collate(model.family, model.tokenizers), num_workers=cfg.dataloader_workers)
+                            collate_fn=Collate(model.family, model.tokenizers, model.token_chunks),
+                            num_workers=cfg.dataloader_workers)
         self.loader = self.accelerator.prepare(loader)
 
     def setup_model(self) -> Model:
@@ -136,6 +137,7 @@ class Trainer:
         # (the VAE is then cast back to fp32 below, where it must be).
         dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         model = load_base_model(cfg.base_model, LoadSettings(cfg.prediction_type, cfg.zero_terminal_snr, dtype=dtype))
+        model.token_chunks = cfg.max_token_length // 75
         if self.accelerator.is_main_process:
             log.info("%s, objective %s (%s)", model.family.label, model.objective.describe(), model.objective_reason)
         family, device = model.family, self.accelerator.device

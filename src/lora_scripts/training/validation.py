@@ -85,7 +85,8 @@ class Validator:
         total, count = 0.0, 0
         try:
             for i, (item, latents) in enumerate(zip(self.items, self._encode())):
-                cond = family.encode(encoders, family.tokenize(model.tokenizers, [item.sample.caption]), acc.device)
+                tokens = family.tokenize(model.tokenizers, [item.sample.caption], model.token_chunks)
+                cond = family.encode(encoders, tokens, acc.device)
                 for ts in TIMESTEPS:
                     g = torch.Generator().manual_seed(hash((self.config.seed, i, ts)) & 0x7FFF_FFFF)
                     noise = torch.randn(latents.shape, generator=g).to(latents.device)
