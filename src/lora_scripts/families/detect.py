@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 from .sd15 import FAMILY as SD15
 from .sd2 import FAMILY as SD2
-from .sdxl import FAMILY as SDXL
+from .sdxl import FAMILY as SDXL, LABEL_EMB_KEY
 
 # The trainable families in the order their markers are tested (the more specific first).
 TRAINABLE = (SDXL, SD2, SD15)
@@ -64,7 +64,7 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
             f"{_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."
         )
-    if _UNET.replace("input_blocks.0.0", "label_emb.0.0") in shapes and \
+    if LABEL_EMB_KEY in shapes and \
             not any(k.startswith("conditioner.embedders.") for k in keys):
         raise ModelLoadError(f"{path} is an SDXL UNet without its text encoders (no conditioner.embedders.*): "
                              "use the full checkpoint (e.g. sd_xl_base_1.0.safetensors) or a diffusers folder.")

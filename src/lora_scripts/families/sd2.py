@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from ..formats.open_clip import OPEN_CLIP_PREFIX, open_clip_shapes_to_ldm, open_clip_to_ldm, open_clip_weight_of
+from ..formats.open_clip import OPEN_CLIP_PREFIX, open_clip_shapes_to_ldm, open_clip_to_ldm
 from .base import ModuleEntry
-from .stable_diffusion import StableDiffusionFamily, open_clip_attention_problems
+from .stable_diffusion import StableDiffusionFamily, open_clip_attention_problems, open_clip_entry
 
 _UNET = "model.diffusion_model.input_blocks.0.0.weight"
 _CROSS_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -45,11 +45,7 @@ class SD2(StableDiffusionFamily):
             "v_prediction for a 768-v model or prediction_type: epsilon for a 512-base model in the config")
 
     def text_encoder_entry(self, component: str, path: str, shape: tuple[int, ...]) -> ModuleEntry:
-        key, index = open_clip_weight_of(path)
-        if index is None:
-            return ModuleEntry("text_encoder", path, key, shape)
-        rows = (index * shape[0], (index + 1) * shape[0])
-        return ModuleEntry("text_encoder", path, key, shape, rows, (3 * shape[0],) + tuple(shape[1:]))
+        return open_clip_entry(path, shape)
 
     def text_encoder_to_ldm(self, state, component="text_encoder"):
         return open_clip_to_ldm(state)

@@ -25,16 +25,15 @@ from torch import Tensor, nn
 
 from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name, text_encoder_name, unet_name_from_ldm
 from ..formats.ldm import UNET_PREFIX, _unet_key, clip_to_ldm
-from ..formats.open_clip import (open_clip_weight_of, open_clip_with_projection_shapes_to_ldm,
-                                 open_clip_with_projection_to_ldm)
+from ..formats.open_clip import open_clip_with_projection_shapes_to_ldm, open_clip_with_projection_to_ldm
 from .base import Conditioning, ModuleEntry
 from .long_prompts import join_windows
-from .stable_diffusion import StableDiffusionFamily, clip_ids, clip_ldm_entry, open_clip_attention_problems
+from .stable_diffusion import (StableDiffusionFamily, clip_ids, clip_ldm_entry, open_clip_attention_problems,
+                               open_clip_entry)
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIG_G_PREFIX = "conditioner.embedders.1.model."
-_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-_LABEL_EMB = "model.diffusion_model.label_emb.0.0.weight"
+LABEL_EMB_KEY = "model.diffusion_model.label_emb.0.0.weight"  # the SGM UNet's pooled-text/size embedding
 # The keys NoobAI-XL v-pred (and others after it) add to say how they were trained; ComfyUI reads them too.
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 _KOHYA_TE = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -87,7 +86,7 @@ class SDXL(StableDiffusionFamily):
 
     # --- recognising ----------------------------------------------------------------------------------------
     def recognise(self, shapes, metadata) -> bool:
-        return (_LABEL_EMB in shapes and any(k.startswith(CLIP_L_PREFIX) for k in shapes)
+        return (LABEL_EMB_KEY in shapes and any(k.startswith(CLIP_L_PREFIX) for k in shapes)
                 and any(k.startswith(BIG_G_PREFIX) for k in shapes))
 
     def recognise_folder(self, index, configs) -> bool:
@@ -190,11 +189,7 @@ class SDXL(StableDiffusionFamily):
     def text_encoder_entry(self, component: str, path: str, shape: tuple[int, ...]) -> ModuleEntry:
         if component == "text_encoder":
             return clip_ldm_entry(path, shape, component, CLIP_L_PREFIX)
-        key, index = open_clip_weight_of(path, BIG_G_PREFIX)
-        if index is None:
-            return ModuleEntry(component, path, key, shape)
-        rows = (index * shape[0], (index + 1) * shape[0])
-        return ModuleEntry(component, path, key, shape, rows, (3 * shape[0],) + tuple(shape[1:]))
+        return open_clip_entry(path, shape, component, BIG_G_PREFIX)
 
     def idle_modules(self, component: str, module: nn.Module, targets: list[str]) -> list[str]:
         """CLIP-L's last layer: SDXL reads the layer before it. sd-scripts still writes its modules (the 264 names,
@@ -237,4 +232,4 @@ def _markers(path: str, mtime: float) -> frozenset[str]:
 
 FAMILY = SDXL()
 
-__all__ = ["FAMILY", "SDXL", "V_PRED_KEY", "ZTSNR_KEY"]
+__all__ = ["FAMILY", "LABEL_EMB_KEY", "SDXL", "V_PRED_KEY", "ZTSNR_KEY"]

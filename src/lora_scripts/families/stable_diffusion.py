@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelLoadError
 from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name, unet_name_from_ldm
+from ..formats.open_clip import OPEN_CLIP_PREFIX, open_clip_weight_of
 from ..formats.ldm import CLIP_PREFIX, UNET_PREFIX, _unet_key, clip_to_ldm, unet_to_ldm, vae_to_ldm, with_text_model
 from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
 from .clip_tokenizer import write_clip_tokenizer_files
@@ -469,4 +470,15 @@ def clip_ldm_entry(path: str, shape: tuple[int, ...], component: str = "text_enc
     return ModuleEntry(component, path, f"{prefix}{with_text_model(path)}.weight", shape)
 
 
-__all__ = ["ARCHITECTURE_KEY", "SDModel", "StableDiffusionFamily", "clip_to_ldm", "clip_ldm_entry", "open_clip_attention_problems"]
+def open_clip_entry(path: str, shape: tuple[int, ...], component: str = "text_encoder",
+                    prefix: str = OPEN_CLIP_PREFIX) -> ModuleEntry:
+    """An OpenCLIP tower's layer (SD2's, SDXL's bigG): its weight, or its rows of the fused q/k/v in_proj."""
+    key, index = open_clip_weight_of(path, prefix)
+    if index is None:
+        return ModuleEntry(component, path, key, shape)
+    rows = (index * shape[0], (index + 1) * shape[0])
+    return ModuleEntry(component, path, key, shape, rows, (3 * shape[0],) + tuple(shape[1:]))
+
+
+__all__ = ["ARCHITECTURE_KEY", "SDModel", "StableDiffusionFamily", "clip_to_ldm", "clip_ldm_entry", "open_clip_entry",
+           "open_clip_attention_problems"]

@@ -39,10 +39,13 @@ def check_targets(family, modules: dict[str, nn.Module], config: TrainConfig, ch
         raise ConfigError("the config", problems)
 
 
-def choose_targets(family, component: str, module: nn.Module, config: TrainConfig) -> tuple[list[str], list[str]]:
+def choose_targets(family, component: str, module: nn.Module, config: TrainConfig,
+                   chosen: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(every module of this component that gets LoRA, the 3x3 convolutions among them that take conv_rank):
-    lora_targets' modules, plus with conv_rank those of the ResNet blocks and samplers (Family.conv_targets)."""
-    chosen = family.target_modules(component, module, config.lora_targets)
+    lora_targets' modules (`chosen`, when already found), plus with conv_rank those of the ResNet blocks and
+    samplers (Family.conv_targets)."""
+    if chosen is None:
+        chosen = family.target_modules(component, module, config.lora_targets)
     if config.conv_rank is None:
         return chosen, []
     linear, conv = family.conv_targets(component, module)

@@ -114,10 +114,10 @@ class Trainer:
             self.text_cache = TextCache()
             self.text_cache.fill([i.sample.caption for i in self.items], model, acc.device)
         # Previews and validation still need both models; otherwise they leave the GPU.
-        vae_off, text_off = offload_plan(cfg)
-        if vae_off and self.latent_cache is not None:
+        vae_off, text_off = offload_plan(cfg)  # each true only where its cache was filled above
+        if vae_off:
             model.vae.to("cpu")
-        if text_off and self.text_cache is not None:
+        if text_off:
             for encoder in model.text_encoders.values():
                 encoder.to("cpu")
 
@@ -153,10 +153,10 @@ class Trainer:
         names = family.trainable(cfg.train_text_encoder)
         if cfg.text_encoder_2_lr is not None and len(family.text_encoders) < 2 and self.accelerator.is_main_process:
             log.warning("text_encoder_2_lr is set, but %s has one text encoder: it is not used", family.label)
-        chosen = {n: choose_targets(family, n, model.modules[n], cfg) for n in names}
+        listed = {n: family.target_modules(n, model.modules[n], cfg.lora_targets) for n in names}
+        check_targets(family, model.modules, cfg, listed)
+        chosen = {n: choose_targets(family, n, model.modules[n], cfg, listed[n]) for n in names}
         self.target_modules = {n: c[0] for n, c in chosen.items()}
-        check_targets(family, model.modules, cfg, {n: family.target_modules(n, model.modules[n], cfg.lora_targets)
-                                                   for n in names})
         self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n]) for n in names}
         for n in names:  # in the file (as sd-scripts writes them) but never reached by the loss: not trained, and
             # not handed to DDP, which refuses parameters without a gradient
