@@ -34,6 +34,8 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
         return write_tiny_checkpoint(folder / "tiny-sdxl.safetensors", family="sdxl")
     if kind == "sdxl":
         return build_sdxl_checkpoint(folder)
+    if kind == "flux_reduced":
+        return build_flux_reduced(folder)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -47,6 +49,38 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
     te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k != "architectures"}))
     # No architecture metadata: it loads with the embedded SD1.5 configs, exactly like a real checkpoint.
     return save_ldm_checkpoint(folder / "sd15-random.safetensors", unet, vae, te, None, torch.float16)
+
+
+FLUX_REDUCED = dict(num_layers=2, num_single_layers=4)  # of Flux.1-dev's 19 and 38, at the real widths
+
+
+def build_flux_reduced(folder: Path) -> Path:
+    """Flux.1-dev at its real widths with fewer blocks, random weights, as a diffusers folder: the transformer with
+    2 double + 4 single blocks (1.25 B parameters), the real CLIP-L and VAE, T5 at its real width (4096, so the
+    transformer's text input is the real one) with 2 of its 24 layers, and the test T5 tokenizer (built in code;
+    the real one cannot be fetched here). Measured figures are extrapolated to the full depth by FLOPs."""
+    import gc
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    from lora_scripts.families import FAMILIES
+    from lora_scripts.families.t5_tokenizer import build_tiny_t5_tokenizer
+
+    family = FAMILIES["flux1"]
+    configs = family.embedded_configs()
+    configs["transformer"].update(FLUX_REDUCED)
+    configs["text_encoder_2"].update(num_layers=2, num_decoder_layers=2)
+    torch.manual_seed(0)
+    modules = family.build_modules(configs)
+    for m in modules.values():
+        m.to(torch.bfloat16)  # as the real files are; loaded in the training dtype
+    gc.collect()
+    clip_tok = CLIPTokenizer.from_pretrained(str(family.write_tokenizers(folder / "_tok")["tokenizer"]))
+    pipe = family.pipeline_from_parts(modules, {"tokenizer": clip_tok, "tokenizer_2": build_tiny_t5_tokenizer()},
+                                      FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]))
+    pipe.save_pretrained(str(folder / "flux-reduced"))
+    return folder / "flux-reduced"
 
 
 def build_sdxl_checkpoint(folder: Path) -> Path:

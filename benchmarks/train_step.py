@@ -6,12 +6,14 @@ peak memory and MFU.
     python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --rounds 2
     python benchmarks/train_step.py --model sd15 --resolution 512 --batch 1 --steps 2 --device cuda --mixed-precision bf16
     python benchmarks/train_step.py --model sdxl --resolution 512 --batch 1 --steps 2 --mixed-precision bf16
+    python benchmarks/train_step.py --model flux_reduced --resolution 512 --batch 1 --steps 2 --mixed-precision bf16
 
 Each variant runs in its own process; peak memory is measured over the timed steps (resident set size on CPU,
 sampled; torch.cuda.max_memory_allocated on GPU, reset after set-up)
 on the same checkpoint and images:
   reference          diffusers' train_text_to_image_lora.py step (benchmarks/reference_diffusers_lora.py;
-                     SDXL: train_text_to_image_lora_sdxl.py, benchmarks/reference_diffusers_lora_sdxl.py):
+                     SDXL: train_text_to_image_lora_sdxl.py, benchmarks/reference_diffusers_lora_sdxl.py;
+                     Flux: dreambooth/train_dreambooth_lora_flux.py, benchmarks/reference_diffusers_lora_flux.py):
                      attention LoRA rank 4, VAE encode and text encoder(s) every step
   ours (defaults)    lora-scripts as a user gets it: kohya preset rank 16, latent and text caches
   ours (equal)       the reference's settings: attention LoRA rank 4 = alpha, no caches
@@ -118,6 +120,10 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
         from reference_diffusers_lora_sdxl import ReferenceSDXLLoop
 
         loop = ReferenceSDXLLoop(model, acc)
+    elif args.model.startswith("flux"):
+        from reference_diffusers_lora_flux import ReferenceFluxLoop
+
+        loop = ReferenceFluxLoop(model, acc)
     else:
         loop = ReferenceLoop(model, acc)
     rng = random.Random(0)
@@ -131,7 +137,8 @@ def run_reference(args, ckpt: Path, data: Path) -> dict:
     for i in range(0, len(files), args.batch):
         chunk = files[i : i + args.batch]
         pixels = torch.stack([reference_pixels(f, args.resolution, rng) for f in chunk]).to(acc.device)
-        batch = {"pixel_values": pixels.contiguous().float(), "input_ids": ids(model.tokenizers["tokenizer"], chunk)}
+        batch = {"pixel_values": pixels.contiguous().float(), "input_ids": ids(model.tokenizers["tokenizer"], chunk),
+                 "prompts": [f"a benchmark image {f.stem}" for f in chunk]}
         if args.model.endswith("sdxl"):  # the example's collate: both tokenizers, each image's size and crop corner
             batch.update(input_ids_one=batch["input_ids"], input_ids_two=ids(model.tokenizers["tokenizer_2"], chunk),
                          original_sizes=[(args.resolution, args.resolution)] * len(chunk),
@@ -207,7 +214,7 @@ def build_inputs(args, tmp: Path) -> tuple[Path, Path]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["tiny", "tiny_sdxl", "sd15", "sdxl"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "tiny_sdxl", "sd15", "sdxl", "flux_reduced"], default="tiny")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)

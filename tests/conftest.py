@@ -64,7 +64,30 @@ def tiny_sdxl_folder(tmp_path_factory) -> Path:
     return write_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0, family="sdxl")
 
 
-BASES = ("tiny_ckpt", "tiny_sd2_ckpt", "tiny_sdxl_ckpt")  # one fixture name per family, for tests parametrised by family
+@pytest.fixture(scope="session")
+def tiny_flux_files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Flux.1-dev as ComfyUI users keep it: transformer (BFL layout), clip_l, t5xxl, ae, and a T5
+    tokenizer folder; config key -> path (base_model is the transformer)."""
+    from lora_scripts.families.tiny import write_tiny_flux_files
+
+    return write_tiny_flux_files(tmp_path_factory.mktemp("models") / "flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tmp_path_factory) -> Path:
+    """The same tiny Flux.1-dev (same seed) as a diffusers folder, T5 tokenizer included."""
+    from lora_scripts.families.tiny import write_tiny_folder
+
+    return write_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0, family="flux1")
+
+
+def flux_keys(files: dict[str, Path]) -> dict[str, str]:
+    """seed_config overrides pointing a config at tiny_flux_files."""
+    return {k: str(v) for k, v in files.items()}
+
+
+BASES = ("tiny_ckpt", "tiny_sd2_ckpt", "tiny_sdxl_ckpt")  # one fixture name per SD family, for tests parametrised by family
+TRAIN_BASES = BASES + ("tiny_flux_folder",)  # every family, for training-loop tests (resume, DDP)
 
 
 def make_images(folder: Path, n: int, size=(32, 32), seed: int = 0, captions: bool = True) -> list[str]:

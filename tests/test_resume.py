@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BASES, REPO, seed_config
+from conftest import REPO, TRAIN_BASES, seed_config
 from lora_scripts.training.checkpoints import list_checkpoints
 from lora_scripts.config import load_config
 from lora_scripts.errors import OutputDirError
@@ -38,7 +38,7 @@ def _wait_for(path, proc, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("base", TRAIN_BASES)
 def test_sigkill_then_resume_is_bit_identical(tmp_path, dataset, base, request):
     tiny_ckpt = request.getfixturevalue(base)
     ref_cfg = load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./output/reference", **RUN))

@@ -178,7 +178,8 @@ SD2 = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
       (1280, 2816), "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
       "conditioner.embedders.1.model.positional_embedding": (77, 1280)}, {}, "sdxl"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, {}, "SD3 checkpoint"),
-    ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, {}, "Flux checkpoint"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, {}, "flux1"),  # trained since issue 19
+    ({"single_stream_modulation.lin.weight": (18432, 3072)}, {}, "Flux.2 transformer"),
     ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 1280)}, {}, "is a LoRA file"),
 ])
 def test_family_detection_table(shapes, meta, expected):

@@ -19,7 +19,8 @@ SEED_MAX = 2**32 - 1  # numpy's seed range, which every RNG we seed accepts (and
 _MAX_NAME_BYTES = 200  # a file name's limit is 255 bytes; room for suffixes such as -000004.safetensors
 SCHEMA_VERSION = 1
 PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "logging_dir", "validation_dir",
-             "cache_dir")
+             "cache_dir", "clip_l", "t5xxl", "ae", "tokenizer_dir")
+FLUX_FILE_KEYS = ("clip_l", "t5xxl", "ae")  # a Flux.1 base kept as separate files, as ComfyUI users have it
 
 
 def _f(default: Any, help: str, typical: str | None = None, **kw: Any) -> Any:
@@ -46,7 +47,8 @@ class TrainConfig(BaseModel):
     # --- the nine keys every config has -------------------------------------------------------
     train_data_dir: Path = _f(..., "folder of training images (kohya-style 'N_name' sub-folders repeat N times)")
     metadata_path: Path | None = _f(None, "metadata.csv with file_name,text columns; empty = .txt caption beside each image")
-    base_model: Path = _f(..., "SD1.x or SD2.x checkpoint (.safetensors/.ckpt, e.g. v1-5-pruned.safetensors) or diffusers folder")
+    base_model: Path = _f(..., "SD1.x/SD2.x/SDXL checkpoint (.safetensors/.ckpt, e.g. v1-5-pruned.safetensors), a Flux.1 "
+                          "transformer file (flux1-dev.safetensors, with clip_l, t5xxl and ae) or a diffusers folder")
     lora_rank: int = _f(16, "LoRA rank (network dim): 8 for a simple style, 16 for complex scenes; file size grows linearly", "8-32", ge=1, le=1024)
     batch_size: int = _f(1, "images per step; lower it first if you run out of GPU memory", "1-8", ge=1)
     epochs: int = _f(10, "passes over the dataset; 10-15 for 50-100 images", "10-15", ge=1)
@@ -75,6 +77,30 @@ class TrainConfig(BaseModel):
     text_encoder_2_lr: float | None = _f(None, "SDXL's second text encoder (OpenCLIP-bigG) LoRA learning rate, as "
                                          "sd-scripts' second text_encoder_lr value; default = text_encoder_lr", "5e-5",
                                          gt=0, le=1)
+
+    # --- Flux.1 ------------------------------------------------------------------------------------
+    clip_l: Path | None = _f(None, "Flux.1 as separate files: the CLIP-L text encoder (clip_l.safetensors; ComfyUI's "
+                             "models/text_encoders or models/clip)")
+    t5xxl: Path | None = _f(None, "Flux.1 as separate files: the T5-XXL text encoder (t5xxl_fp16.safetensors, or an "
+                            "fp8 one: weights are read in the training dtype)")
+    ae: Path | None = _f(None, "Flux.1 as separate files: the autoencoder (ae.safetensors; ComfyUI's models/vae)")
+    tokenizer_dir: Path | None = _f(None, "folder with Flux's T5 tokenizer (tokenizer.json or spiece.model); default: "
+                                    "the diffusers folder's tokenizer_2, a ComfyUI install beside the model files, or "
+                                    "the local Hugging Face cache")
+    max_sequence_length: int | None = _f(None, "T5 tokens per caption for Flux.1; default 512 (dev), 256 (schnell)",
+                                         "256-512", ge=1, le=512)
+    guidance_scale: float = _f(1.0, "Flux.1-dev: the guidance value the transformer is given while training (1.0 as "
+                               "sd-scripts and ai-toolkit recommend for LoRAs; schnell has no guidance input)",
+                               "1.0", ge=0, le=100)
+    timestep_sampling: Literal["flux_shift", "shift", "sigmoid", "uniform"] = _f(
+        "flux_shift", "flow-matching noise levels for Flux.1: flux_shift = shifted by image size as FluxPipeline "
+        "samples; shift = fixed discrete_flow_shift; sigmoid = logit-normal; uniform")
+    sigmoid_scale: float = _f(1.0, "spread of the logit-normal noise levels (flux_shift, shift, sigmoid)", "1.0",
+                              gt=0, le=10)
+    discrete_flow_shift: float = _f(3.0, "the fixed shift of timestep_sampling: shift (3.0 as SD3/Flux schedulers; "
+                                    "higher trains noisier steps)", "3.0", gt=0, le=100)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = _f(
+        "none", "flow-matching loss weight per noise level (diffusers' weighting schemes); none for most LoRAs")
 
     # --- data --------------------------------------------------------------------------------------
     resolution: int = _f(512, "training resolution in pixels (512 for SD1.x and SD2 512-base, 768 for SD2 768-v, 1024 for SDXL); images are resized and cropped to it", "512", ge=32, le=4096)
@@ -173,8 +199,24 @@ class TrainConfig(BaseModel):
     @classmethod
     def _base_exists(cls, v: Path) -> Path:
         if not v.exists():
-            raise ValueError("file does not exist; download a Stable Diffusion 1.x, 2.x or SDXL checkpoint (e.g. "
-                             "v1-5-pruned.safetensors, sd_xl_base_1.0.safetensors) and point base_model at it")
+            raise ValueError("file does not exist; download a Stable Diffusion 1.x, 2.x, SDXL or Flux.1 checkpoint "
+                             "(e.g. v1-5-pruned.safetensors, sd_xl_base_1.0.safetensors, flux1-dev.safetensors) and "
+                             "point base_model at it")
+        return v
+
+    @field_validator("clip_l", "t5xxl", "ae")
+    @classmethod
+    def _component_file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("file does not exist; point it at the Flux component file (ComfyUI keeps them in "
+                             "models/text_encoders, models/clip or models/vae)")
+        return v
+
+    @field_validator("tokenizer_dir")
+    @classmethod
+    def _tokenizer_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError("folder does not exist; point it at a folder holding tokenizer.json or spiece.model")
         return v
 
     @field_validator("validation_dir")
@@ -246,6 +288,11 @@ class TrainConfig(BaseModel):
         if self.conv_rank is None:
             return None
         return self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+
+    @property
+    def component_files(self) -> dict[str, Path]:
+        """A base kept as separate files: the others by kind (Flux.1's clip_l, t5xxl, ae), those that are set."""
+        return {k: getattr(self, k) for k in FLUX_FILE_KEYS if getattr(self, k) is not None}
 
     @property
     def te_lr(self) -> float:

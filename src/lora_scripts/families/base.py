@@ -54,6 +54,18 @@ class LoadSettings:
     # Load the weights straight in this dtype (the training dtype): an SDXL loaded in fp32 and then cast would
     # need 14 GB of host RAM at once, more than many users have. None: as diffusers loads them (fp32).
     dtype: torch.dtype | None = None
+    # Families whose base is several files (Flux.1 as ComfyUI keeps it): the others by kind ("clip_l", "t5xxl",
+    # "ae"), and where a tokenizer no package ships is (the T5 one).
+    files: Mapping[str, Path] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None
+    # The flow-matching objective's choices (families/flow_matching.py) and the guidance a guidance-distilled
+    # model (Flux.1-dev) is trained at; the DDPM families ignore them.
+    timestep_sampling: str = "flux_shift"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    loss_weighting: str = "none"
+    guidance_scale: float = 1.0
+    max_sequence_length: int | None = None  # T5 tokens (None: the family's default)
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,9 @@ class ModuleEntry:
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
     fused_shape: tuple[int, ...] | None = None  # the fused weight's shape, where rows is set
+    # Where the kohya module itself is the fused weight (Flux's qkv): each layer it holds, (path, output rows),
+    # in row order; `path` is then the first of them and `shape` the fused weight's (formats/fused.py).
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def ldm_shape(self) -> tuple[int, ...]:
@@ -89,6 +104,8 @@ class Model:
         self.objective_reason = objective_reason  # why this objective: the log says it
         self.native_resolution = family.default_resolution  # the side it draws best at (families set it on load)
         self.token_chunks = 1  # 75-token windows a caption is read in (max_token_length / 75; set by the trainer)
+        self.predict_options: dict[str, Any] = {}  # what Family.predict takes beyond the batch (Flux: guidance)
+        self.variant = ""  # a family's model variant where LoRA files name it (Flux.1: dev or schnell)
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -139,6 +156,31 @@ class Family:
     def trainable(self, train_text_encoder: bool) -> tuple[str, ...]:
         """Components that take LoRA: the denoiser first (it trains first), then the text encoders if asked."""
         return (self.denoiser,) + (self.text_encoders if train_text_encoder else ())
+
+    def fused_slot(self, component: str, module_path: str) -> tuple[int, tuple[int, ...]] | None:
+        """Where a layer is one part of a fused kohya module (Flux's qkv): (its index, the row ratios of all
+        parts). None for an ordinary layer (every layer of the SD families)."""
+        return None
+
+    def training_metadata(self, config) -> dict[str, Any]:
+        """ss_* keys of this family's own training options, as sd-scripts records them (none for SD)."""
+        return {}
+
+    def predict_options(self, configs: dict[str, dict[str, Any]], settings: LoadSettings) -> dict[str, Any]:
+        """What `predict` takes beyond the batch for a model of these configs (Flux.1-dev: its guidance)."""
+        return {}
+
+    def file_configs(self, path: Path, metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """The component configs of a single-file base: its own where it carries them (our test and toy files),
+        else the family's embedded ones."""
+        key = "lora_scripts.architecture"  # stable_diffusion.ARCHITECTURE_KEY (not imported: it imports this module)
+        return json.loads(metadata[key]) if key in metadata else self.embedded_configs()
+
+    def base_shapes(self, path: Path, files: Mapping[str, Path] | None = None) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of a single-file base, the names A1111 and ComfyUI resolve a LoRA's modules against."""
+        from .loading import read_checkpoint_info
+
+        return read_checkpoint_info(path).shapes
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

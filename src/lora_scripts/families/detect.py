@@ -12,17 +12,23 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..formats.flux import BFL_PREFIX
+from .flux import FAMILY as FLUX, IMG_IN_KEY
 from .sd15 import FAMILY as SD15
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL, LABEL_EMB_KEY
 
 # The trainable families in the order their markers are tested (the more specific first).
-TRAINABLE = (SDXL, SD2, SD15)
+TRAINABLE = (FLUX, SDXL, SD2, SD15)
 
 _UNET = "model.diffusion_model.input_blocks.0.0.weight"
-_TRAINED = "this version trains Stable Diffusion 1.x, 2.x and SDXL"
+_TRAINED = "this version trains Stable Diffusion 1.x, 2.x, SDXL and Flux.1 (dev, schnell)"
 # Pipeline classes of families that are recognised but not trainable yet: their label.
-_OTHER_PIPELINES = {"StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a Flux"}
+_OTHER_PIPELINES = {"StableDiffusion3Pipeline": "an SD3", "FluxFillPipeline": "a Flux.1 Fill (inpainting)",
+                    "FluxControlPipeline": "a Flux.1 Depth/Canny (control)", "FluxKontextPipeline": "a Flux.1 Kontext",
+                    "Flux2Pipeline": "a Flux.2", "ChromaPipeline": "a Chroma"}
+# Flux.1 variants told by the transformer's input width (img_in): text-to-image models take 64.
+_FLUX_VARIANTS = {384: "a Flux.1 Fill (inpainting) model", 128: "a Flux.1 Depth or Canny (control) model"}
 _REFINER = ("an SDXL refiner (it has only the OpenCLIP-bigG text encoder); LoRAs are trained on the SDXL base or a "
             "fine-tune of it (sd_xl_base_1.0.safetensors) and are used with the refiner's output as they are")
 
@@ -54,8 +60,19 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
                              "teach the wrong noise levels. Train on an SDXL base or a fine-tune of it.")
     if any(".joint_blocks." in k for k in keys):
         raise ModelLoadError(f"{path} is an SD3 checkpoint; {_TRAINED}.")
+    if any(k.endswith("single_stream_modulation.lin.weight") for k in keys):
+        raise ModelLoadError(f"{path} is a Flux.2 transformer; {_TRAINED}.")
+    if any(k.removeprefix(BFL_PREFIX).startswith("distilled_guidance_layer.") for k in keys):
+        raise ModelLoadError(f"{path} is a Chroma transformer (Flux-like, without Flux's modulation layers); {_TRAINED}.")
+    if FLUX.recognise(dict(shapes), {}):
+        img_in = shapes.get(IMG_IN_KEY) or shapes.get(BFL_PREFIX + IMG_IN_KEY)
+        if img_in and len(img_in) == 2 and img_in[1] != 64:
+            what = _FLUX_VARIANTS.get(img_in[1], f"a Flux.1 variant with {img_in[1]} input channels")
+            raise ModelLoadError(f"{path} is {what}; LoRAs are trained on Flux.1-dev or schnell (64 input "
+                                 "channels) and used with it as they are.")
+        return FLUX.name
     if any("double_blocks." in k for k in keys):
-        raise ModelLoadError(f"{path} is a Flux checkpoint; {_TRAINED}.")
+        raise ModelLoadError(f"{path} has Flux-style double_blocks but not Flux.1's layout; {_TRAINED}.")
     if _UNET in shapes and len(shapes[_UNET]) == 4 and shapes[_UNET][1] == 9:
         raise ModelLoadError(f"{path} is an inpainting checkpoint (9 input channels); {_TRAINED} text-to-image "
                              "models: train on the base model and use the LoRA with the inpainting model")
@@ -87,12 +104,23 @@ def detect_folder_family(folder: Path) -> str:
         raise ModelLoadError(f"{folder} is {_OTHER_PIPELINES[cls]} diffusers model ({cls}); {_TRAINED}.")
     configs = {name: _read_json(folder / name / "config.json", folder) for name in index
                 if not name.startswith("_") and (folder / name / "config.json").is_file()}
+    if cls == "FluxPipeline":
+        missing = [n for n in FLUX.config_files if n != "scheduler" and n not in configs]
+        if missing:
+            raise ModelLoadError(f"{folder} is not a complete Flux diffusers model: {folder / missing[0] / 'config.json'} "
+                                 "is missing; copy or download the whole folder again")
+        width = configs["transformer"].get("in_channels", 64)
+        if width != 64:
+            raise ModelLoadError(f"{folder} is {_FLUX_VARIANTS.get(width, f'a Flux.1 variant ({width} inputs)')}; "
+                                 "LoRAs are trained on Flux.1-dev or schnell and used with it as they are.")
+        if FLUX.recognise_folder(index, configs):
+            return FLUX.name
     if "unet" not in configs:
         raise ModelLoadError(f"{folder} is not a complete diffusers model: {folder / 'unet' / 'config.json'} is "
                              "missing; copy or download the whole folder again")
     if "text_encoder_2" in configs and index.get("text_encoder") in (None, [None, None]):
         raise ModelLoadError(f"{folder} is {_REFINER}.")
-    if configs["unet"].get("addition_embed_type") == "text_time" and not {"text_encoder", "text_encoder_2"} <= set(configs):
+    if configs.get("unet", {}).get("addition_embed_type") == "text_time" and not {"text_encoder", "text_encoder_2"} <= set(configs):
         missing = sorted({"text_encoder", "text_encoder_2"} - set(configs))
         raise ModelLoadError(f"{folder} is not a complete SDXL diffusers model: {folder / missing[0] / 'config.json'} "
                              "is missing; copy or download the whole folder again")

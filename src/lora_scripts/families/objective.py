@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)  # of 1000; spread over the schedule, the same for every run
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class DiffusionObjective:
 
     def noisy(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> NoisedBatch:
         return NoisedBatch(latents, noise, timesteps, self.schedule.add_noise(latents, noise, timesteps))
+
+    def validation_timesteps(self) -> tuple[int, ...]:
+        """The fixed noise levels the validation loss is measured at."""
+        return VALIDATION_TIMESTEPS
 
     def target(self, batch: NoisedBatch) -> Tensor:
         if self.prediction_type == "epsilon":

@@ -53,7 +53,7 @@ class SD2(StableDiffusionFamily):
     def text_encoder_shapes_to_ldm(self, shapes, component="text_encoder"):
         return open_clip_shapes_to_ldm(shapes)
 
-    def lora_metadata(self, prediction_type: str) -> dict[str, str]:
+    def lora_metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         # As sd-scripts writes them (library/train_util.py, sai_model_spec.py). A1111 lists a LoRA under an SD2
         # model only when ss_v2 is exactly "True".
         if prediction_type != "v_prediction":

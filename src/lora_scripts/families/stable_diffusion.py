@@ -412,7 +412,7 @@ class StableDiffusionFamily(Family):
         return self.pipeline_class(**modules, **tokenizers, scheduler=scheduler, **self._pipeline_extras())
 
     # --- what a LoRA file says about its base ---------------------------------------------------------------
-    def lora_metadata(self, prediction_type: str) -> dict[str, str]:
+    def lora_metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         """How sd-scripts files a LoRA of this family (A1111 lists it under matching models by these)."""
         return {"ss_base_model_version": self.base_model_version, "ss_v2": str(self.v2),
                 "modelspec.architecture": self.modelspec_architecture}

@@ -17,26 +17,29 @@ from diffusers import DDPMScheduler
 from torch import nn
 from transformers import CLIPTokenizer
 
+from ..atomic import atomic_save_safetensors
 from . import FAMILIES
 from .saving import save_single_file
+from .t5_tokenizer import build_tiny_t5_tokenizer
 
 
-def tiny_configs(family: str = "sd15", prediction_type: str | None = None) -> dict[str, dict[str, Any]]:
+def tiny_configs(family: str = "sd15", prediction_type: str | None = None, **denoiser: Any) -> dict[str, dict[str, Any]]:
     """The family's real configs with the sizes shrunk; everything else (scheduler, activations, SD2's linear
-    projections and OpenCLIP gelu) stays the family's."""
+    projections and OpenCLIP gelu) stays the family's. denoiser: overrides of the denoiser's config."""
     fam = FAMILIES[family]
     configs = copy.deepcopy(fam.embedded_configs())
     for name, sizes in fam.tiny_sizes.items():
         configs[name].update(sizes)
+    configs[fam.denoiser].update(denoiser)
     if prediction_type:
         configs["scheduler"]["prediction_type"] = prediction_type
     return configs
 
 
-def build_tiny(seed: int = 0, family: str = "sd15", prediction_type: str | None = None
+def build_tiny(seed: int = 0, family: str = "sd15", prediction_type: str | None = None, **denoiser: Any
                ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """(networks by component name, configs), initialised from `seed`."""
-    configs = tiny_configs(family, prediction_type)
+    configs = tiny_configs(family, prediction_type, **denoiser)
     torch.manual_seed(seed)
     return FAMILIES[family].build_modules(configs), configs
 
@@ -54,13 +57,46 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.
     return save_single_file(Path(path), modules, configs, dtype, family)
 
 
-def write_tiny_folder(folder: Path, seed: int = 0, family: str = "sd15", prediction_type: str | None = None) -> Path:
+def write_tiny_folder(folder: Path, seed: int = 0, family: str = "sd15", prediction_type: str | None = None,
+                      **sizes: Any) -> Path:
     """The same models as a diffusers folder (save_pretrained), as users download them."""
+    import diffusers
+
     fam = FAMILIES[family]
-    modules, configs = build_tiny(seed, family, prediction_type)
+    modules, configs = build_tiny(seed, family, prediction_type, **sizes)
     scratch = Path(folder) / "_tokenizers"
     tokenizers = {name: CLIPTokenizer.from_pretrained(path) for name, path in fam.write_tokenizers(scratch).items()}
-    pipe = fam.pipeline_from_parts(modules, tokenizers, DDPMScheduler.from_config(configs["scheduler"]))
+    if "text_encoder_2" in fam.tokenizer_folders and "tokenizer_2" not in tokenizers:  # T5 (Flux): built in code
+        tokenizers["tokenizer_2"] = build_tiny_t5_tokenizer()
+    scheduler_cls = getattr(diffusers, configs["scheduler"].get("_class_name", "DDPMScheduler"))
+    if family != "flux1":  # the SD families' tiny folders have always carried a DDPM scheduler
+        scheduler_cls = DDPMScheduler
+    pipe = fam.pipeline_from_parts(modules, tokenizers, scheduler_cls.from_config(configs["scheduler"]))
     pipe.save_pretrained(str(folder))
     shutil.rmtree(scratch)
     return Path(folder)
+
+
+def write_tiny_flux_files(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes: Any
+                          ) -> dict[str, Path]:
+    """A tiny Flux.1 as ComfyUI users keep it: the transformer in BFL layout (its configs in the metadata), and
+    clip_l, t5xxl and ae files in the layouts ComfyUI's own are in; plus a T5 tokenizer folder (what a
+    ComfyUI install or a diffusers download provides). Returns the config keys -> paths.
+    sizes: transformer config overrides (guidance_embeds=False: a schnell-like model)."""
+    from ..formats.ldm import vae_to_ldm, with_text_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules, configs = build_tiny(seed, "flux1", **sizes)
+    cast = lambda state: {k: v.detach().to(dtype).contiguous() for k, v in state.items()}  # noqa: E731
+    paths = {"base_model": save_single_file(folder / "flux1-tiny.safetensors", modules, configs, dtype, "flux1"),
+             "clip_l": folder / "clip_l.safetensors", "t5xxl": folder / "t5xxl.safetensors", "ae": folder / "ae.safetensors",
+             "tokenizer_dir": folder / "t5_tokenizer"}
+    atomic_save_safetensors(cast({with_text_model(k): v for k, v in modules["text_encoder"].state_dict().items()}),
+                            paths["clip_l"])
+    t5 = {k: v for k, v in modules["text_encoder_2"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    atomic_save_safetensors(cast(t5), paths["t5xxl"])
+    atomic_save_safetensors(cast({k.removeprefix("first_stage_model."): v
+                                  for k, v in vae_to_ldm(modules["vae"].state_dict()).items()}), paths["ae"])
+    build_tiny_t5_tokenizer().save_pretrained(str(paths["tokenizer_dir"]))
+    return paths

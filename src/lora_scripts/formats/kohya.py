@@ -83,11 +83,17 @@ def split_kohya(state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]],
 
 def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float],
                   name_of: Callable[[str, str], str] = kohya_module_name,
-                  conv_alpha: float | None = None) -> dict[str, Tensor]:
+                  conv_alpha: float | None = None,
+                  slot_of: Callable[[str, str], tuple[int, tuple[int, ...]] | None] | None = None) -> dict[str, Tensor]:
     """`states` maps component ("unet", "text_encoder") to its peft LoRA state dict; `alphas` gives each
     component's lora_alpha; `name_of(component, module path)` is the family's kohya name (Family.kohya_name);
-    `conv_alpha` is the alpha of convolutions with a kernel wider than 1x1 (kohya's conv_alpha)."""
+    `conv_alpha` is the alpha of convolutions with a kernel wider than 1x1 (kohya's conv_alpha); `slot_of`
+    (Family.fused_slot) says where a layer is one part of a fused kohya module (its index, and the row ratios
+    of all parts): those parts are fused exactly (formats/fused.py)."""
+    from .fused import fuse_slots
+
     modules: dict[str, tuple[Tensor, Tensor, float]] = {}
+    fused: dict[str, tuple[tuple[int, ...], dict[int, tuple[Tensor, Tensor, float]]]] = {}
     for component, state in states.items():
         pairs: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -95,12 +101,21 @@ def peft_to_kohya(states: dict[str, dict[str, Tensor]], alphas: dict[str, float]
             pairs.setdefault(module, {})[suffix] = value
         for module, pair in pairs.items():
             name = name_of(component, module)
-            if name in modules:
-                raise KeyConversionError("two modules map to the same kohya name")
             down = pair["lora_A.weight"]
             wide = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
             alpha = conv_alpha if wide and conv_alpha is not None else alphas[component]
+            slot = slot_of(component, module) if slot_of else None
+            if slot is not None:
+                ratios, parts = fused.setdefault(name, (slot[1], {}))
+                if slot[0] in parts:
+                    raise KeyConversionError(f"two layers are part {slot[0]} of {name}")
+                parts[slot[0]] = (down, pair["lora_B.weight"], alpha)
+                continue
+            if name in modules:
+                raise KeyConversionError("two modules map to the same kohya name")
             modules[name] = (down, pair["lora_B.weight"], alpha)
+    for name, (ratios, parts) in fused.items():
+        modules[name] = fuse_slots(ratios, parts)
     return join_kohya(modules)
 
 

@@ -23,12 +23,13 @@ from torch import Tensor
 from ..atomic import atomic_save_safetensors
 from ..errors import LoraScriptsError
 from ..formats.diffusers import ADAPTER_METADATA_KEY
+from ..formats.fused import fuse_slots, split
 from ..formats.kohya import UNET_PREFIX, join_kohya, split_kohya
 from .table import Entry
 
 KOHYA = "kohya"
 DIFFUSERS = "diffusers"
-_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
 
 
 class LoraFileError(LoraScriptsError):
@@ -205,15 +206,26 @@ def _from_peft(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
             parts.setdefault((m[1], m[2]), {})[m[3]] = value
         else:
             unknown.append(key)
-    name_of = _peft_family(parts, metadata).kohya_name
+    family = _peft_family(parts, metadata)
     modules = {}
+    fused: dict[str, tuple[tuple[int, ...], dict[int, tuple[Tensor, Tensor, float]]]] = {}
     for (component, path), p in parts.items():
         if "A" not in p or "B" not in p:
             unknown += [f"{component}.{path}.lora_{k}.weight (its partner is missing)" for k in p]
             continue
         cfg = configs.get(component, {})
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha"))
-        modules[name_of(component, path)] = LoraModule(p["A"], p["B"], None if alpha is None else float(alpha))
+        slot = family.fused_slot(component, path)
+        if slot is not None:  # one part of a layer the kohya layout fuses (Flux's q/k/v): fused below
+            a = float(alpha) if alpha is not None else float(p["A"].shape[0])
+            fused.setdefault(family.kohya_name(component, path), (slot[1], {}))[1][slot[0]] = (p["A"], p["B"], a)
+            continue
+        modules[family.kohya_name(component, path)] = LoraModule(p["A"], p["B"], None if alpha is None else float(alpha))
+    for name, (ratios, group) in fused.items():
+        try:
+            modules[name] = LoraModule(*fuse_slots(ratios, group))
+        except ValueError as exc:  # parts of unequal rank: kept apart, reported rather than guessed
+            unknown.append(f"{name} ({exc})")
     return LoraFile(modules, metadata, DIFFUSERS, sorted(unknown))
 
 
@@ -222,6 +234,8 @@ def _peft_family(parts: dict[tuple[str, str], dict[str, Tensor]], metadata: dict
     second text encoder, the cross-attention width or the metadata; SD1 when nothing tells."""
     from ..families import default_family, family_by_label, guess_lora_family
 
+    if any(c == "transformer" for c, _ in parts):
+        return family_by_label("flux1") or default_family()  # the one transformer family with peft-layout files
     second = ["lora_te2_"] if any(c == "text_encoder_2" for c, _ in parts) else []
     widths = [p["A"].shape[1] for (c, path), p in sorted(parts.items())
               if c == "unet" and path.endswith(("attn2.to_k", "attn2.to_v")) and "A" in p]
@@ -262,9 +276,15 @@ def diffusers_state(lora: LoraFile, table: dict[str, Entry], dtype: torch.dtype 
     by_component: dict[str, dict[str, LoraModule]] = {}
     for name, m in sorted(lora.modules.items()):
         e = table[name]
-        state[f"{e.component}.{e.path}.lora_A.weight"] = m.down.to(dtype).contiguous()
-        state[f"{e.component}.{e.path}.lora_B.weight"] = m.up.to(dtype).contiguous()
-        by_component.setdefault(e.component, {})[e.path] = m
+        if e.parts:  # a fused kohya module (Flux's qkv): one peft LoRA per layer it holds
+            pieces = split(m.down, m.up, m.alpha if m.alpha is not None else float(m.rank), [n for _, n in e.parts])
+            layers = [((path, _), LoraModule(*piece)) for (path, _), piece in zip(e.parts, pieces) if piece is not None]
+        else:
+            layers = [((e.path, None), m)]
+        for (path, _), part in layers:
+            state[f"{e.component}.{path}.lora_A.weight"] = part.down.to(dtype).contiguous()
+            state[f"{e.component}.{path}.lora_B.weight"] = part.up.to(dtype).contiguous()
+            by_component.setdefault(e.component, {})[path] = part
     packed = {}
     for component, mods in by_component.items():
         alphas = {p: float(m.alpha if m.alpha is not None else m.rank) for p, m in mods.items()}

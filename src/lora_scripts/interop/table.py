@@ -51,25 +51,22 @@ def base_configs(path: Path) -> dict[str, Any]:
     if path.is_dir():
         configs = _folder_configs(path, family)
     else:
-        info = read_checkpoint_info(path)
-        configs = json.loads(info.metadata[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in info.metadata else family.embedded_configs()
+        configs = family.file_configs(path, read_checkpoint_info(path).metadata)
     return {**configs, FAMILY_KEY: family.name}
 
 
-def base_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def base_shapes(path: Path, files: dict[str, Path] | None = None) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a base in the single-file (LDM) layout, the names A1111 and ComfyUI resolve a LoRA's
     modules against. A diffusers folder's UNet and text-encoder names are converted in memory; only file
-    headers are read where the weights are safetensors."""
-    from ..families.loading import read_checkpoint_info
-
-    path = Path(path)
-    if not path.is_dir():
-        return read_checkpoint_info(path).shapes
+    headers are read where the weights are safetensors. files: a base's other files (Flux.1's clip_l)."""
     from ..errors import ModelLoadError
     from ..families.loading import base_family
     from ..formats.ldm import LdmConversionError
 
+    path = Path(path)
     family, _ = base_family(path)
+    if not path.is_dir():
+        return family.base_shapes(path, files)
     configs = _folder_configs(path, family)
     networks = (family.denoiser,) + family.text_encoders
     try:

@@ -37,6 +37,7 @@ class RunFacts:
     started_at: float = field(default_factory=time.time)
     session_id: int = 0
     prediction_type: str = "epsilon"  # the base's; "v_prediction" for v-models (SD2-768, zero-terminal-SNR bases)
+    variant: str = ""  # the base's variant where the file names it (Flux.1: dev, schnell)
 
 
 def tag_frequency(captions_by_dir: dict[str, list[str]]) -> dict[str, dict[str, int]]:
@@ -53,7 +54,7 @@ def network_args(config: TrainConfig) -> dict[str, Any]:
 
 
 def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, max_steps: int) -> dict[str, str]:
-    base = facts.family.lora_metadata(facts.prediction_type)  # how A1111 files the LoRA: by its base's version
+    base = facts.family.lora_metadata(facts.prediction_type, facts.variant)  # how A1111 files the LoRA: by its base
     ss: dict[str, Any] = {
         "ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at,
         "ss_training_finished_at": time.time(), "ss_output_name": config.name,
@@ -84,13 +85,14 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
     }
     if config.max_token_length > 75:  # as sd-scripts records it (left out at the default, as before)
         ss["ss_max_token_length"] = config.max_token_length
+    ss.update(facts.family.training_metadata(config))  # the family's own keys (Flux: guidance, timestep sampling)
     return {k: str(v) for k, v in ss.items()}
 
 
 def modelspec_metadata(config: TrainConfig, facts: RunFacts, state: dict[str, Tensor]) -> dict[str, str]:
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": facts.family.lora_metadata(facts.prediction_type)["modelspec.architecture"],
+        "modelspec.architecture": facts.family.lora_metadata(facts.prediction_type, facts.variant)["modelspec.architecture"],
         "modelspec.implementation": "diffusers",
         "modelspec.title": config.name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
@@ -106,7 +108,8 @@ def kohya_file_contents(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors cast to save_precision (alpha included, as kohya does) and the full metadata with its hashes."""
     dtype = DTYPES[config.save_precision]
-    kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name, config.conv_alpha_value)
+    kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name, config.conv_alpha_value,
+                          facts.family.fused_slot)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(kohya.items())}
     meta = kohya_metadata(config, facts, step, epoch, max_steps)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(state, meta)

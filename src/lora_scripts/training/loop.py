@@ -179,7 +179,7 @@ def _self_test(trainer: Trainer, lora_path: Path) -> str | None:
 
     unwrap = trainer.accelerator.unwrap_model
     networks = {n: unwrap(m) for n, m in trainer.trained.items() if n != trainer.model.family.autoencoder}
-    report = verify(lora_path, config.base_model, loaded=(trainer.model, networks))
+    report = verify(lora_path, config.base_model, loaded=(trainer.model, networks), files=config.component_files)
     if not report.ok:
         raise TrainingError(f"the LoRA was written but failed its self-test; please report this as a bug.\n"
                             f"{report.summary()}")
@@ -355,7 +355,7 @@ def _save_final(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: 
         if config.save_format == "diffusers":
             diffusers_path = save_diffusers(out / "pytorch_lora_weights.safetensors", config, trainer.lora_states(),
                                             lora_config_dicts(trainer), trainer.model.family.lora_metadata(
-                                                trainer.model.prediction_type))
+                                                trainer.model.prediction_type, trainer.model.variant))
         metrics.close()
     acc.wait_for_everyone()
     return lora_path, diffusers_path

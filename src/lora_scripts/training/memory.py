@@ -137,6 +137,8 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     from ..dtypes import DTYPES
     from ..families import family_for_configs
 
+    from .trainer import load_settings
+
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # it warns about .to(dtype) on a model without weights
     configs = configs or _configs(config)
     family = family_for_configs(configs)
@@ -171,7 +173,8 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
             cond = family.blank_conditioning(configs, b, dtype, "meta")
         latents = torch.empty(b, family.latent_channels(configs), side, side, dtype=dtype, device="meta")
         size = torch.tensor([config.resolution] * 2 + [0, 0] + [config.resolution] * 2).expand(b, 6).to("meta")
-        family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype), size)
+        family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype), size,
+                       **family.predict_options(configs, load_settings(config)))
 
     activations, largest = _count_saved(step)
     cached = latent_cache_plan(config)[0]

@@ -22,7 +22,7 @@ from ..data.cache import (LatentCache, TextCache, latent_cache_plan, offload_pla
 from ..data.check import dataset_warnings
 from ..data.scan import scan_dataset
 from ..dtypes import DTYPES
-from ..errors import DatasetError, TrainingError, TrainingInterrupted
+from ..errors import ConfigError, DatasetError, TrainingError, TrainingInterrupted
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from ..families import Conditioning, LoadSettings, Model
 from ..families.loading import load_base_model
@@ -136,8 +136,9 @@ class Trainer:
         # Frozen weights are read straight in the training dtype: one copy in host RAM, never an fp32 one first
         # (the VAE is then cast back to fp32 below, where it must be).
         dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
-        model = load_base_model(cfg.base_model, LoadSettings(cfg.prediction_type, cfg.zero_terminal_snr, dtype=dtype))
+        model = load_base_model(cfg.base_model, load_settings(cfg, dtype))
         model.token_chunks = cfg.max_token_length // 75
+        check_objective_options(cfg, model)
         if self.accelerator.is_main_process:
             log.info("%s, objective %s (%s)", model.family.label, model.objective.describe(), model.objective_reason)
         family, device = model.family, self.accelerator.device
@@ -151,11 +152,14 @@ class Trainer:
         model.vae.to(device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
         model.vae.requires_grad_(False)
         names = family.trainable(cfg.train_text_encoder)
-        if cfg.text_encoder_2_lr is not None and len(family.text_encoders) < 2 and self.accelerator.is_main_process:
-            log.warning("text_encoder_2_lr is set, but %s has one text encoder: it is not used", family.label)
+        if cfg.text_encoder_2_lr is not None and len(names) < 3 and self.accelerator.is_main_process:
+            log.warning("text_encoder_2_lr is set, but %s trains no second text encoder: it is not used", family.label)
         listed = {n: family.target_modules(n, model.modules[n], cfg.lora_targets) for n in names}
         check_targets(family, model.modules, cfg, listed)
         chosen = {n: choose_targets(family, n, model.modules[n], cfg, listed[n]) for n in names}
+        if cfg.conv_rank is not None and not any(c[1] for c in chosen.values()):
+            raise ConfigError("the config", [f"conv_rank = {cfg.conv_rank}: the {family.label} {family.denoiser_label} "
+                                             "has no 3x3 convolutions to train; remove conv_rank (and conv_alpha)"])
         self.target_modules = {n: c[0] for n, c in chosen.items()}
         self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n]) for n in names}
         for n in names:  # in the file (as sd-scripts writes them) but never reached by the loss: not trained, and
@@ -223,6 +227,7 @@ class Trainer:
             base_model_legacy_hash=legacy_model_hash(base) if is_file else "",
             num_train_images=len(self.items), num_batches_per_epoch=len(self.sampler),
             tag_frequency=tag_frequency(by_dir), dataset_dirs=dirs, prediction_type=model.prediction_type,
+            variant=model.variant,
         )
 
     # --- one step ------------------------------------------------------------------------------------------
@@ -245,7 +250,8 @@ class Trainer:
                 cond = family.encode(encoders, batch["tokens"], device)
         with self.accelerator.autocast():
             pred = family.predict(self.trained[family.denoiser], noised.noisy.to(self.weight_dtype), noised.timesteps,
-                                  cond.to(device, self.weight_dtype), batch["placement"].to(device))
+                                  cond.to(device, self.weight_dtype), batch["placement"].to(device),
+                                  **model.predict_options)
         return model.objective.loss(pred, noised, cfg.min_snr_gamma)
 
     def micro_step(self, batch: dict, step: int, micro: int, window: int | None = None) -> float:
@@ -329,6 +335,33 @@ class Trainer:
         for group, base, lr in zip(self.optimizer.param_groups, new_base_lrs, lrs):
             group.update(initial_lr=base, lr=lr, weight_decay=self.config.weight_decay)
         schedule._last_lr = lrs
+
+
+def load_settings(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LoadSettings:
+    """What the config says about loading the base model (its other files, objective options)."""
+    return LoadSettings(cfg.prediction_type, cfg.zero_terminal_snr, dtype=dtype, files=cfg.component_files,
+                        tokenizer_dir=cfg.tokenizer_dir, timestep_sampling=cfg.timestep_sampling,
+                        sigmoid_scale=cfg.sigmoid_scale, discrete_flow_shift=cfg.discrete_flow_shift,
+                        loss_weighting=cfg.loss_weighting, guidance_scale=cfg.guidance_scale,
+                        max_sequence_length=cfg.max_sequence_length)
+
+
+def check_objective_options(cfg: TrainConfig, model: Model) -> None:
+    """Options of one objective set for a model trained with the other: an error naming the key, never ignored."""
+    flow = not hasattr(model.objective, "snr")  # flow matching has no SNR (and no Min-SNR weighting)
+    problems = []
+    if flow and cfg.min_snr_gamma is not None:
+        problems.append(f"min_snr_gamma = {cfg.min_snr_gamma:g}: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); "
+                        f"{model.family.label} trains with flow matching: remove it, or use loss_weighting")
+    if not flow:
+        defaults = {"timestep_sampling": "flux_shift", "loss_weighting": "none", "guidance_scale": 1.0,
+                    "max_sequence_length": None}
+        problems += [f"{k} = {getattr(cfg, k)!r}: a flow-matching (Flux.1) option; {model.family.label} trains with "
+                     f"DDPM noise, so it would do nothing: remove it" for k, v in defaults.items() if getattr(cfg, k) != v]
+        problems += [f"{k}: a Flux.1 component file, but base_model is {model.family.label}: remove it"
+                     for k in cfg.component_files]
+    if problems:
+        raise ConfigError("the config", problems)
 
 
 def _check_fits(component: str, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor] | None) -> None:

@@ -19,9 +19,6 @@ from ..data.images import fit_and_place, open_rgb, to_tensor
 from ..data.scan import Sample, scan_dataset
 from ..families import Model
 
-TIMESTEPS = (100, 300, 500, 700, 900)  # of 1000; spread over the schedule, the same for every run
-
-
 def split_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     """(train, validation). validation_split holds out a seed-chosen share (at least one image);
     validation_dir reads a separate folder with the same rules as the training folder."""
@@ -87,14 +84,15 @@ class Validator:
             for i, (item, latents) in enumerate(zip(self.items, self._encode())):
                 tokens = family.tokenize(model.tokenizers, [item.sample.caption], model.token_chunks)
                 cond = family.encode(encoders, tokens, acc.device)
-                for ts in TIMESTEPS:
+                for ts in model.objective.validation_timesteps():
                     g = torch.Generator().manual_seed(hash((self.config.seed, i, ts)) & 0x7FFF_FFFF)
                     noise = torch.randn(latents.shape, generator=g).to(latents.device)
                     step = torch.tensor([ts], device=latents.device)
                     noised = model.objective.noisy(latents, noise, step)
                     with acc.autocast():
                         pred = family.predict(nets[family.denoiser], noised.noisy.to(self.weight_dtype), step,
-                                              cond.to(acc.device, self.weight_dtype), self._placements[i])
+                                              cond.to(acc.device, self.weight_dtype), self._placements[i],
+                                              **model.predict_options)
                     total += F.mse_loss(pred.float(), model.objective.target(noised).float()).item()
                     count += 1
         finally:

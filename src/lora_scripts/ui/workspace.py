@@ -19,7 +19,7 @@ from ..errors import LoraScriptsError
 STATE_DIR = ".lora-scripts-ui"  # job database, job logs, generated images
 
 # What a training job reads and what it writes, as TrainConfig names them.
-INPUT_KEYS = ("train_data_dir", "metadata_path", "base_model", "validation_dir")
+INPUT_KEYS = ("train_data_dir", "metadata_path", "base_model", "validation_dir", "clip_l", "t5xxl", "ae", "tokenizer_dir")
 OUTPUT_KEYS = ("output_dir", "logging_dir", "cache_dir")
 
 

@@ -1,0 +1,292 @@
+"""Flux.1 (issue 19): separate files and diffusers folders load alike; the BFL layout matches diffusers' own
+converter; the flow-matching objective; fused-q/k/v export exact and read by diffusers at the real width;
+names as sd-scripts/ComfyUI resolve them at the real size; a tiny end-to-end run whose files load in diffusers
+with the trained model's output. Resume and DDP run for Flux through conftest.TRAIN_BASES."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import flux_keys, seed_config
+from lora_scripts.config import load_config
+from lora_scripts.errors import ConfigError, ModelLoadError
+from lora_scripts.families import FAMILIES, LoadSettings
+from lora_scripts.families.detect import detect_family, detect_folder_family
+from lora_scripts.families.flow_matching import FlowMatchingObjective, flux_mu
+from lora_scripts.families.loading import load_base_model
+from lora_scripts.families.t5_tokenizer import find_t5_tokenizer
+from lora_scripts.formats import flux as bfl
+from lora_scripts.formats.kohya import peft_to_kohya, split_kohya
+
+FLUX = FAMILIES["flux1"]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _settings(files, **kw):
+    return LoadSettings(files={k: files[k] for k in ("clip_l", "t5xxl", "ae")}, tokenizer_dir=files["tokenizer_dir"], **kw)
+
+
+def test_separate_files_load_equal_the_folder(tiny_flux_files, tiny_flux_folder):
+    a = load_base_model(tiny_flux_files["base_model"], _settings(tiny_flux_files))
+    b = load_base_model(tiny_flux_folder)
+    assert a.family is b.family is FLUX and a.variant == b.variant == "dev"
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = a.modules[name].state_dict(), b.modules[name].state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), name
+        assert not any(p.device.type == "meta" for p in a.modules[name].parameters())
+    captions = ["a photo of a cat, neon lighting", "sci lab"]
+    ta, tb = FLUX.tokenize(a.tokenizers, captions), FLUX.tokenize(b.tokenizers, captions)
+    assert {k: tuple(v.shape) for k, v in ta.items()} == {"input_ids": (2, 77), "t5_ids": (2, 512)}
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    cond = FLUX.encode(a.text_encoders, ta, "cpu")
+    assert cond.hidden.shape == (2, 512, 48) and cond.extras["pooled"].shape == (2, 32)  # T5 48 wide, CLIP 32
+
+
+def test_bfl_layout_is_the_inverse_of_diffusers_converter():
+    """Our diffusers -> BFL map (naming LoRAs, writing test files) against diffusers' own BFL -> diffusers
+    single-file converter, at the real width (1 double + 1 single block, on the meta device: keys and shapes),
+    and values round-tripped at the tiny width."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    cfg = {**FLUX.embedded_configs()["transformer"], "num_layers": 1, "num_single_layers": 1}
+    with torch.device("meta"):
+        real = FluxTransformer2DModel.from_config(cfg).state_dict()
+        theirs = convert_flux_transformer_checkpoint_to_diffusers(bfl.transformer_to_bfl(dict(real)))
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in real.items()}
+    tiny = FLUX.build_modules({"transformer": {**cfg, **FLUX.tiny_sizes["transformer"]}})["transformer"].state_dict()
+    back = bfl.bfl_to_transformer(bfl.transformer_to_bfl(tiny), 32)
+    assert set(back) == set(tiny) and all(torch.equal(back[k], tiny[k]) for k in tiny)
+    shapes = bfl.transformer_shapes_to_bfl({k: tuple(v.shape) for k, v in tiny.items()})
+    assert shapes == {k: tuple(v.shape) for k, v in bfl.transformer_to_bfl(tiny).items()}
+
+
+def test_flow_matching_objective():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    latents = torch.randn(3, 16, 64, 64, generator=torch.Generator().manual_seed(0))
+    obj = FlowMatchingObjective()
+    a, b = obj.sample(latents, torch.Generator().manual_seed(5)), obj.sample(latents, torch.Generator().manual_seed(5))
+    assert torch.equal(a.noisy, b.noisy) and torch.equal(a.timesteps, b.timesteps)  # a resumed run redraws the same
+    s = a.timesteps.view(-1, 1, 1, 1)
+    assert torch.allclose(a.noisy, (1 - s) * latents + s * a.noise)
+    assert torch.equal(obj.target(a), a.noise - latents)
+    # The resolution-dependent shift is FluxPipeline's: 32 x 32 tokens here (a 512 px image).
+    assert flux_mu(32 * 32) == pytest.approx(calculate_shift(32 * 32))
+    g = torch.Generator().manual_seed(5)
+    torch.randn(latents.shape, generator=g)  # the noise is drawn first
+    raw = torch.sigmoid(torch.randn(3, generator=g))  # the same sigma draw, unshifted
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    assert torch.allclose(a.timesteps, sched.time_shift(calculate_shift(32 * 32), 1.0, raw), atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    torch.randn(latents.shape, generator=g)
+    fixed = FlowMatchingObjective("shift", discrete_flow_shift=3.0).sample_sigmas(latents, g)
+    assert torch.allclose(fixed, 3 * raw / (1 + 2 * raw))
+    assert (a.timesteps > raw).all()  # shifted towards noise at 1024 tokens (mu ~ 0.66)
+    pred = torch.zeros_like(latents)
+    per = ((pred - obj.target(a)) ** 2).mean(dim=(1, 2, 3))
+    assert obj.loss(pred, a) == pytest.approx(float(per.mean()), rel=1e-5)
+    weighted = FlowMatchingObjective(loss_weighting="sigma_sqrt").loss(pred, a)
+    assert weighted == pytest.approx(float((per * compute_loss_weighting_for_sd3("sigma_sqrt", a.timesteps)).mean()), rel=1e-5)
+
+
+def _random_states(module, targets, rank=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for path in targets:
+        layer = module.get_submodule(path)
+        state[f"{path}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=g)
+        state[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=g)
+    return state
+
+
+@pytest.mark.parametrize("preset", ["kohya", "attn"])
+def test_fused_export_reproduces_each_layers_delta(preset):
+    """Stacked downs and block-diagonal ups (alpha x parts): the fused module's update is each layer's update in
+    its rows (zero rows for a layer without LoRA: attn leaves a single block's MLP input out), to 1e-5; reading
+    the kohya file back into per-layer LoRAs gives the trained ones."""
+    from lora_scripts.interop.lora_file import LoraFile, LoraModule, diffusers_state
+
+    net = FLUX.build_modules({"transformer": {**FLUX.embedded_configs()["transformer"],
+                                              **FLUX.tiny_sizes["transformer"]}})["transformer"]
+    targets = FLUX.target_modules("transformer", net, preset)
+    state = _random_states(net, targets)
+    kohya = peft_to_kohya({"transformer": state}, {"transformer": 3.0}, FLUX.kohya_name, None, FLUX.fused_slot)
+    parts, unknown = split_kohya(kohya)
+    assert not unknown
+    table = FLUX.module_table({k: {**v, **FLUX.tiny_sizes.get(k, {})} for k, v in FLUX.embedded_configs().items()})
+    for name, p in parts.items():
+        entry = table[name]
+        delta = p["up"] @ p["down"] * float(p["alpha"]) / p["down"].shape[0]
+        layers = entry.parts or ((entry.path, entry.shape[0]),)
+        rows = 0
+        for path, n in layers:
+            key = f"{path}.lora_A.weight"
+            want = (state[f"{path}.lora_B.weight"] @ state[key] * 3.0 / 2) if key in state else torch.zeros(n, delta.shape[1])
+            assert torch.allclose(delta[rows:rows + n], want, atol=1e-5), (name, path)
+            rows += n
+        assert rows == delta.shape[0]
+    lora = LoraFile({n: LoraModule(p["down"], p["up"], float(p["alpha"])) for n, p in parts.items()})
+    back, _ = diffusers_state(lora, table, torch.float32)
+    assert set(back) == {f"transformer.{k}" for k in state}
+    assert all(torch.equal(back[f"transformer.{k}"], v) for k, v in state.items())
+
+
+def test_diffusers_reads_our_kohya_file_at_the_real_width():
+    """diffusers' kohya Flux converter (what FluxPipeline.load_lora_weights runs on a kohya file) on our export of
+    a real-width double and single block: every key is used, and each layer gets exactly its trained update."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    cfg = {**FLUX.embedded_configs()["transformer"], "num_layers": 1, "num_single_layers": 1}
+    with torch.device("meta"):
+        net = FluxTransformer2DModel.from_config(cfg)
+    targets = FLUX.target_modules("transformer", net, "kohya")
+    state = _random_states(net, targets, rank=2)
+    kohya = peft_to_kohya({"transformer": state}, {"transformer": 1.0}, FLUX.kohya_name, None, FLUX.fused_slot)
+    theirs = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    assert set(theirs) == {f"transformer.{k}" for k in state}
+    for path in targets:
+        a, b = theirs[f"transformer.{path}.lora_A.weight"], theirs[f"transformer.{path}.lora_B.weight"]
+        mine = state[f"{path}.lora_B.weight"] @ state[f"{path}.lora_A.weight"] * 0.5  # alpha 1 / rank 2
+        assert torch.allclose(b @ a, mine, atol=1e-4, rtol=1e-4), path
+
+
+def test_kohya_names_at_the_real_size_are_comfyuis():
+    """sd-scripts' default Flux targets (every Linear of the 19 double and 38 single blocks: 494 diffusers layers)
+    become 304 kohya modules; each is `lora_unet_` + a weight key of flux1-dev.safetensors, which is the name
+    ComfyUI looks up (so none is "not loaded"). The list is pinned in tests/golden."""
+    configs = FLUX.embedded_configs()
+    net = FLUX.meta_modules({"transformer": configs["transformer"]})["transformer"]
+    targets = FLUX.target_modules("transformer", net, "kohya")
+    names = sorted({FLUX.kohya_name("transformer", t) for t in targets})
+    assert (len(targets), len(names)) == (494, 304)
+    bfl_keys = bfl.transformer_shapes_to_bfl({k: tuple(v.shape) for k, v in net.state_dict().items()})
+    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in bfl_keys if k.endswith(".weight")}
+    assert set(names) <= comfy
+    assert names == (GOLDEN / "flux1_kohya_unet.txt").read_text().split()
+    table = FLUX.module_table(configs)
+    assert all(table[n].ldm_key in bfl_keys and tuple(bfl_keys[table[n].ldm_key]) == table[n].shape for n in names)
+    assert table["lora_unet_single_blocks_0_linear1"].parts == (
+        ("single_transformer_blocks.0.attn.to_q", 3072), ("single_transformer_blocks.0.attn.to_k", 3072),
+        ("single_transformer_blocks.0.attn.to_v", 3072), ("single_transformer_blocks.0.proj_mlp", 12288))
+    te = FLUX.meta_modules({"text_encoder": configs["text_encoder"], "transformer": configs["transformer"]})
+    te_names = {FLUX.kohya_name("text_encoder", t) for t in FLUX.target_modules("text_encoder", te["text_encoder"], "kohya")}
+    assert len(te_names) == 72 and "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in te_names
+
+
+def test_variants_and_foreign_files_are_named(tmp_path, tiny_flux_files):
+    base = {bfl.BFL_PREFIX + bfl.KOHYA_PREFIX: (1,)}  # filler
+    marker = {"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}
+    assert detect_family({**marker, "img_in.weight": (3072, 64)}) == "flux1"
+    assert detect_family({bfl.BFL_PREFIX + k: v for k, v in marker.items()}) == "flux1"
+    with pytest.raises(ModelLoadError, match="Fill"):
+        detect_family({**marker, "img_in.weight": (3072, 384)})
+    with pytest.raises(ModelLoadError, match="Depth or Canny"):
+        detect_family({**marker, "img_in.weight": (3072, 128)})
+    with pytest.raises(ModelLoadError, match="Flux.2"):
+        detect_family({"single_stream_modulation.lin.weight": (1, 1), **base})
+    with pytest.raises(ModelLoadError, match="Chroma"):
+        detect_family({"distilled_guidance_layer.in_proj.bias": (1,), **marker})
+    folder = tmp_path / "kontext"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
+    with pytest.raises(ModelLoadError, match="Kontext"):
+        detect_folder_family(folder)
+    # Separate files: each must be the kind its key names, and none may be missing.
+    files = dict(tiny_flux_files)
+    with pytest.raises(ConfigError, match=r"t5xxl: required .*T5-XXL"):
+        load_base_model(files["base_model"], LoadSettings(files={"clip_l": files["clip_l"], "ae": files["ae"]}))
+    swapped = LoadSettings(files={"clip_l": files["t5xxl"], "t5xxl": files["clip_l"], "ae": files["base_model"]},
+                           tokenizer_dir=files["tokenizer_dir"])
+    with pytest.raises(ConfigError) as err:
+        load_base_model(files["base_model"], swapped)
+    text = str(err.value)
+    assert "clip_l = " in text and "this is a T5 text encoder" in text and "this is a CLIP text encoder" in text
+    assert "ae = " in text and "a Flux transformer" in text
+    with pytest.raises(ConfigError, match="prediction_type"):
+        load_base_model(files["base_model"], _settings(files, prediction_type="v_prediction"))
+
+
+def test_schnell_is_told_by_its_weights(tmp_path):
+    from lora_scripts.families.tiny import write_tiny_flux_files
+
+    files = write_tiny_flux_files(tmp_path, seed=1, guidance_embeds=False)
+    model = load_base_model(files["base_model"], _settings(files))
+    assert model.variant == "schnell" and model.predict_options == {"guidance": None}
+    assert model.tokenizers["tokenizer_2"].model_max_length == 256  # schnell was distilled at 256 T5 tokens
+    assert FLUX.lora_metadata("flow", model.variant)["modelspec.architecture"] == "flux-1-schnell/lora"
+
+
+def test_t5_tokenizer_is_found_where_users_have_it(tmp_path, monkeypatch, tiny_flux_files):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = tiny_flux_files["tokenizer_dir"]
+    comfy = tmp_path / "ComfyUI"
+    model = comfy / "models" / "diffusion_models" / "flux1-dev.safetensors"
+    model.parent.mkdir(parents=True)
+    with pytest.raises(ModelLoadError) as err:
+        find_t5_tokenizer(None, None, [model])
+    assert "tokenizer_dir" in str(err.value) and "t5_tokenizer" in str(err.value)
+    shutil.copytree(source, comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    assert find_t5_tokenizer(None, None, [model]) == comfy / "comfy" / "text_encoders" / "t5_tokenizer"
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / "abc" / "tokenizer_2"
+    shutil.copytree(source, snapshot)
+    assert find_t5_tokenizer(None, None, []) == snapshot
+    with pytest.raises(ModelLoadError, match="tokenizer_dir .* holds no T5 tokenizer"):
+        find_t5_tokenizer(tmp_path, None, [])
+
+
+def test_train_flux_files_end_to_end(tmp_path, dataset, tiny_flux_files):
+    """ComfyUI-style files in, a kohya file out whose every name is a key of the transformer/clip_l files, which
+    the self-test proves by name and effect; the diffusers file loads in FluxPipeline with every key applied and
+    gives the trained networks' output."""
+    from diffusers import FluxPipeline
+
+    from lora_scripts.training.loop import fit
+    from lora_scripts.training.trainer import Trainer
+
+    cfg = load_config(seed_config(tmp_path, tiny_flux_files["base_model"], **flux_keys(tiny_flux_files), epochs=2,
+                                  lora_rank=4, lora_alpha=2, train_text_encoder=True, save_format="diffusers",
+                                  guidance_scale=3.5, timestep_sampling="shift", validation_split=0.25))
+    trainer = Trainer(cfg).setup()
+    result = fit(trainer)
+    assert result.verified and math.isfinite(result.final_loss) and len(result.validation) == 2
+    with safe_open(str(result.lora_path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    names = {k.split(".")[0] for k in keys}
+    assert len(names) == 2 * 10 + 2 * 3 + 2 * 6  # fused double/single blocks, CLIP-L's 2 layers x 6
+    file_keys = FLUX.base_shapes(tiny_flux_files["base_model"], {"clip_l": tiny_flux_files["clip_l"]})
+    assert all(n.removeprefix("lora_unet_").removeprefix("lora_te1_") in
+               {k.removesuffix(".weight").replace(".", "_") for k in file_keys} for n in names)
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["ss_network_module"]) == (
+        "flux1", "flux-1-dev/lora", "networks.lora_flux")
+    assert meta["ss_guidance_scale"] == "3.5" and meta["ss_timestep_sampling"] == "shift"
+
+    model = trainer.model
+    trained = trainer.accelerator.unwrap_model(trainer.trained["transformer"]).eval()
+    g = torch.Generator().manual_seed(0)
+    latents, hidden, pooled = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 7, 48, generator=g), torch.randn(1, 32, generator=g)
+    from lora_scripts.families import Conditioning
+
+    cond, sigma = Conditioning(hidden, {"pooled": pooled}), torch.tensor([0.6])
+    with torch.no_grad():
+        want = FLUX.predict(trained, latents, sigma, cond, None, guidance=3.5)
+    base = load_base_model(tiny_flux_files["base_model"], _settings(tiny_flux_files))
+    with torch.no_grad():
+        before = FLUX.predict(base.denoiser, latents, sigma, cond, None, guidance=3.5)
+    pipe = FLUX.pipeline(base, base.schedule)
+    assert isinstance(pipe, FluxPipeline)
+    pipe.load_lora_weights(str(result.diffusers_path))
+    with torch.no_grad():
+        got = FLUX.predict(pipe.transformer, latents, sigma, cond, None, guidance=3.5)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, before, atol=1e-4)
