@@ -165,6 +165,8 @@ def run_ours(args, variant: str, ckpt: Path, data: Path, tmp: Path) -> dict:
                batch_size=args.batch, resolution=args.resolution, mixed_precision=args.mixed_precision,
                bucket_reso_steps=min(64, args.resolution), max_train_steps=10**6, verify_after_training=False)
     cfg.update(_OURS[variant])
+    if args.model.startswith("flux") and cfg.get("lora_targets") == "attn":
+        cfg["lora_targets"] = ["to_k", "to_q", "to_v", "to_out.0"]  # the Flux example's layers exactly
     t = time.perf_counter()
     trainer = Trainer(validate_config(cfg)).setup()  # includes filling the caches: a one-off cost, reported
     setup_s = time.perf_counter() - t

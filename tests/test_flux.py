@@ -290,3 +290,112 @@ def test_train_flux_files_end_to_end(tmp_path, dataset, tiny_flux_files):
     with torch.no_grad():
         got = FLUX.predict(pipe.transformer, latents, sigma, cond, None, guidance=3.5)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, before, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def flux_run(tmp_path_factory, tiny_flux_files):
+    """A short Flux run on the separate files, with a preview drawn at the end (transformer LoRA only)."""
+    from conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("flux_run")
+    write_dataset(root)
+    cfg = load_config(seed_config(root, tiny_flux_files["base_model"], **flux_keys(tiny_flux_files), max_train_steps=2,
+                                  lora_rank=4, save_precision="fp32",
+                                  sample_prompts=["a photo of a cat, <lora:sci_lab_lora:0.8>"]))
+    from lora_scripts.training.loop import train
+
+    return train(cfg), root
+
+
+def test_previews_generate_compare_verify_for_flux_files(flux_run, tiny_flux_files, tmp_path):
+    """Previews during training, `generate` with a <lora:> tag, `compare` and `verify` on the CLI, all on the
+    separate files; Flux.1-dev's sampling defaults (28 steps, guidance 3.5) where none are given."""
+    from lora_scripts.cli import main
+    from lora_scripts.generation.pnginfo import parse_parameters, read_parameters
+
+    result, root = flux_run
+    previews = sorted((result.output_dir / "samples").glob("*.png"))
+    assert len(previews) == 1
+    assert parse_parameters(read_parameters(previews[0]))["Steps"] == "28"
+    files = ["--clip-l", str(tiny_flux_files["clip_l"]), "--t5xxl", str(tiny_flux_files["t5xxl"]), "--ae",
+             str(tiny_flux_files["ae"]), "--tokenizer-dir", str(tiny_flux_files["tokenizer_dir"])]
+    out = tmp_path / "gen"
+    assert main(["generate", "--base", str(tiny_flux_files["base_model"]), *files, "--prompt",
+                 "a cat, <lora:sci_lab_lora:0.8>", "--lora-dir", str(result.output_dir), "--size", "32x32",
+                 "--steps", "2", "--out", str(out)]) == 0
+    info = parse_parameters(read_parameters(next(out.glob("*.png"))))
+    assert info["Steps"] == "2" and info["CFG scale"] == "3.5" and info["Lora hashes"].startswith("sci_lab_lora: ")
+    assert main(["compare", str(result.output_dir), "--prompt", "a cat", "--size", "32x32", "--steps", "2",
+                 "--out", str(tmp_path / "cmp")]) == 0  # the run's own clip_l/t5xxl/ae
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert main(["verify", str(result.lora_path), "--base", str(tiny_flux_files["base_model"]), *files]) == 0
+
+
+def test_inspect_convert_resize_merge_bake_flux_files(flux_run, tiny_flux_files, tmp_path):
+    """The interop tools on a Flux kohya file: inspect names the family; kohya -> diffusers -> kohya is exact
+    (fused q/k/v split into per-layer LoRAs and fused back); resize and merge keep the names; baking writes a
+    transformer file in its own layout with the update added."""
+    from lora_scripts.cli import main
+    from lora_scripts.interop.describe import describe
+    from lora_scripts.interop.files import convert_file
+    from lora_scripts.interop.lora_file import read_lora
+
+    result, _ = flux_run
+    d = describe(result.lora_path)
+    assert d.family == "flux1" and not d.warnings and set(d.blocks) == {"transformer.double_blocks",
+                                                                         "transformer.single_blocks"}
+    base = tiny_flux_files["base_model"]
+    convert_file(result.lora_path, tmp_path / "d.safetensors", "diffusers", base)
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        assert all(k.startswith("transformer.transformer_blocks.") or k.startswith("transformer.single_transformer_blocks.")
+                   for k in f.keys())
+    convert_file(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya", base)
+    a, b = read_lora(result.lora_path), read_lora(tmp_path / "k.safetensors")
+    assert set(a.modules) == set(b.modules)
+    assert all(torch.allclose(a.modules[n].delta(), b.modules[n].delta(), atol=1e-6) for n in a.modules)
+    assert main(["resize", str(result.lora_path), str(tmp_path / "r.safetensors"), "--rank", "2"]) == 0
+    assert set(read_lora(tmp_path / "r.safetensors").modules) == set(a.modules)
+    assert main(["merge", "--lora", f"{result.lora_path}:0.5", "--lora", f"{tmp_path / 'k.safetensors'}:0.5",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    merged = read_lora(tmp_path / "m.safetensors")
+    n = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert torch.allclose(merged.modules[n].delta(), a.modules[n].delta(), atol=1e-5)
+    assert main(["merge", "--lora", str(result.lora_path), "--base", str(base), "--out", str(tmp_path / "baked.safetensors")]) == 0
+    with safe_open(str(base), "pt") as f0, safe_open(str(tmp_path / "baked.safetensors"), "pt") as f1:
+        key = "double_blocks.0.img_attn.qkv.weight"
+        assert set(f0.keys()) == set(f1.keys())
+        assert torch.allclose(f1.get_tensor(key) - f0.get_tensor(key), a.modules[n].delta(), atol=1e-5)
+
+
+def test_init_finds_the_other_flux_files_in_a_comfyui_tree(tmp_path, tiny_flux_files, dataset):
+    from lora_scripts.init_config import starter_yaml
+
+    models = tmp_path / "ComfyUI" / "models"
+    for sub, key, name in (("diffusion_models", "base_model", "flux1-dev.safetensors"),
+                           ("text_encoders", "clip_l", "clip_l.safetensors"),
+                           ("text_encoders", "t5xxl", "t5xxl_fp16.safetensors")):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_flux_files[key], models / sub / name)
+    text = starter_yaml(dataset, str(models / "diffusion_models" / "flux1-dev.safetensors"), tmp_path)
+    assert "SET THIS: ae not found" in text and "clip_l: ComfyUI/models/text_encoders/clip_l.safetensors" in \
+        text.replace("./", "")
+    assert "t5xxl: ComfyUI/models/text_encoders/t5xxl_fp16.safetensors" in text.replace("./", "")
+
+
+def test_check_estimates_flux_memory_at_the_real_size(tmp_path, tiny_flux_files, dataset):
+    """`check`'s estimate on the real Flux.1-dev configs (meta device): with the caches the transformer's bf16
+    weights are all that stays (11.9 B x 2 bytes); the encoders only while captions are cached (T5-XXL 9.5 GB);
+    gradient checkpointing cuts the activations."""
+    from lora_scripts.families import FAMILY_KEY
+    from lora_scripts.training.memory import estimate_memory
+
+    real = {**FLUX.embedded_configs(), FAMILY_KEY: "flux1"}
+    def estimate(**kw):
+        cfg = load_config(seed_config(tmp_path, tiny_flux_files["base_model"], **flux_keys(tiny_flux_files),
+                                      resolution=1024, batch_size=1, mixed_precision="bf16", **kw))
+        return estimate_memory(cfg, real)
+
+    low, high = estimate(gradient_checkpointing=True), estimate(gradient_checkpointing=False)
+    assert low.weights == 11_901_408_320 * 2
+    assert low.caching > (4_762_310_656 + 123_060_480) * 2
+    assert 0 < low.activations < high.activations / 10

@@ -106,6 +106,24 @@ def test_generate_writes_pngs_whose_parameters_a1111_reads(loras, tiny_ckpt, tmp
     assert info["Lora hashes"].startswith("style_a: ") and len(info["Lora hashes"].split(": ")[1]) == 12
 
 
+def test_a_kohya_file_diffusers_cannot_read_draws_through_its_conversion(tiny_ckpt, tmp_path):
+    """A valid text-encoder LoRA on q_proj/v_proj only: diffusers 0.42 refuses the kohya file ("Could not
+    automatically infer state dict type"), A1111/ComfyUI load it. generate loads its exact diffusers-layout
+    conversion instead (it used to stop with "convert it once"), and the LoRA changes the image."""
+    from helpers.bad_cases_interop import te_only
+
+    from lora_scripts.interop.files import convert_file
+
+    te_only(tmp_path / "loras", tiny_ckpt)
+    convert_file(tmp_path / "loras" / "te.safetensors", tmp_path / "conv" / "te_d.safetensors", "diffusers", tiny_ckpt)
+    r = Renderer(tiny_ckpt, [tmp_path / "loras", tmp_path / "conv"], FAST)
+    base = _pixels(r.render("a red circle", [7]))
+    with_te = _pixels(r.render("a red circle, <lora:te:1>", [7]))
+    assert np.abs(with_te - base).mean() > 0.1
+    assert np.array_equal(with_te, _pixels(r.render("a red circle, <lora:te_d:1>", [7])))  # = the converted file
+    assert np.array_equal(_pixels(r.render("a red circle, <lora:te:0>", [7])), base)
+
+
 def test_unknown_lora_name_lists_close_names(loras, tiny_ckpt, capsys):
     _, dirs = loras
     code = main(["generate", "--base", str(tiny_ckpt), "--prompt", "<lora:subject:1>", "--lora-dir", str(dirs[1])])

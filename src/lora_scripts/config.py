@@ -165,9 +165,11 @@ class TrainConfig(BaseModel):
         "{prompt, negative, seed, steps, cfg, size}; <lora:OUTPUT_NAME:0.6> sets this run's strength")
     sample_every_n_steps: int | None = _f(None, "draw the sample_prompts every N optimizer steps", ge=1)
     sample_every_n_epochs: int | None = _f(None, "draw the sample_prompts after every N epochs", ge=1)
-    sample_steps: int = _f(20, "denoising steps per sample image", "20-30", ge=1, le=200)
+    sample_steps: int | None = _f(None, "denoising steps per sample image; default 20 (SD), 28 (Flux.1-dev), 4 "
+                                  "(schnell)", "20-30", ge=1, le=200)
     sample_sampler: Literal["euler_a", "euler", "ddim", "dpm++"] = _f("euler_a", "sampler for sample images")
-    sample_cfg: float = _f(7.0, "guidance scale for sample images", "5-8", ge=0)
+    sample_cfg: float | None = _f(None, "guidance scale for sample images; default 7 (SD), 3.5 (Flux.1-dev: its "
+                                  "distilled guidance), 0 (schnell)", "5-8", ge=0)
     validation_split: float = _f(0.0, "hold out this share of the images (chosen by seed) to measure validation "
                                  "loss; 0 = none", "0.1", ge=0, lt=0.9)
     validation_dir: Path | None = _f(None, "a separate folder of captioned images for validation loss "

@@ -36,6 +36,19 @@ def _rel(path: Path, start: Path) -> str:
     return str(path.resolve()) if rel.startswith("..") else f"./{rel}"
 
 
+def _companions(base: Path | None) -> dict[str, Path | None]:
+    """A base kept as several files (Flux.1): the others found beside it, by config key."""
+    from .errors import ModelLoadError
+    from .families.loading import base_family
+
+    if base is None or not base.exists():
+        return {}
+    try:
+        return base_family(base)[0].companion_files(base)
+    except ModelLoadError:
+        return {}
+
+
 def _base_defaults(base: Path | None) -> tuple[int, str | None]:
     """(native resolution, prediction_type to write) for the base's family: SD1.x and SD2 512-base train at 512,
     SD2 768-v at 768. An SD2 file that does not say which it is gets prediction_type written for the user to
@@ -81,6 +94,8 @@ def suggest(data_dir: Path, base: str | None, yaml_dir: Path) -> dict[str, Any]:
     resolution = native if median >= native else max(64, int(median) // 64 * 64)
     metadata = data_dir / "metadata.csv"
     extra = {"prediction_type": prediction} if prediction else {}
+    companions = _companions(Path(base) if base else None)
+    extra.update({"_companions": {k: _rel(v, yaml_dir) if v else None for k, v in companions.items()}})
     return {**extra, 
         "train_data_dir": _rel(data_dir, yaml_dir),
         "metadata_path": _rel(metadata, yaml_dir) if metadata.exists() else None,
@@ -107,12 +122,18 @@ def _line(key: str, value: Any) -> str:
 def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path(".")) -> str:
     values = suggest(data_dir, base, yaml_dir)
     count = values.pop("_image_count")
+    companions = values.pop("_companions")
     lines = [
         f"# LoRA training config for {data_dir.name} ({count} images). Run: lora-scripts train --config THIS_FILE",
         "# Paths are relative to this file. Every key has a one-line note; delete a line to use its default.",
         "",
     ]
     lines += [_line(k, values.get(k)) for k in CORE_KEYS]
+    if companions:
+        missing = [k for k, v in companions.items() if v is None]
+        lines += ["", "# The base is a Flux.1 transformer: its other files" + (
+            f" (SET THIS: {', '.join(missing)} not found beside it)" if missing else " (found beside it)")]
+        lines += [_line(k, v) for k, v in companions.items()]
     if "prediction_type" in values:
         lines += ["", "# SET THIS: the base is an SD2 file that does not say what it predicts: epsilon for a 512-base "
                   "model, v_prediction for a 768-v model", _line("prediction_type", values["prediction_type"])]

@@ -38,6 +38,8 @@ def guess_lora_family(module_names: list[str], cross_attention_widths: list[int]
     """The label of the family a LoRA file was trained on, from its module names and the input width of its
     cross-attention key projections (the text encoder's width: 768 SD1, 1024 SD2, 2048 SDXL); for a model of
     another size (fine-tuned architectures, our tiny test models) from what its metadata says."""
+    if any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in module_names):
+        return "flux1"  # Flux.1's BFL block names (its CLIP-L is lora_te1_ too, so this comes first)
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in module_names):
         return "sdxl"
     width = cross_attention_widths[0] if cross_attention_widths else None

@@ -166,6 +166,16 @@ class Family:
         """ss_* keys of this family's own training options, as sd-scripts records them (none for SD)."""
         return {}
 
+    def companion_files(self, path: Path) -> dict[str, Path | None]:
+        """For a base kept as several files: the others, by config key, found beside it (None: not found); {} for
+        a family whose single file holds everything."""
+        return {}
+
+    def sample_defaults(self, variant: str = "") -> dict[str, Any]:
+        """Sampling steps and guidance a model of this family (and variant) is drawn with where the user does
+        not say ({}: the caller's own defaults, as for SD)."""
+        return {}
+
     def predict_options(self, configs: dict[str, dict[str, Any]], settings: LoadSettings) -> dict[str, Any]:
         """What `predict` takes beyond the batch for a model of these configs (Flux.1-dev: its guidance)."""
         return {}

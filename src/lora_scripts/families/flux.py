@@ -34,7 +34,7 @@ from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
 from .clip_tokenizer import write_clip_tokenizer_files
 from .flow_matching import FlowMatchingObjective
 from .stable_diffusion import ARCHITECTURE_KEY, _text_encoder_targets, clip_ids
-from .t5_tokenizer import find_t5_tokenizer, load_t5_tokenizer
+from .t5_tokenizer import build_tiny_t5_tokenizer, find_t5_tokenizer, load_t5_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,10 @@ class Flux(Family):
         model.predict_options = self.predict_options({"transformer": dict(modules["transformer"].config)}, settings)
         return model
 
+    def sample_defaults(self, variant: str = "") -> dict[str, Any]:
+        """As BFL and ComfyUI draw them: dev 28 steps at distilled guidance 3.5; schnell 4 steps, no guidance."""
+        return {"steps": 4, "cfg": 0.0} if variant == "schnell" else {"steps": 28, "cfg": 3.5}
+
     def predict_options(self, configs: dict[str, dict[str, Any]], settings: LoadSettings) -> dict[str, Any]:
         return {"guidance": settings.guidance_scale if configs["transformer"].get("guidance_embeds") else None}
 
@@ -205,9 +209,31 @@ class Flux(Family):
                                                          dtype, with_text_model),
                    "text_encoder_2": _text_model_from_file(files["t5xxl"], "T5EncoderModel", configs["text_encoder_2"],
                                                            dtype, None)}
-        t5_folder = find_t5_tokenizer(settings.tokenizer_dir, None, [path, *files.values()])
-        tokenizers = {"tokenizer": clip_tok, "tokenizer_2": load_t5_tokenizer(t5_folder, self.t5_length(settings, transformer))}
+        try:
+            t5_tok = load_t5_tokenizer(find_t5_tokenizer(settings.tokenizer_dir, None, [path, *files.values()]),
+                                       self.t5_length(settings, transformer))
+        except ModelLoadError:
+            if not settings.weights_only:
+                raise
+            # Only the weights are used (verify, bake): a stand-in makes the pipeline; nothing is tokenized.
+            t5_tok = build_tiny_t5_tokenizer()
+        tokenizers = {"tokenizer": clip_tok, "tokenizer_2": t5_tok}
         return modules, tokenizers, configs
+
+    def companion_files(self, path: Path) -> dict[str, Path | None]:
+        """The other files of a transformer file, where users keep them: beside it, or in a ComfyUI models/
+        tree (text_encoders/ or clip/, vae/). The 16-bit T5 is preferred to an fp8 one. None: not found."""
+        if path.is_dir():
+            return {}
+        places = [path.parent]
+        models = next((p for p in path.resolve().parents if p.name == "models"), None)
+        if models is not None:
+            places += [models / d for d in ("text_encoders", "clip", "vae")]
+        found: dict[str, Path | None] = {}
+        for key, patterns in (("clip_l", ("clip_l*.safetensors",)), ("t5xxl", ("t5xxl_fp16*.safetensors", "t5xxl*.safetensors")),
+                              ("ae", ("ae.safetensors", "flux*ae*.safetensors", "flux*vae*.safetensors"))):
+            found[key] = next((f for pattern in patterns for place in places for f in sorted(place.glob(pattern))), None)
+        return found
 
     def _check_kinds(self, files: dict[str, Path], headers: dict[str, dict[str, tuple[int, ...]]]) -> None:
         """Each separate file must be what its key says: a clear error for a swapped or foreign file."""

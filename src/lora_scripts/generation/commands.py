@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ..base_args import add_base_file_args, base_files
 from ..errors import LoraScriptsError
 
 
@@ -122,7 +123,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         for p in prompts:
             with_strength(p, 1.0)
-    renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto", args.zero_terminal_snr)
+    files, tokenizer_dir = base_files(args)
+    renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto", args.zero_terminal_snr,
+                        files, tokenizer_dir)
     if strengths is not None:
         sheet, results = strength_sweep(renderer, prompts, seeds, strengths)
     else:
@@ -158,7 +161,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # The objective the runs trained with (an SD2 file may not say it itself), unless --prediction-type says.
     kind = args.prediction_type or next((r.config.get("prediction_type") for r in runs), None) or "auto"
     ztsnr = args.zero_terminal_snr or any(r.config.get("zero_terminal_snr") for r in runs)
-    renderer = Renderer(base, [], settings, kind, ztsnr)
+    # The runs' own component files (a Flux base kept as separate files), unless the command line names others.
+    files, tokenizer_dir = base_files(args, next((r.config for r in runs if r.config.get("clip_l")), {}))
+    renderer = Renderer(base, [], settings, kind, ztsnr, files, tokenizer_dir)
     sheet = image_grid(renderer, runs, args.prompt, seeds, args.weight)
     paths = write_comparison(Path(args.out), sheet, runs)
     print(table_markdown(runs))
@@ -178,8 +183,9 @@ def _weight(text: str) -> float:
 def _sampling_arguments(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--n", type=ranged(int, "count"), default=1, help=n_help)
     p.add_argument("--seed", type=ranged(int, "seed"), default=0)
-    p.add_argument("--steps", type=ranged(int, "steps"), default=30)
-    p.add_argument("--cfg", type=ranged(float, "cfg"), default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=ranged(int, "steps"), help="default 30; Flux.1-dev 28, schnell 4")
+    p.add_argument("--cfg", type=ranged(float, "cfg"), help="classifier-free guidance scale (Flux.1-dev: its distilled "
+                   "guidance); default 7; Flux.1-dev 3.5, schnell 0")
     p.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--scheduler", default="euler_a", choices=("euler_a", "euler", "ddim", "dpm++"))
     p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"),
@@ -187,6 +193,7 @@ def _sampling_arguments(p: argparse.ArgumentParser, n_help: str) -> None:
                    "512-base, v_prediction for 768-v)")
     p.add_argument("--zero-terminal-snr", action="store_true", help="the base was trained with a zero-terminal-SNR "
                    "schedule (as zero_terminal_snr: true in a config): sample it that way")
+    add_base_file_args(p)
 
 
 def add_commands(sub) -> None:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 from PIL import Image
 
 from ..families import Family, Model
@@ -31,6 +32,10 @@ def sampler(model: Model, name: str):
     """One of our samplers on the model's noise schedule. A zero-terminal-SNR schedule is sampled from its last
     (pure-noise) step: 'trailing' timestep spacing, as Lin et al. (2023) require; 'leading' would never start
     there and the image keeps a trace of the mean brightness the model was meant to unlearn."""
+    if isinstance(model.schedule, FlowMatchEulerDiscreteScheduler):
+        # A flow-matching model (Flux) is sampled with its own Euler flow scheduler and its resolution shift; the
+        # DDPM samplers above do not apply to it.
+        return FlowMatchEulerDiscreteScheduler.from_config(model.schedule.config)
     extra = {"timestep_spacing": "trailing"} if model.schedule.config.get("rescale_betas_zero_snr") else {}
     return SCHEDULERS[name].from_config(model.schedule.config, **extra)
 
@@ -38,9 +43,11 @@ def sampler(model: Model, name: str):
 class LoraSet:
     """LoRA files loaded once into a pipeline as named adapters; `apply` sets the strengths per call."""
 
-    def __init__(self, pipe, family: Family):
+    def __init__(self, pipe, family: Family, table: dict | None = None):
+        """table: the base's module table (interop.table.module_table), for files diffusers cannot read itself."""
         self.pipe = pipe
         self.family = family
+        self.table = table
         self.loaded: dict[str, Path] = {}
         self._stamps: dict[str, tuple[Path, float]] = {}
         self._layer_shapes: dict[str, tuple[int, ...]] | None = None
@@ -51,7 +58,7 @@ class LoraSet:
         stamp = (Path(path), Path(path).stat().st_mtime)
         if self._stamps.get(name) == stamp:
             return
-        self.check(path)
+        lora = self.check(path)
         if name in self.loaded:
             self.pipe.delete_adapters(name)
             del self.loaded[name]  # a failed reload below must not leave a name without its adapter
@@ -60,11 +67,31 @@ class LoraSet:
         try:
             with quiet_loading():
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        except (ValueError, RuntimeError, KeyError, OSError, AssertionError) as exc:
             self._forget(name)
-            raise LoraFileError(_load_failure(Path(path), exc)) from exc
+            self._load_converted(name, Path(path), lora, exc)
         self.loaded[name] = Path(path)
         self._stamps[name] = stamp
+
+    def _load_converted(self, name: str, path: Path, lora, exc: Exception) -> None:
+        """A valid kohya file diffusers cannot read itself (0.42.1: a text-encoder LoRA on q_proj/v_proj only;
+        its Flux converter asserts Flux.1's real widths) is loaded through its exact diffusers-layout conversion,
+        written to a temporary file, so it draws as A1111/ComfyUI would draw it."""
+        import tempfile
+
+        from ..interop.lora_file import KOHYA, write_diffusers
+
+        if lora.format != KOHYA or self.table is None or any(n not in self.table for n in lora.modules):
+            raise LoraFileError(_load_failure(path, exc)) from exc
+        try:
+            with tempfile.TemporaryDirectory() as tmp, quiet_loading():
+                converted = write_diffusers(lora, Path(tmp) / "converted.safetensors", self.table)
+                self.pipe.load_lora_weights(str(converted), adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, OSError) as again:
+            self._forget(name)
+            raise LoraFileError(_load_failure(path, again)) from again
+        logging.getLogger(__name__).info("%s: diffusers cannot read it itself (%s); loaded its diffusers-layout "
+                                         "conversion", path.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def _forget(self, name: str) -> None:
         """A failed load may leave half an adapter (the UNet's) behind; a long-lived pipeline must not keep it."""
@@ -73,11 +100,15 @@ class LoraSet:
         except (ValueError, KeyError, AttributeError):
             pass
 
-    def check(self, path: Path) -> None:
+    def check(self, path: Path):
         """Before diffusers sees the file: a readable LoRA, no NaN/inf (never draw garbage), and every module
         fitting a layer of this base model (a LoRA for SDXL or SD2 does not fit SD1)."""
         lora = read_lora(Path(path))
         require_finite(lora, Path(path))
+        self._check_fits(lora, path)
+        return lora
+
+    def _check_fits(self, lora, path: Path) -> None:
         unmatched, wrong = shape_problems(lora, self._shapes())
         if wrong:
             raise LoraFileError(f"{path} does not fit this base model: {len(wrong)} modules have other shapes (e.g. "
@@ -97,7 +128,12 @@ class LoraSet:
                 for path, m in self.pipe.components[component].named_modules():
                     # A layer already wrapped by peft shows as `<path>.base_layer`; its lora_A/B are not layers.
                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in path:
-                        shapes[self.family.kohya_name(component, path.replace(".base_layer", ""))] = tuple(m.weight.shape)
+                        layer = path.replace(".base_layer", "")
+                        name, shape = self.family.kohya_name(component, layer), tuple(m.weight.shape)
+                        if self.family.fused_slot(component, layer) is not None and name in shapes:
+                            # a fused kohya module (Flux's qkv): its layers' rows stacked
+                            shape = (shapes[name][0] + shape[0],) + shape[1:]
+                        shapes[name] = shape
             self._layer_shapes = shapes
         return self._layer_shapes
 
@@ -138,7 +174,9 @@ def generate(pipe, prompt: str, seeds: Sequence[int], size: tuple[int, int], ste
     images = []
     for seed in seeds:
         g = torch.Generator("cpu").manual_seed(seed)
+        # guidance_rescale only where it is used: FluxPipeline has no such argument.
+        extra = {"guidance_rescale": rescale} if rescale else {}
         out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
-                   generator=g, height=height, width=width, output_type="pil", guidance_rescale=rescale)
+                   generator=g, height=height, width=width, output_type="pil", **extra)
         images.append(out.images[0])
     return images

@@ -8,7 +8,7 @@ strengths its prompt asks for, and LoRAs the prompt does not mention are switche
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -52,8 +52,8 @@ def _number(value: float) -> str:
 
 @dataclass
 class Settings:
-    steps: int = 30
-    cfg: float = 7.0
+    steps: int | None = None  # None: the family's default (Flux.1-dev 28, schnell 4), else 30
+    cfg: float | None = None  # None: the family's default (Flux.1-dev 3.5, schnell 0), else 7
     scheduler: str = "euler_a"
     size: tuple[int, int] | None = None  # (width, height); None = the model's native size
     negative: str = ""
@@ -61,7 +61,7 @@ class Settings:
     def __post_init__(self) -> None:
         """Every caller (CLI, web UI, compare) gets the same refusal instead of a sampler error or a black image."""
         problems = [f"{name} {why}" for name, key, v in (("steps", "steps", self.steps), ("cfg", "cfg", self.cfg))
-                    if (why := out_of_range(key, v))]
+                    if v is not None and (why := out_of_range(key, v))]
         for side in self.size or ():
             if why := out_of_range("side", side):
                 problems.append(f"size {why}")
@@ -94,11 +94,20 @@ class Renderer:
     # What the base predicts where its file does not say (SD2 single files), as in a training config.
     prediction_type: str = "auto"
     zero_terminal_snr: bool = False
+    files: dict[str, Path] = field(default_factory=dict)  # a base's other files (Flux.1: clip_l, t5xxl, ae)
+    tokenizer_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        self.model = load_base_model(self.base, LoadSettings(self.prediction_type, self.zero_terminal_snr))
+        self.model = load_base_model(self.base, LoadSettings(self.prediction_type, self.zero_terminal_snr,
+                                                             files=self.files, tokenizer_dir=self.tokenizer_dir))
+        defaults = {"steps": 30, "cfg": 7.0, **self.model.family.sample_defaults(self.model.variant)}
+        self.settings = replace(self.settings, steps=self.settings.steps if self.settings.steps is not None
+                                else defaults["steps"], cfg=self.settings.cfg if self.settings.cfg is not None
+                                else defaults["cfg"])
         self.pipe = make_pipeline(self.model, self.settings.scheduler)
-        self.loras = LoraSet(self.pipe, self.model.family)
+        from ..interop.table import base_configs, module_table
+
+        self.loras = LoraSet(self.pipe, self.model.family, module_table(base_configs(self.base)))
         self.index = index_loras(self.lora_dirs)
         self._model_hash: str | None = None
         self._lora_hashes: dict[tuple[Path, float], str] = {}  # by (file, mtime): a retrained file is hashed again

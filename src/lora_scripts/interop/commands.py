@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..base_args import add_base_file_args, base_files
 from ..errors import LoraScriptsError
 from ..dtypes import DTYPES, SAVE_PRECISIONS
 from .files import check_base, check_rank, convert_file, ranks_text, refuse_overwrite, resize_file
@@ -132,7 +133,8 @@ def _same_family(loras, labels: list[str]) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(Path(args.file), check_base(Path(args.base)))
+    files, _ = base_files(args)
+    report = verify(Path(args.file), check_base(Path(args.base)), files=files)
     if args.json:
         print(json.dumps({"ok": report.ok, "modules": report.modules, "problems": report.problems(),
                           "max_rel_error": report.max_rel_error}, indent=2))
@@ -180,4 +182,5 @@ def add_commands(sub) -> None:
     p.add_argument("file")
     p.add_argument("--base", required=True)
     p.add_argument("--json", action="store_true")
+    add_base_file_args(p)
     p.set_defaults(func=cmd_verify)

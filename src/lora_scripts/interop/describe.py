@@ -67,6 +67,8 @@ def guess_family(lora: LoraFile) -> str:
 def _block(name: str) -> str:
     if m := re.match(r"lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|output_blocks_\d+)", name):
         return "unet." + m[1].replace("_blocks_", "_").replace("_block", "")
+    if m := re.match(r"lora_unet_(double|single)_blocks_\d+", name):  # Flux.1's transformer: blocks by kind
+        return f"transformer.{m[1]}_blocks"
     if name.startswith("lora_te2_"):
         return "text_encoder_2"
     if name.startswith("lora_te"):

@@ -115,6 +115,8 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
             key = entry.ldm_key
             deltas[key] = deltas[key] + d if key in deltas else d
     base_meta, tensors = _base_tensors(Path(base))
+    # A file may keep its layout under a prefix (ComfyUI's Flux checkpoints: model.diffusion_model.double_blocks...).
+    deltas = {_in_file(k, tensors): d for k, d in deltas.items()}
     absent = sorted(k for k in deltas if k not in tensors)
     if absent:
         raise LoraFileError(f"{base.name} has no weight {absent[0]} (and {len(absent) - 1} more); nothing was written")
@@ -128,6 +130,14 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
             t = (t.float() + deltas[key]).to(t.dtype)
         state[key] = t
     return atomic_save_safetensors(state, out, {**base_meta, **(metadata or {})}), len(deltas)
+
+
+def _in_file(key: str, tensors: dict) -> str:
+    """The file's key for a layout key: itself, else the one key that ends with it after a prefix."""
+    if key in tensors:
+        return key
+    found = [k for k in tensors if k.endswith("." + key)]
+    return found[0] if len(found) == 1 else key
 
 
 def _base_tensors(base: Path) -> tuple[dict[str, str], dict]:

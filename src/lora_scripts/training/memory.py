@@ -81,7 +81,9 @@ class _FlashLikeAttention(torch.autograd.Function):
 def _flash_attention():
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    def sdpa(*args, **kwargs):
+        # Positional (the UNet's attention) or by name (diffusers' attention dispatch, as Flux calls it).
+        q, k, v = (args[i] if i < len(args) else kwargs[name] for i, name in enumerate(("query", "key", "value")))
         return _FlashLikeAttention.apply(q, k, v)
 
     F.scaled_dot_product_attention = sdpa

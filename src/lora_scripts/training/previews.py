@@ -29,8 +29,8 @@ class PlannedSample:
     strength: float
     negative: str
     seed: int
-    steps: int
-    cfg: float
+    steps: int | None  # None: the family's default
+    cfg: float | None
     size: int
 
 
@@ -102,6 +102,11 @@ class PreviewSampler:
                                                     self._networks())
         return self._pipe
 
+    def _steps_and_cfg(self, s: PlannedSample) -> tuple[int, float]:
+        """The prompt's own, the config's, else the family's defaults (Flux.1-dev 28 / 3.5), else 20 / 7."""
+        defaults = {"steps": 20, "cfg": 7.0, **self.model.family.sample_defaults(self.model.variant)}
+        return (s.steps if s.steps is not None else defaults["steps"], s.cfg if s.cfg is not None else defaults["cfg"])
+
     @torch.no_grad()
     def run(self, step: int, tensorboard=None) -> list[Path]:
         """Main process only. Models go to eval mode (no LoRA dropout) and back."""
@@ -113,10 +118,11 @@ class PreviewSampler:
         written = []
         try:
             for i, s in enumerate(self.plans):
+                steps, cfg = self._steps_and_cfg(s)
                 with lora_strength(nets, s.strength), acc.autocast():
-                    image = generate(pipe, s.text, [s.seed], steps=s.steps, cfg=s.cfg, negative=s.negative,
+                    image = generate(pipe, s.text, [s.seed], steps=steps, cfg=cfg, negative=s.negative,
                                      size=(s.size, s.size))[0]
-                params = Parameters(s.prompt, s.negative, s.steps, self.config.sample_sampler, s.cfg, s.seed,
+                params = Parameters(s.prompt, s.negative, steps, self.config.sample_sampler, cfg, s.seed,
                                     (s.size, s.size), Path(self.config.base_model).stem)
                 written.append(save_png(image, self.folder / f"step-{step:06d}-{i:02d}.png", params))
                 if tensorboard is not None:

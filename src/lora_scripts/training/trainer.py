@@ -350,6 +350,10 @@ def check_objective_options(cfg: TrainConfig, model: Model) -> None:
     """Options of one objective set for a model trained with the other: an error naming the key, never ignored."""
     flow = not hasattr(model.objective, "snr")  # flow matching has no SNR (and no Min-SNR weighting)
     problems = []
+    if flow and cfg.max_token_length != 75:
+        problems.append(f"max_token_length = {cfg.max_token_length}: CLIP's 75-token windows (SD, SDXL); "
+                        f"{model.family.label} reads captions with T5, up to max_sequence_length tokens (512 for dev): "
+                        "remove it")
     if flow and cfg.min_snr_gamma is not None:
         problems.append(f"min_snr_gamma = {cfg.min_snr_gamma:g}: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); "
                         f"{model.family.label} trains with flow matching: remove it, or use loss_weighting")
