@@ -232,10 +232,14 @@ def _from_peft(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
 def _peft_family(parts: dict[tuple[str, str], dict[str, Tensor]], metadata: dict[str, str]):
     """The family whose kohya names a diffusers-layout file's modules get (SDXL's differ from SD1's): told by a
     second text encoder, the cross-attention width or the metadata; SD1 when nothing tells."""
-    from ..families import default_family, family_by_label, guess_lora_family
+    from ..families import FAMILIES, default_family, family_by_label, guess_lora_family
 
-    if any(c == "transformer" for c, _ in parts):
-        return family_by_label("flux1") or default_family()  # the one transformer family with peft-layout files
+    components = {c for c, _ in parts}
+    # A denoiser component only one family has (Flux.1's "transformer") names the family; "unet" is shared.
+    own = [f for f in FAMILIES.values() if f.denoiser in components
+           and sum(g.denoiser == f.denoiser for g in FAMILIES.values()) == 1]
+    if own:
+        return own[0]
     second = ["lora_te2_"] if any(c == "text_encoder_2" for c, _ in parts) else []
     widths = [p["A"].shape[1] for (c, path), p in sorted(parts.items())
               if c == "unet" and path.endswith(("attn2.to_k", "attn2.to_v")) and "A" in p]
