@@ -69,3 +69,33 @@ def test_random_crop_turns_the_latent_cache_off_and_says_why(tmp_path, dataset, 
 def test_text_cache_is_off_when_captions_change_per_step(tmp_path, dataset, tiny_ckpt):
     t = Trainer(load_config(seed_config(tmp_path, tiny_ckpt, shuffle_caption=True, **RUN))).setup()
     assert t.text_cache is None and t.latent_cache is not None
+
+
+def test_text_disk_cache_hits_and_is_keyed_by_tokens_and_encoders(tmp_path, dataset, tiny_ckpt):
+    """Same embeddings read back as encoded; a longer token window or a changed encoder weight misses; a damaged
+    file is encoded again, never trusted."""
+    def setup(**kw):
+        return Trainer(load_config(seed_config(tmp_path, tiny_ckpt, cache_text_encoder_outputs_to_disk=True,
+                                               **dict(RUN, **kw)))).setup()
+
+    first = setup()
+    n = len(first.text_cache.entries)
+    assert (first.text_cache.encoded, first.text_cache.hits) == (n, 0) and n > 1
+    files = sorted((dataset / ".lora-scripts-cache").glob("text-*.safetensors"))
+    assert len(files) == n
+    second = setup()
+    assert (second.text_cache.encoded, second.text_cache.hits) == (0, n)
+    for caption, entry in first.text_cache.entries.items():
+        assert torch.equal(second.text_cache.entries[caption].hidden, entry.hidden)
+    assert setup(max_token_length=150).text_cache.encoded == n  # two 75-token windows: other ids, other entries
+    files[0].write_bytes(b"not a safetensors file")
+    assert setup().text_cache.encoded == 1
+
+    from lora_scripts.data.cache import encoders_identity
+
+    encoders = second.model.text_encoders
+    before = encoders_identity(encoders)
+    name = next(n for n, _ in next(iter(encoders.values())).named_parameters() if "final_layer_norm.weight" in n)
+    with torch.no_grad():
+        dict(next(iter(encoders.values())).named_parameters())[name][0] += 0.01
+    assert encoders_identity(encoders) != before

@@ -300,7 +300,7 @@ def flux_run(tmp_path_factory, tiny_flux_files):
     root = tmp_path_factory.mktemp("flux_run")
     write_dataset(root)
     cfg = load_config(seed_config(root, tiny_flux_files["base_model"], **flux_keys(tiny_flux_files), max_train_steps=2,
-                                  lora_rank=4, save_precision="fp32",
+                                  lora_rank=4, save_precision="fp32", cache_text_encoder_outputs_to_disk=True,
                                   sample_prompts=["a photo of a cat, <lora:sci_lab_lora:0.8>"]))
     from lora_scripts.training.loop import train
 
@@ -317,6 +317,10 @@ def test_previews_generate_compare_verify_for_flux_files(flux_run, tiny_flux_fil
     previews = sorted((result.output_dir / "samples").glob("*.png"))
     assert len(previews) == 1
     assert parse_parameters(read_parameters(previews[0]))["Steps"] == "28"
+    cached = sorted((root / "data" / "sci_lab_train" / ".lora-scripts-cache").glob("text-*.safetensors"))
+    assert len(cached) == 8  # T5 states (512 tokens: the tiny model is a dev) + CLIP-L pooled
+    with safe_open(str(cached[0]), "pt") as f:
+        assert f.get_slice("hidden").get_shape()[1] == 48 and f.get_slice("extras.pooled").get_shape() == [32]
     files = ["--clip-l", str(tiny_flux_files["clip_l"]), "--t5xxl", str(tiny_flux_files["t5xxl"]), "--ae",
              str(tiny_flux_files["ae"]), "--tokenizer-dir", str(tiny_flux_files["tokenizer_dir"])]
     out = tmp_path / "gen"
@@ -380,6 +384,7 @@ def test_init_finds_the_other_flux_files_in_a_comfyui_tree(tmp_path, tiny_flux_f
     assert "SET THIS: ae not found" in text and "clip_l: ComfyUI/models/text_encoders/clip_l.safetensors" in \
         text.replace("./", "")
     assert "t5xxl: ComfyUI/models/text_encoders/t5xxl_fp16.safetensors" in text.replace("./", "")
+    assert "cache_text_encoder_outputs_to_disk: true" in text
 
 
 def test_check_estimates_flux_memory_at_the_real_size(tmp_path, tiny_flux_files, dataset):
@@ -399,3 +404,23 @@ def test_check_estimates_flux_memory_at_the_real_size(tmp_path, tiny_flux_files,
     assert low.weights == 11_901_408_320 * 2
     assert low.caching > (4_762_310_656 + 123_060_480) * 2
     assert 0 < low.activations < high.activations / 10
+
+
+def test_check_counts_caption_tokens_as_t5_reads_them(tmp_path, tiny_flux_files, dataset):
+    """Flux reads captions with T5 (dev: 511 tokens and its end token), not in CLIP's 75-token windows: a caption
+    of 100 words is read whole; with max_sequence_length 64 the warning names T5's limit and the key to raise."""
+    from conftest import write_metadata
+    from lora_scripts.data.check import check_dataset
+
+    names = sorted(p.name for p in dataset.glob("*.png"))
+    long = ", ".join(["glowing consoles in a sci lab"] * 17)  # 102 words
+    write_metadata(dataset / "metadata.csv", [(n, long if i < 2 else f"sci lab {i}, neon") for i, n in enumerate(names)])
+
+    def caption_warnings(**kw):
+        cfg = load_config(seed_config(tmp_path, tiny_flux_files["base_model"], **flux_keys(tiny_flux_files), **kw))
+        return [f.message for f in check_dataset(cfg).findings if "tokens" in f.message and "reads" in f.message]
+
+    assert caption_warnings() == []
+    (warning,) = caption_warnings(max_sequence_length=64)
+    assert warning.startswith("2 captions are longer than the 63 tokens T5 reads") and \
+        warning.endswith("or set max_sequence_length: 512 to read up to 511 tokens"), warning

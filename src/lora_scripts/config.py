@@ -131,6 +131,8 @@ class TrainConfig(BaseModel):
     cache_dir: Path | None = _f(None, "where the disk cache lives; default = train_data_dir/.lora-scripts-cache")
     cache_text_encoder_outputs: bool = _f(True, "compute each caption's text embedding once when the text encoder "
                                           "is frozen and captions are not shuffled or dropped")
+    cache_text_encoder_outputs_to_disk: bool = _f(False, "also keep the text cache on disk (in cache_dir) so later "
+                                                  "runs skip the text encoders' work; worth it for Flux's T5-XXL")
 
     # --- optimisation --------------------------------------------------------------------------
     seed: int = _f(42, "random seed, 0 to 4294967295; the same seed and config give the same LoRA",

@@ -134,6 +134,8 @@ def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path(
         lines += ["", "# The base is a Flux.1 transformer: its other files" + (
             f" (SET THIS: {', '.join(missing)} not found beside it)" if missing else " (found beside it)")]
         lines += [_line(k, v) for k, v in companions.items()]
+        # T5-XXL encodes a caption in about the time a step takes: keep its states for the next run too.
+        lines.append(_line("cache_text_encoder_outputs_to_disk", True))
     if "prediction_type" in values:
         lines += ["", "# SET THIS: the base is an SD2 file that does not say what it predicts: epsilon for a 512-base "
                   "model, v_prediction for a 768-v model", _line("prediction_type", values["prediction_type"])]

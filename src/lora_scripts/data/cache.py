@@ -8,7 +8,10 @@ sample each step from the step's own generator, exactly as an uncached encode wo
 the pixels every step, so they are encoded per step (the cache is off then, and the log says so).
 
 Text: with the text encoder frozen and captions used as written (no shuffle, no dropout), each caption's
-hidden states are computed once.
+hidden states are computed once. On disk too where asked: Flux's T5-XXL is 9 GB of weights and the slowest part
+of a run's start. The key is a hash of the caption's token ids (so the tokenizer, T5 sequence length and
+75-token windows are all in it) and of the encoders' identity (config, dtype and a strided sample of every
+weight: a fine-tuned CLIP or another precision gives other entries).
 """
 
 from __future__ import annotations
@@ -149,18 +152,77 @@ def text_cache_plan(config: TrainConfig) -> tuple[bool, str]:
     return True, ""
 
 
-class TextCache:
-    """Each caption's conditioning, encoded once by the family's own text encoders (frozen ones only)."""
+def encoders_identity(encoders: dict) -> str:
+    """Changes when any encoder's config, dtype or weights change. Every tensor is sampled at ~256 evenly spaced
+    elements: hashing all of T5-XXL's 9 GB would cost more than encoding the captions."""
+    h = hashlib.sha256()
+    for name in sorted(encoders):
+        module = encoders[name]
+        h.update(f"{name}:{type(module).__name__}:{getattr(module, 'config', '')!r}".encode())
+        for pname, t in module.named_parameters():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)]
+            h.update(f"{pname}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    def __init__(self):
+
+def text_key(family_name: str, tokens: dict, encoders_id: str) -> str:
+    h = hashlib.sha256(f"{family_name}:{encoders_id}".encode())
+    for name in sorted(tokens):
+        t = tokens[name]
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.cpu().numpy().tobytes())
+    return f"text-{h.hexdigest()[:32]}"
+
+
+class TextCache:
+    """Each caption's conditioning, encoded once by the family's own text encoders (frozen ones only); in RAM,
+    optionally mirrored on disk like the latent cache."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
         self.entries: dict = {}
+        self.hits = self.encoded = 0
+
+    def _load_from_disk(self, key: str):
+        from ..families import Conditioning
+
+        if self.folder is None or not (self.folder / f"{key}.safetensors").is_file():
+            return None
+        try:
+            t = load_file(str(self.folder / f"{key}.safetensors"))
+            return Conditioning(t.pop("hidden"), {k.removeprefix("extras."): v for k, v in t.items()})
+        except Exception:  # a damaged cache file is encoded again, never trusted
+            return None
+
+    def _save(self, key: str, entry) -> None:
+        from ..atomic import atomic_save_safetensors
+
+        tensors = {"hidden": entry.hidden.contiguous(), **{f"extras.{k}": v.contiguous() for k, v in entry.extras.items()}}
+        atomic_save_safetensors(tensors, self.folder / f"{key}.safetensors")
 
     @torch.no_grad()
-    def fill(self, captions: list[str], model, device) -> None:
+    def fill(self, captions: list[str], model, device, show_progress: bool = True) -> None:
         family = model.family
-        for caption in sorted(set(captions) - set(self.entries)):
+        todo = sorted(set(captions) - set(self.entries))
+        encoders_id = encoders_identity(model.text_encoders) if self.folder is not None and todo else ""
+        for caption in tqdm(todo, desc="caching text", unit="caption",
+                            disable=not show_progress or len(todo) < 20):
             tokens = family.tokenize(model.tokenizers, [caption], model.token_chunks)
-            self.entries[caption] = family.encode(model.text_encoders, tokens, device).rows()[0].to("cpu")
+            key = text_key(family.name, tokens, encoders_id) if self.folder is not None else ""
+            found = self._load_from_disk(key) if key else None
+            if found is not None:
+                self.entries[caption] = found
+                self.hits += 1
+                continue
+            entry = family.encode(model.text_encoders, tokens, device).rows()[0].to("cpu")
+            self.entries[caption] = entry
+            self.encoded += 1
+            if self.folder is not None:
+                self._save(key, entry)
+        if self.folder is not None and todo:
+            log.info("text cache: %d encoded, %d read from disk (%s)", self.encoded, self.hits, self.folder)
 
     def get(self, captions: list[str]):
         from ..families import Conditioning

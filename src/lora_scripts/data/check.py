@@ -138,21 +138,39 @@ def _orphans(samples: list[Sample], config: TrainConfig, report: CheckReport) ->
 # --- captions ---------------------------------------------------------------------------------------------
 def _token_findings(samples: list[Sample], config: TrainConfig, report: CheckReport) -> None:
     """Captions longer than the text encoder reads are cut at its limit in training: the words at the end (often
-    the trigger word or the style) are silently lost. Counted with the base model's own tokenizer."""
-    from ..families.clip_tokenizer import caption_overflow
-
-    long = caption_overflow([s.caption for s in samples], config.base_model, config.max_token_length)
+    the trigger word or the style) are silently lost. Counted with the tokenizer the base model's family reads
+    captions with (CLIP for SD, T5 for Flux)."""
+    limit = _caption_limit(config)
+    if limit is None or not samples:
+        return
+    ids = limit.tokenizer([s.caption for s in samples], add_special_tokens=False, truncation=False,
+                          verbose=False)["input_ids"]
+    long = [(i, len(t)) for i, t in enumerate(ids) if len(t) > limit.tokens]
     if not long:
         return
-    limit = long[0][2]
-    files = [_caption_file(samples[i], config) for i, _, _ in long]
-    lost = sum(n - limit for _, n, _ in long)
-    shown = ", ".join(f"{f.name} ({n} tokens)" for f, (_, n, _) in zip(files[:5], long[:5]))
-    report.add(WARNING, "captions", f"{len(long)} captions are longer than the {limit} tokens the text encoder reads; "
-               f"training cuts off their ends ({lost} tokens lost in all): {shown}"
+    files = [_caption_file(samples[i], config) for i, _ in long]
+    lost = sum(n - limit.tokens for _, n in long)
+    shown = ", ".join(f"{f.name} ({n} tokens)" for f, (_, n) in zip(files[:5], long[:5]))
+    report.add(WARNING, "captions", f"{len(long)} captions are longer than the {limit.tokens} tokens {limit.reader} "
+               f"reads; training cuts off their ends ({lost} tokens lost in all): {shown}"
                + (f" and {len(long) - 5} more" if len(long) > 5 else "")
                + ". Shorten them, put the words that matter (trigger word first) at the start"
-               + (", or set max_token_length: 225 to read up to 225 tokens" if limit < 225 else ""), files)
+               + (f", or {limit.more}" if limit.more else ""), files)
+
+
+def _caption_limit(config: TrainConfig):
+    """The base's family's CaptionLimit; SD1's CLIP where the base cannot be read (training reports that)."""
+    from ..errors import ModelLoadError
+    from ..families import default_family
+    from ..families.loading import base_family
+    from ..training.trainer import load_settings
+
+    base = Path(config.base_model) if config.base_model else None
+    try:
+        family = base_family(base)[0] if base is not None else default_family()
+    except ModelLoadError:
+        family = default_family()
+    return family.caption_limit(base, load_settings(config), config.max_token_length)
 
 
 def _caption_file(sample: Sample, config: TrainConfig) -> Path:

@@ -69,6 +69,17 @@ class LoadSettings:
 
 
 @dataclass(frozen=True)
+class CaptionLimit:
+    """What of a caption the denoiser is given: the tokenizer that counts it, how many tokens (special ones
+    excluded) it reads, which encoder that is (for messages), and the config change that reads more ('' if none)."""
+
+    tokenizer: Any
+    tokens: int
+    reader: str
+    more: str = ""
+
+
+@dataclass(frozen=True)
 class ModuleEntry:
     """A layer a LoRA can target: its kohya name (what A1111 and ComfyUI look up), its component and module path
     (what peft uses), and where its weight lives in the original single-file checkpoint. `rows` is set where
@@ -179,6 +190,15 @@ class Family:
     def predict_options(self, configs: dict[str, dict[str, Any]], settings: LoadSettings) -> dict[str, Any]:
         """What `predict` takes beyond the batch for a model of these configs (Flux.1-dev: its guidance)."""
         return {}
+
+    def caption_limit(self, path: Path | None, settings: LoadSettings, max_token_length: int) -> CaptionLimit | None:
+        """How much of a caption training reads, told without loading the model (for `check`); None where it
+        cannot be told. SD families: CLIP's 75-token windows (max_token_length of them in all)."""
+        from .clip_tokenizer import tokenizer_for
+
+        tokens = max_token_length or 75
+        more = "set max_token_length: 225 to read up to 225 tokens" if tokens < 225 else ""
+        return CaptionLimit(tokenizer_for(path), tokens, "the text encoder", more)
 
     def file_configs(self, path: Path, metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
         """The component configs of a single-file base: its own where it carries them (our test and toy files),

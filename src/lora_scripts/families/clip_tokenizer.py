@@ -82,15 +82,3 @@ def tokenizer_for(base_model: Path | str | None) -> CLIPTokenizer:
 @lru_cache(maxsize=4)
 def _folder_tokenizer(folder: str) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def caption_overflow(captions: list[str], base_model: Path | str | None = None,
-                     limit: int | None = None) -> list[tuple[int, int, int]]:
-    """(index, tokens, limit) for each caption longer than the text encoder reads: model_max_length less the
-    start and end tokens (75), or max_token_length when set. Training truncates those captions at the limit."""
-    tok = tokenizer_for(base_model)
-    limit = limit or tok.model_max_length - 2
-    if not captions:
-        return []
-    ids = tok(list(captions), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    return [(i, len(t), limit) for i, t in enumerate(ids) if len(t) > limit]

@@ -30,7 +30,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..formats import flux as bfl
 from ..formats.kohya import text_encoder_name
 from ..formats.ldm import with_text_model
-from .base import Conditioning, Family, LoadSettings, Model, ModuleEntry
+from .base import CaptionLimit, Conditioning, Family, LoadSettings, Model, ModuleEntry
 from .clip_tokenizer import write_clip_tokenizer_files
 from .flow_matching import FlowMatchingObjective
 from .stable_diffusion import ARCHITECTURE_KEY, _text_encoder_targets, clip_ids
@@ -280,12 +280,32 @@ class Flux(Family):
         _assign(model, {k: v.to(target) for k, v in converted.items()}, path)
         return model
 
-    def t5_length(self, settings: LoadSettings, transformer: nn.Module) -> int:
+    def t5_length(self, settings: LoadSettings, transformer: nn.Module | None = None, guided: bool = True) -> int:
         """T5 tokens per caption: the config's max_sequence_length, else what the pipeline uses (dev 512,
-        schnell 256: schnell was distilled at 256)."""
+        schnell 256: schnell was distilled at 256). guided: dev, where no transformer is loaded."""
         if settings.max_sequence_length:
             return settings.max_sequence_length
-        return 512 if transformer.config.guidance_embeds else 256
+        return 512 if (transformer.config.guidance_embeds if transformer is not None else guided) else 256
+
+    def caption_limit(self, path: Path | None, settings: LoadSettings, max_token_length: int) -> CaptionLimit | None:
+        """T5's tokens (CLIP-L gives only its pooled output, truncated at 77 as FluxPipeline does): the sequence
+        length less its end token. None without a T5 tokenizer: training then names where to get one."""
+        from .loading import read_checkpoint_info
+
+        if path is None or not path.exists():
+            return None
+        folder = path if path.is_dir() else None
+        try:
+            found = find_t5_tokenizer(settings.tokenizer_dir, folder, [path, *settings.files.values()])
+            if folder is not None:
+                guided = json.loads((folder / "transformer" / "config.json").read_text()).get("guidance_embeds", True)
+            else:
+                guided = self.file_configs(path, read_checkpoint_info(path).metadata)["transformer"]["guidance_embeds"]
+        except (ModelLoadError, OSError, ValueError, KeyError):
+            return None
+        length = self.t5_length(settings, guided=guided)
+        more = "set max_sequence_length: 512 to read up to 511 tokens" if length < 512 else ""
+        return CaptionLimit(load_t5_tokenizer(found, length), length - 1, "T5", more)
 
     # --- conditioning and prediction ------------------------------------------------------------------------
     def tokenize(self, tokenizers: dict[str, Any], captions: list[str], chunks: int = 1) -> dict[str, Tensor]:

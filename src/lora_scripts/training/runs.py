@@ -31,6 +31,7 @@ _NOT_HASHED = {"save_steps", "save_every_n_epochs", "save_last_n", "save_format"
                "dataloader_workers", "output_dir", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
                "sample_steps", "sample_sampler", "sample_cfg", "validate_every_n_steps", "verify_after_training",
                "cache_latents", "cache_latents_to_disk", "cache_dir", "cache_text_encoder_outputs",
+               "cache_text_encoder_outputs_to_disk",
                "channels_last", "torch_compile"}
 
 

@@ -100,10 +100,10 @@ class Trainer:
         """Encode latents and text embeddings once where that gives the same training (see data/cache.py)."""
         cfg, acc = self.config, self.accelerator
         self.latent_cache, self.text_cache = None, None
+        disk = cfg.cache_dir or cfg.train_data_dir / ".lora-scripts-cache"
         use, why = latent_cache_plan(cfg)
         if use:
-            folder = (cfg.cache_dir or cfg.train_data_dir / ".lora-scripts-cache") if cfg.cache_latents_to_disk else None
-            self.latent_cache = LatentCache(vae_identity(model.vae), folder)
+            self.latent_cache = LatentCache(vae_identity(model.vae), disk if cfg.cache_latents_to_disk else None)
             flips = (False, True) if cfg.flip_aug else (False,)
             with acc.main_process_first():  # the main process writes the disk cache; the others then read it
                 self.latent_cache.fill(self.items, flips, model.vae, acc.device, acc.is_main_process)
@@ -111,8 +111,9 @@ class Trainer:
             log.info("latent cache off: %s", why)
         use, why = text_cache_plan(cfg)
         if use:
-            self.text_cache = TextCache()
-            self.text_cache.fill([i.sample.caption for i in self.items], model, acc.device)
+            self.text_cache = TextCache(disk if cfg.cache_text_encoder_outputs_to_disk else None)
+            with acc.main_process_first():
+                self.text_cache.fill([i.sample.caption for i in self.items], model, acc.device, acc.is_main_process)
         # Previews and validation still need both models; otherwise they leave the GPU.
         vae_off, text_off = offload_plan(cfg)  # each true only where its cache was filled above
         if vae_off:
