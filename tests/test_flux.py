@@ -216,6 +216,9 @@ def test_variants_and_foreign_files_are_named(tmp_path, tiny_flux_files):
     assert "ae = " in text and "a Flux transformer" in text
     with pytest.raises(ConfigError, match="prediction_type"):
         load_base_model(files["base_model"], _settings(files, prediction_type="v_prediction"))
+    for key in ("clip_l", "t5xxl", "ae"):  # one of the other files given as base_model: named, with the fix
+        with pytest.raises(ModelLoadError, match=f"one of Flux.1's separate files, not a base model: set {key} to it"):
+            load_base_model(files[key], LoadSettings())
 
 
 def test_schnell_is_told_by_its_weights(tmp_path):

@@ -709,3 +709,45 @@ def test_an_sdxl_run_from_the_queue_is_listed_and_drawn_with_in_the_studio(ws, t
         body = {"base_model": "models/xl.safetensors", "prompt": "a lab <lora:xl:0.8>", "seed": 1, "steps": 2}
         image = c.post("/api/generate", headers=HEADERS, json=body).json()["image"]
         assert (ws / image).is_file()
+
+
+def test_flux_as_comfyui_keeps_it_trains_draws_verifies_and_compares_in_the_ui(ws, tiny_flux_files):
+    """A ComfyUI tree in the workspace: the job trains on the config's clip_l/t5xxl/ae; the base list shows the
+    transformer, not its other files; the studio, verify and compare find those beside it (T5's tokenizer in
+    the ComfyUI install) and draw at Flux.1-dev's own guidance where the page leaves it open."""
+    import shutil
+
+    from lora_scripts.generation.pnginfo import parse_parameters, read_parameters
+
+    comfy = ws / "ComfyUI"
+    layout = {"base_model": "models/diffusion_models/flux1-dev.safetensors", "clip_l": "models/text_encoders/clip_l.safetensors",
+              "t5xxl": "models/text_encoders/t5xxl_fp16.safetensors", "ae": "models/vae/ae.safetensors"}
+    for key, rel in layout.items():
+        (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_flux_files[key], comfy / rel)
+    shutil.copytree(tiny_flux_files["tokenizer_dir"], comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    cfg = write_config(ws, "fx", **{k: f"./ComfyUI/{v}" for k, v in layout.items()}, max_train_steps=2,
+                       resolution=32, lora_rank=4)
+    with client(ws) as c:
+        job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
+        done = wait_for(lambda: (j := _status(c, job["id"]))["status"] in ("done", "failed", "stopped") and j)
+        assert done["status"] == "done", done
+        models = c.get("/api/models").json()
+        assert "ComfyUI/" + layout["base_model"] in models and not any("text_encoders" in m or "vae" in m for m in models)
+        assert {item["name"]: item for item in c.get("/api/loras").json()}["fx"]["family"] == "flux1"
+        base = "ComfyUI/" + layout["base_model"]
+        report = c.post("/api/loras/tool", headers=HEADERS,
+                        json={"lora": "output/fx/fx.safetensors", "action": "verify", "base_model": base})
+        assert report.status_code == 200 and report.json()["ok"], report.json()
+        image = c.post("/api/generate", headers=HEADERS,
+                       json={"base_model": base, "prompt": "a lab <lora:fx:0.8>", "seed": 1, "steps": 2,
+                             "size": "32x32"}).json()["image"]
+        info = parse_parameters(read_parameters(ws / image))
+        assert info["CFG scale"] == "3.5" and info["Lora hashes"].startswith("fx: ")
+        out = c.post("/api/compare", headers=HEADERS, json={"jobs": [job["id"]], "prompt": "a lab", "steps": 2,
+                                                            "size": "32x32"}).json()
+        assert (ws / out["sheet"]).is_file()
+        # A file named on the page that is not the kind its key says: the loader's message, not a traceback.
+        bad = c.post("/api/generate", headers=HEADERS, json={"base_model": base, "prompt": "a lab", "steps": 2, "size": "32x32",
+                                                             "clip_l": "ComfyUI/" + layout["t5xxl"]})
+        assert bad.status_code == 400 and "this is a T5 text encoder" in bad.json()["error"]

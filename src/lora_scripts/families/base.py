@@ -177,6 +177,11 @@ class Family:
         """ss_* keys of this family's own training options, as sd-scripts records them (none for SD)."""
         return {}
 
+    def file_kind(self, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
+        """For a family whose base is several files: (the config key a file with these keys is given as, or None;
+        what it is in words). (None, "") for a family whose single file holds everything."""
+        return None, ""
+
     def companion_files(self, path: Path) -> dict[str, Path | None]:
         """For a base kept as several files: the others, by config key, found beside it (None: not found); {} for
         a family whose single file holds everything."""

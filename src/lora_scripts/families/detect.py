@@ -77,6 +77,11 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
         raise ModelLoadError(f"{path} is an inpainting checkpoint (9 input channels); {_TRAINED} text-to-image "
                              "models: train on the base model and use the LoRA with the inpainting model")
     if _UNET not in shapes:
+        for family in TRAINABLE:  # one of a multi-file base's other files (Flux.1's clip_l, t5xxl, ae)
+            key, what = family.file_kind(dict(shapes))
+            if key is not None:
+                raise ModelLoadError(f"{path} is {what}, one of {family.label}'s separate files, not a base model: "
+                                     f"set {key} to it and base_model to the {family.label} {family.denoiser_label} file")
         raise ModelLoadError(
             f"{path} is not a Stable Diffusion checkpoint in the original (CompVis/LDM) layout: it has no "
             f"{_UNET!r}. Use a full single-file checkpoint such as v1-5-pruned.safetensors, or a diffusers folder."

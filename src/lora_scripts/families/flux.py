@@ -235,27 +235,32 @@ class Flux(Family):
             found[key] = next((f for pattern in patterns for place in places for f in sorted(place.glob(pattern))), None)
         return found
 
+    def file_kind(self, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
+        """(the config key a separate file fits — clip_l, t5xxl, ae — or None, what it is in words)."""
+        keys = set(shapes)
+        if any(k.endswith(_CLIP_MARKER) for k in keys):
+            q = next(v for k, v in shapes.items() if k.endswith(_CLIP_MARKER))
+            layers = {k.split("encoder.layers.")[1].split(".")[0] for k in keys if "encoder.layers." in k}
+            if q[0] > 768 or len(layers) > 12:
+                return None, f"a CLIP text encoder {q[0]} wide with {len(layers)} layers (CLIP-G, SDXL/SD3's)"
+            return "clip_l", "a CLIP text encoder"
+        if any(k.endswith(_T5_MARKER) for k in keys):
+            return "t5xxl", "a T5 text encoder"
+        if any(k.endswith(_AE_MARKER) for k in keys) and any(k.startswith("decoder.") for k in keys):
+            conv_out = next(v for k, v in shapes.items() if k.endswith(_AE_MARKER))
+            if conv_out[0] != 32:  # 2 x 16 latent channels (mean and log-variance)
+                return None, f"an autoencoder with {conv_out[0] // 2} latent channels (an SD1/SDXL VAE?)"
+            return "ae", "an autoencoder"
+        if self.recognise(shapes, {}):
+            return None, "a Flux transformer"
+        return None, f"not a model component ({len(keys)} keys)"
+
     def _check_kinds(self, files: dict[str, Path], headers: dict[str, dict[str, tuple[int, ...]]]) -> None:
         """Each separate file must be what its key says: a clear error for a swapped or foreign file."""
         problems = []
         for kind, shapes in headers.items():
-            keys = set(shapes)
-            is_clip = any(k.endswith(_CLIP_MARKER) for k in keys)
-            is_t5 = any(k.endswith(_T5_MARKER) for k in keys)
-            is_ae = any(k.endswith(_AE_MARKER) for k in keys) and any(k.startswith("decoder.") for k in keys)
-            found = "a CLIP text encoder" if is_clip else "a T5 text encoder" if is_t5 else "an autoencoder" if is_ae \
-                else "a Flux transformer" if self.recognise(shapes, {}) else f"not a model component ({len(keys)} keys)"
-            ok = {"clip_l": is_clip, "t5xxl": is_t5, "ae": is_ae}[kind]
-            if ok and kind == "ae":
-                conv_out = next(v for k, v in shapes.items() if k.endswith(_AE_MARKER))
-                if conv_out[0] != 32:  # 2 x 16 latent channels (mean and log-variance)
-                    ok, found = False, f"an autoencoder with {conv_out[0] // 2} latent channels (an SD1/SDXL VAE?)"
-            if ok and kind == "clip_l":
-                q = next(v for k, v in shapes.items() if k.endswith(_CLIP_MARKER))
-                layers = {k.split("encoder.layers.")[1].split(".")[0] for k in keys if "encoder.layers." in k}
-                if q[0] > 768 or len(layers) > 12:
-                    ok, found = False, f"a CLIP text encoder {q[0]} wide with {len(layers)} layers (CLIP-G, SDXL/SD3's)"
-            if not ok:
+            fits, found = self.file_kind(shapes)
+            if fits != kind:
                 problems.append(f"{kind} = {str(files[kind])!r}: this is {found}, not the {FILE_KINDS[kind]}")
         if problems:
             raise ConfigError("the config", problems)

@@ -16,7 +16,7 @@ from ..errors import ModelLoadError
 from . import FAMILIES, Family, LoadSettings, Model, detect_family, detect_folder_family
 from .stable_diffusion import ARCHITECTURE_KEY
 
-__all__ = ["ARCHITECTURE_KEY", "CheckpointInfo", "base_family", "load_base_model", "quiet_loading",
+__all__ = ["ARCHITECTURE_KEY", "CheckpointInfo", "base_family", "component_kind", "load_base_model", "quiet_loading",
            "read_checkpoint_info"]
 
 
@@ -79,6 +79,22 @@ def load_base_model(path: str | Path, settings: LoadSettings | None = None) -> M
     with quiet_loading():
         family, metadata = base_family(Path(path))
         return family.load(Path(path), metadata, settings or LoadSettings())
+
+
+def component_kind(path: Path) -> str | None:
+    """The config key a .safetensors file is given as where it is one of a multi-file base's other files
+    (Flux.1's clip_l, t5xxl, ae); None for a base model or anything else. Reads the header only."""
+    from .detect import TRAINABLE
+
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        shapes = read_checkpoint_info(path).shapes
+        detect_family(shapes, str(path))
+        return None  # a base model (an SD checkpoint holds a CLIP too)
+    except ModelLoadError:
+        pass
+    return next((key for family in TRAINABLE if (key := family.file_kind(shapes)[0]) is not None), None)
 
 
 def base_family(path: Path) -> tuple[Family, dict[str, str]]:

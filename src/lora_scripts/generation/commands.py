@@ -27,18 +27,18 @@ def ranged(kind: type, key: str) -> Callable[[str], float]:
     return parse
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, name: str = "--size") -> tuple[int, int]:
     from .render import out_of_range
 
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
     if not m:
-        raise LoraScriptsError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
+        raise LoraScriptsError(f"{name} {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
     w, h = int(m[1]), int(m[2] or m[1])
     for side in (w, h):
         if why := out_of_range("side", side):
-            raise LoraScriptsError(f"--size {text}: {why}")
+            raise LoraScriptsError(f"{name} {text}: {why}")
     if w % 8 or h % 8:
-        raise LoraScriptsError(f"--size {text}: both sides must be multiples of 8 (the VAE works in 8-pixel cells)")
+        raise LoraScriptsError(f"{name} {text}: both sides must be multiples of 8 (the VAE works in 8-pixel cells)")
     return w, h
 
 
@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         for p in prompts:
             with_strength(p, 1.0)
-    files, tokenizer_dir = base_files(args)
+    files, tokenizer_dir = base_files(args, base=Path(args.base))
     renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto", args.zero_terminal_snr,
                         files, tokenizer_dir)
     if strengths is not None:
@@ -162,7 +162,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     kind = args.prediction_type or next((r.config.get("prediction_type") for r in runs), None) or "auto"
     ztsnr = args.zero_terminal_snr or any(r.config.get("zero_terminal_snr") for r in runs)
     # The runs' own component files (a Flux base kept as separate files), unless the command line names others.
-    files, tokenizer_dir = base_files(args, next((r.config for r in runs if r.config.get("clip_l")), {}))
+    files, tokenizer_dir = base_files(args, next((r.config for r in runs if r.config.get("clip_l")), {}), base)
     renderer = Renderer(base, [], settings, kind, ztsnr, files, tokenizer_dir)
     sheet = image_grid(renderer, runs, args.prompt, seeds, args.weight)
     paths = write_comparison(Path(args.out), sheet, runs)

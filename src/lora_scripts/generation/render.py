@@ -100,7 +100,9 @@ class Renderer:
     def __post_init__(self) -> None:
         self.model = load_base_model(self.base, LoadSettings(self.prediction_type, self.zero_terminal_snr,
                                                              files=self.files, tokenizer_dir=self.tokenizer_dir))
-        defaults = {"steps": 30, "cfg": 7.0, **self.model.family.sample_defaults(self.model.variant)}
+        # Steps and guidance a prompt is drawn with where the settings leave them open.
+        self.defaults = {"steps": 30, "cfg": 7.0, **self.model.family.sample_defaults(self.model.variant)}
+        defaults = self.defaults
         self.settings = replace(self.settings, steps=self.settings.steps if self.settings.steps is not None
                                 else defaults["steps"], cfg=self.settings.cfg if self.settings.cfg is not None
                                 else defaults["cfg"])

@@ -133,7 +133,7 @@ def _same_family(loras, labels: list[str]) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    files, _ = base_files(args)
+    files, _ = base_files(args, base=Path(args.base))
     report = verify(Path(args.file), check_base(Path(args.base)), files=files)
     if args.json:
         print(json.dumps({"ok": report.ok, "modules": report.modules, "problems": report.problems(),

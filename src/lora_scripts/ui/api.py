@@ -63,7 +63,43 @@ class JobBody(BaseModel):
     config: str
 
 
-class ToolBody(BaseModel):
+class BaseFiles(BaseModel):
+    """A base kept as several files (Flux.1): its other files and the T5 tokenizer folder, as workspace paths.
+    Those not given are looked for beside the base (or in its ComfyUI models/ tree) inside the workspace."""
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    ae: str | None = None
+    tokenizer_dir: str | None = None
+
+
+def _base_files(ws: Workspace, base: Path, given: BaseFiles,
+                fallback: dict[str, Any] | None = None) -> tuple[dict[str, Path], Path | None]:
+    """given's files, else fallback's (a run's config: absolute paths, which must lie in the workspace), else
+    those found beside the base in the workspace."""
+    from ..base_args import with_companions
+    from ..config import FLUX_FILE_KEYS
+
+    def pick(key: str) -> Path | None:
+        if getattr(given, key):
+            return ws.path(getattr(given, key), must_exist=True)
+        value = (fallback or {}).get(key)
+        if not value:
+            return None
+        if not ws.contains(Path(value)):
+            raise OutsideWorkspace(f"{key} {value}: outside the workspace")
+        return Path(value)
+
+    files = {k: path for k in FLUX_FILE_KEYS if (path := pick(k)) is not None}
+    return with_companions(base, files, ws.contains), pick("tokenizer_dir")
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    from ..generation.commands import parse_size
+
+    return parse_size(text, "size") if text and text.strip() else None
+
+
+class ToolBody(BaseFiles):
     lora: str  # workspace path of the LoRA file
     action: Literal["verify", "convert", "resize"]
     base_model: str | None = None  # verify (required) and convert (optional: names the layers)
@@ -76,17 +112,20 @@ class CompareBody(BaseModel):
     prompt: str
     seed: int = Field(1, ge=0, le=SEED_MAX - 1)  # the sheet uses seed and seed + 1
     weight: float = 1.0
-    steps: int = Field(20, ge=1, le=150)
-    cfg: float = Field(5.0, ge=0, le=30)
+    steps: int | None = Field(None, ge=1, le=150)  # None: the model's own (as GenerateBody)
+    cfg: float | None = Field(None, ge=0, le=30)
+    size: str | None = None  # "WIDTHxHEIGHT"; None: the model's native size
 
 
-class GenerateBody(BaseModel):
+class GenerateBody(BaseFiles):
     base_model: str
     prompt: str
     negative: str = ""
     seed: int = Field(1, ge=0, le=SEED_MAX)
-    steps: int = Field(25, ge=1, le=150)
-    cfg: float = Field(5.0, ge=0, le=30)
+    # None: what the model is drawn with (Flux.1-dev 28 steps / guidance 3.5, schnell 4 / 0, SD 30 / 7).
+    steps: int | None = Field(None, ge=1, le=150)
+    cfg: float | None = Field(None, ge=0, le=30)
+    size: str | None = None  # "WIDTHxHEIGHT"; None: the model's native size
     sampler: str = "euler_a"
     strengths: list[float] | None = None  # a strength sweep of the prompt's first <lora:...> tag
     # What the base predicts where its file does not say (SD2 single files), as prediction_type in a config.
@@ -399,10 +438,14 @@ def models(request: Request) -> list[str]:
 def generate(request: Request, body: GenerateBody) -> dict:
     ws, studio = _ws(request), request.app.state.studio
     base = ws.path(body.base_model, must_exist=True)
-    settings = Settings(steps=body.steps, cfg=body.cfg, scheduler=body.sampler, negative=body.negative)
+    settings = Settings(steps=body.steps, cfg=body.cfg, scheduler=body.sampler, negative=body.negative,
+                        size=_size(body.size))
+    files, tokenizer_dir = _base_files(ws, base, body)
     if body.strengths:
-        return {"image": studio.sweep(base, body.prompt, body.seed, body.strengths, settings, body.prediction_type)}
-    return {"image": studio.generate(base, body.prompt, body.seed, settings, body.prediction_type)}
+        return {"image": studio.sweep(base, body.prompt, body.seed, body.strengths, settings, body.prediction_type,
+                                      files, tokenizer_dir)}
+    return {"image": studio.generate(base, body.prompt, body.seed, settings, body.prediction_type, files,
+                                     tokenizer_dir)}
 
 
 
@@ -419,7 +462,7 @@ def lora_tool(request: Request, body: ToolBody) -> dict:
     if body.action == "verify":
         if base is None:
             raise HTTPException(400, "verify needs base_model: the checkpoint the LoRA is meant for")
-        report = verify(src, base)
+        report = verify(src, base, files=_base_files(ws, base, body)[0])
         return {"ok": report.ok, "text": report.summary(), "problems": report.problems()}
     if body.action == "convert":
         out = src.with_name(f"{src.stem}_{body.to}.safetensors")
@@ -453,10 +496,13 @@ def compare(request: Request, body: CompareBody) -> dict:
     base = Path(sorted(bases)[0])
     if not ws.contains(base):
         raise OutsideWorkspace(f"base_model {base}: outside the workspace")
-    settings = Settings(steps=body.steps, cfg=body.cfg)
+    settings = Settings(steps=body.steps, cfg=body.cfg, size=_size(body.size))
+    # The runs' own separate files (a Flux base), as `lora-scripts compare` takes them.
+    files, tokenizer_dir = _base_files(ws, base, BaseFiles(), next((r.config for r in runs if r.config.get("clip_l")), {}))
     with request.app.state.studio.lock:
         kind = next((r.config.get("prediction_type") for r in runs), None) or "auto"
-        renderer = Renderer(base, [], settings, kind, any(r.config.get("zero_terminal_snr") for r in runs))
+        renderer = Renderer(base, [], settings, kind, any(r.config.get("zero_terminal_snr") for r in runs), files,
+                            tokenizer_dir)
         sheet = image_grid(renderer, runs, [body.prompt], [body.seed, body.seed + 1], body.weight)
     out = ws.state / "compare" / time.strftime("%Y%m%d-%H%M%S")
     paths = write_comparison(out, sheet, runs)

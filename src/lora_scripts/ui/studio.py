@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors import safe_open
@@ -50,15 +51,18 @@ class Studio:
                 for name, path in sorted(self._indexed().items()) if not self.ws.contains(path)]
 
     def base_models(self) -> list[str]:
-        """Checkpoints in the workspace that are not LoRAs (the toy base, a v1-5-pruned.safetensors, ...); links
+        """Checkpoints in the workspace that are not LoRAs (the toy base, a v1-5-pruned.safetensors, ...) nor one
+        of a multi-file base's other files (Flux.1's clip_l, t5xxl, ae: found beside the base when drawing); links
         that lead out of the workspace are left out."""
+        from ..families.loading import component_kind
+
         found = []
         for path in sorted(self.ws.root.rglob("*")):
             if path.suffix not in (".safetensors", ".ckpt") or STATE_DIR in path.parts or "checkpoints" in path.parts:
                 continue
             if not self.ws.contains(path) or not path.is_file():
                 continue
-            if path.suffix == ".ckpt" or not _is_lora(path):
+            if path.suffix == ".ckpt" or not (_is_lora(path) or component_kind(path)):
                 found.append(self.ws.rel(path))
         return found
 
@@ -79,26 +83,34 @@ class Studio:
             self._descriptions[path] = cached
         return cached[1]
 
-    def _renderer_for(self, base: Path, settings: Settings, prediction_type: str = "auto") -> Renderer:
-        r = self._renderer
+    def _renderer_for(self, base: Path, settings: Settings, prediction_type: str = "auto",
+                      files: dict[str, Path] | None = None, tokenizer_dir: Path | None = None) -> Renderer:
+        r, files = self._renderer, files or {}
         if (r is None or r.base != base or r.settings.scheduler != settings.scheduler
-                or r.prediction_type != prediction_type):
-            r = self._renderer = Renderer(base, [self.ws.root], settings, prediction_type)
-        r.settings = settings
+                or r.prediction_type != prediction_type or r.files != files or r.tokenizer_dir != tokenizer_dir):
+            r = self._renderer = Renderer(base, [self.ws.root], settings, prediction_type, files=files,
+                                          tokenizer_dir=tokenizer_dir)
+        # Steps and guidance the request leaves open: the model's own (Renderer resolved them on creation).
+        r.settings = replace(settings, steps=settings.steps or r.defaults["steps"],
+                             cfg=settings.cfg if settings.cfg is not None else r.defaults["cfg"])
         r.index = self.loras()  # LoRAs trained since the last call; LoraSet reloads files changed on disk
         return r
 
-    def generate(self, base: Path, prompt: str, seed: int, settings: Settings, prediction_type: str = "auto") -> str:
+    def generate(self, base: Path, prompt: str, seed: int, settings: Settings, prediction_type: str = "auto",
+                 files: dict[str, Path] | None = None, tokenizer_dir: Path | None = None) -> str:
         with self.lock:
-            rendered = self._renderer_for(base, settings, prediction_type).render(prompt, [seed])[0]
+            renderer = self._renderer_for(base, settings, prediction_type, files, tokenizer_dir)
+            rendered = renderer.render(prompt, [seed])[0]
             path = self._new_path()
             save_png(rendered.image, path, rendered.params)
             return self.ws.rel(path)
 
     def sweep(self, base: Path, prompt: str, seed: int, strengths: list[float], settings: Settings,
-              prediction_type: str = "auto") -> str:
+              prediction_type: str = "auto", files: dict[str, Path] | None = None,
+              tokenizer_dir: Path | None = None) -> str:
         with self.lock:
-            sheet, _ = strength_sweep(self._renderer_for(base, settings, prediction_type), [prompt], [seed], strengths)
+            renderer = self._renderer_for(base, settings, prediction_type, files, tokenizer_dir)
+            sheet, _ = strength_sweep(renderer, [prompt], [seed], strengths)
             path = self._new_path()
             sheet.save(path)
             return self.ws.rel(path)

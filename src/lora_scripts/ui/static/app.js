@@ -311,7 +311,7 @@ async function loadLibrary() {
 async function loraTool(l, body) {
   const out = $("#tool-out"); out.hidden = false; out.className = "report"; out.textContent = `${body.action} ${l.path}…`;
   try {
-    const r = await api("POST", "/api/loras/tool", { lora: l.path, base_model: $("#gen-base").value || null, ...body });
+    const r = await api("POST", "/api/loras/tool", { lora: l.path, base_model: $("#gen-base").value || null, ...baseFiles(), ...body });
     out.textContent = r.text + (r.problems && r.problems.length ? "\n" + r.problems.join("\n") : "");
     out.classList.add(r.ok ? "good" : "bad");
     if (r.written) loadLibrary();
@@ -326,13 +326,20 @@ $("#gen-strength").addEventListener("input", (e) => {
   $("#gen-strength-value").textContent = e.target.value;
   $("#gen-prompt").value = $("#gen-prompt").value.replace(/<lora:([^:>]+)(:[^>]*)?>/, `<lora:$1:${e.target.value}>`);
 });
+// A Flux base's other files, where the user named them (the server looks beside the base for the rest).
+function baseFiles() {
+  const v = (id) => $(id).value.trim() || null;
+  return { clip_l: v("#gen-clip-l"), t5xxl: v("#gen-t5xxl"), ae: v("#gen-ae"), tokenizer_dir: v("#gen-tokenizer-dir") };
+}
+const numberOrNull = (id) => ($(id).value.trim() === "" ? null : +$(id).value);
 async function runGenerate(sweep) {
   setStatus($("#gen-status"), sweep ? "drawing the sweep…" : "drawing…");
   const t0 = performance.now();
   try {
     const r = await api("POST", "/api/generate", { base_model: $("#gen-base").value, prompt: $("#gen-prompt").value,
-      negative: $("#gen-negative").value, seed: +$("#gen-seed").value, steps: +$("#gen-steps").value, cfg: +$("#gen-cfg").value,
-      prediction_type: $("#gen-prediction").value, strengths: sweep ? [0, 0.25, 0.5, 0.75, 1] : null });
+      negative: $("#gen-negative").value, seed: +$("#gen-seed").value, steps: numberOrNull("#gen-steps"), cfg: numberOrNull("#gen-cfg"),
+      size: $("#gen-size").value.trim() || null,
+      prediction_type: $("#gen-prediction").value, strengths: sweep ? [0, 0.25, 0.5, 0.75, 1] : null, ...baseFiles() });
     $("#gen-out").prepend(el("img", { src: fileUrl(r.image), title: r.image, className: "generated" }));
     setStatus($("#gen-status"), `done in ${((performance.now() - t0) / 1000).toFixed(1)} s: ${r.image}`, "good");
   } catch (e) { setStatus($("#gen-status"), e.message, "bad"); }
