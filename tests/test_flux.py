@@ -50,6 +50,39 @@ def test_separate_files_load_equal_the_folder(tiny_flux_files, tiny_flux_folder)
     assert cond.hidden.shape == (2, 512, 48) and cond.extras["pooled"].shape == (2, 32)  # T5 48 wide, CLIP 32
 
 
+def test_an_all_in_one_comfyui_checkpoint_loads_as_its_four_files(tmp_path, tiny_flux_files, flux_run):
+    """ComfyUI's CheckpointSave layout (model.diffusion_model., text_encoders.clip_l/t5xxl.transformer., vae.):
+    the same weights as the separate files; nothing else to name; a LoRA trained on the separate files verifies
+    against it by name and effect; a file the config names replaces the embedded one."""
+    from safetensors.torch import load_file
+
+    from lora_scripts.interop.verify import verify
+
+    with safe_open(str(tiny_flux_files["base_model"]), "pt") as f:
+        metadata = f.metadata()
+    state = {}
+    for key, prefix in (("base_model", bfl.BFL_PREFIX), ("clip_l", "text_encoders.clip_l.transformer."),
+                        ("t5xxl", "text_encoders.t5xxl.transformer."), ("ae", "vae.")):
+        state.update({prefix + k.removeprefix(bfl.BFL_PREFIX): v for k, v in load_file(str(tiny_flux_files[key])).items()})
+    aio = tmp_path / "flux1-dev-aio.safetensors"
+    save_file(state, str(aio), metadata)
+    a = load_base_model(aio, LoadSettings(tokenizer_dir=tiny_flux_files["tokenizer_dir"]))
+    b = load_base_model(tiny_flux_files["base_model"], _settings(tiny_flux_files))
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = a.modules[name].state_dict(), b.modules[name].state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert FLUX.companion_files(aio) == {}
+    names = FLUX.base_shapes(aio)  # what a LoRA's names are checked against: the transformer's and CLIP-L's keys
+    assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in names and "double_blocks.0.img_attn.qkv.weight" in names
+    assert not any(k.startswith(("vae.", "text_encoders.")) for k in names)
+    result, _ = flux_run
+    report = verify(result.lora_path, aio)
+    assert report.ok and report.modules > 0, report.summary()
+    with pytest.raises(ConfigError, match="t5xxl = .*this is a CLIP text encoder"):  # the named file wins
+        load_base_model(aio, LoadSettings(files={"t5xxl": tiny_flux_files["clip_l"]},
+                                          tokenizer_dir=tiny_flux_files["tokenizer_dir"]))
+
+
 def test_bfl_layout_is_the_inverse_of_diffusers_converter():
     """Our diffusers -> BFL map (naming LoRAs, writing test files) against diffusers' own BFL -> diffusers
     single-file converter, at the real width (1 double + 1 single block, on the meta device: keys and shapes),

@@ -8,8 +8,8 @@ What it is, as far as training a LoRA goes:
   and CLIP-L's pooled output beside the timestep; dev is guidance-distilled and takes the guidance value as
   an input (`guidance_in`), schnell has no such input;
 * objective: rectified flow (flow_matching.py); the timestep the transformer sees is the noise level sigma;
-* files: ComfyUI users keep four (the transformer in BFL layout, clip_l, t5xxl, ae); diffusers users a
-  folder. LoRA modules are named by the BFL layout (formats/flux.py), whose fused q/k/v Linears hold
+* files: ComfyUI users keep four (the transformer in BFL layout, clip_l, t5xxl, ae) or one all-in-one
+  checkpoint holding them all; diffusers users a folder. LoRA modules are named by the BFL layout (formats/flux.py), whose fused q/k/v Linears hold
   several diffusers layers each: the export fuses their LoRAs exactly (formats/fused.py).
 """
 
@@ -44,6 +44,11 @@ IMG_IN_KEY = "img_in.weight"  # its input width: 64 text-to-image, 384 Fill, 128
 FILE_KINDS = {"clip_l": "CLIP-L text encoder (clip_l.safetensors)",
               "t5xxl": "T5-XXL text encoder (t5xxl_fp16.safetensors or an fp8 one)",
               "ae": "Flux autoencoder (ae.safetensors)"}
+# A ComfyUI all-in-one checkpoint (its CheckpointSave node; Comfy-Org's flux1-dev-fp8.safetensors) holds the other
+# files too, under these prefixes (comfy/supported_models.py: Flux's text_encoder_key_prefix and vae_key_prefix);
+# the transformer is under model.diffusion_model.
+EMBEDDED = {"clip_l": "text_encoders.clip_l.transformer.", "t5xxl": "text_encoders.t5xxl.transformer.", "ae": "vae."}
+_NOT_TRANSFORMER = ("text_encoders.", "vae.")
 _CLIP_MARKER = "encoder.layers.0.self_attn.q_proj.weight"
 _T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _AE_MARKER = "encoder.conv_out.weight"
@@ -181,13 +186,18 @@ class Flux(Family):
         from .loading import read_checkpoint_info
 
         files = {k: Path(v) for k, v in settings.files.items()}
-        missing = [k for k in FILE_KINDS if k not in files]
+        base_header = read_checkpoint_info(path).shapes
+        # Parts the base file holds itself (an all-in-one checkpoint); a file the config names takes precedence.
+        inside = {k: prefix for k, prefix in embedded_parts(base_header).items() if k not in files}
+        missing = [k for k in FILE_KINDS if k not in files and k not in inside]
         if missing:
             raise ConfigError("the config", [
                 f"{k}: required with a Flux transformer file as base_model ({path.name}): the {FILE_KINDS[k]}. "
                 "Or set base_model to a Flux diffusers folder" for k in missing])
         headers = {k: read_checkpoint_info(f).shapes for k, f in files.items()}
-        self._check_kinds(files, headers)
+        headers.update({k: _under(base_header, prefix) for k, prefix in inside.items()})
+        self._check_kinds({**files, **{k: f"{path} ({prefix}*)" for k, prefix in inside.items()}}, headers)
+        sources = {**{k: (f, "") for k, f in files.items()}, **{k: (path, prefix) for k, prefix in inside.items()}}
         configs = self.file_configs(path, metadata)
         dtype = settings.dtype
         logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -196,18 +206,18 @@ class Flux(Family):
             (Path(tmp) / "vae").mkdir()
             (Path(tmp) / "vae" / "config.json").write_text(json.dumps(configs["vae"]))
             try:
-                vae = AutoencoderKL.from_single_file(str(files["ae"]), config=tmp, subfolder="vae",
+                vae = AutoencoderKL.from_single_file(_read_state(*sources["ae"]), config=tmp, subfolder="vae",
                                                      local_files_only=True, torch_dtype=dtype)
             except Exception as exc:
-                raise ModelLoadError(f"diffusers could not load {files['ae']} as the Flux autoencoder: {exc}") from exc
+                raise ModelLoadError(f"diffusers could not load {sources['ae'][0]} as the Flux autoencoder: {exc}") from exc
             clip_folder = write_clip_tokenizer_files(Path(tmp) / "tokenizer")
             from transformers import CLIPTokenizer
 
             clip_tok = CLIPTokenizer.from_pretrained(str(clip_folder), local_files_only=True)
         modules = {"transformer": transformer, "vae": vae,
-                   "text_encoder": _text_model_from_file(files["clip_l"], "CLIPTextModel", configs["text_encoder"],
+                   "text_encoder": _text_model_from_file(sources["clip_l"], "CLIPTextModel", configs["text_encoder"],
                                                          dtype, with_text_model),
-                   "text_encoder_2": _text_model_from_file(files["t5xxl"], "T5EncoderModel", configs["text_encoder_2"],
+                   "text_encoder_2": _text_model_from_file(sources["t5xxl"], "T5EncoderModel", configs["text_encoder_2"],
                                                            dtype, None)}
         try:
             t5_tok = load_t5_tokenizer(find_t5_tokenizer(settings.tokenizer_dir, None, [path, *files.values()]),
@@ -223,8 +233,14 @@ class Flux(Family):
     def companion_files(self, path: Path) -> dict[str, Path | None]:
         """The other files of a transformer file, where users keep them: beside it, or in a ComfyUI models/
         tree (text_encoders/ or clip/, vae/). The 16-bit T5 is preferred to an fp8 one. None: not found."""
+        from .loading import read_checkpoint_info
+
         if path.is_dir():
             return {}
+        try:
+            inside = embedded_parts(read_checkpoint_info(path).shapes)  # an all-in-one file needs none of them
+        except ModelLoadError:
+            inside = {}
         places = [path.parent]
         models = next((p for p in path.resolve().parents if p.name == "models"), None)
         if models is not None:
@@ -232,7 +248,8 @@ class Flux(Family):
         found: dict[str, Path | None] = {}
         for key, patterns in (("clip_l", ("clip_l*.safetensors",)), ("t5xxl", ("t5xxl_fp16*.safetensors", "t5xxl*.safetensors")),
                               ("ae", ("ae.safetensors", "flux*ae*.safetensors", "flux*vae*.safetensors"))):
-            found[key] = next((f for pattern in patterns for place in places for f in sorted(place.glob(pattern))), None)
+            if key not in inside:
+                found[key] = next((f for pattern in patterns for place in places for f in sorted(place.glob(pattern))), None)
         return found
 
     def file_kind(self, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
@@ -268,11 +285,9 @@ class Flux(Family):
     def _transformer_from_file(self, path: Path, config: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
         """Built on the meta device and filled from the file (BFL layout, any prefix, bf16/fp16/fp8 weights cast
         to dtype): one copy of the weights in memory, never an fp32 one first."""
-        from safetensors.torch import load_file
-
         with init_empty_weights(include_buffers=False):
             model = FluxTransformer2DModel.from_config(config)
-        state = load_file(str(path)) if path.suffix == ".safetensors" else _torch_state(path)
+        state = _read_state(path, "", lambda k: not k.startswith(_NOT_TRANSFORMER))
         state = {k.removeprefix(bfl.BFL_PREFIX): v for k, v in state.items()}
         state = _dequantize_scaled_fp8(state)
         width = config["num_attention_heads"] * config["attention_head_dim"]
@@ -416,9 +431,12 @@ class Flux(Family):
         given, clip_l.safetensors' (transformers-4 `text_model.` names)."""
         from .loading import read_checkpoint_info
 
-        shapes = {k.removeprefix(bfl.BFL_PREFIX): v for k, v in read_checkpoint_info(path).shapes.items()}
+        header = read_checkpoint_info(path).shapes
+        shapes = {k.removeprefix(bfl.BFL_PREFIX): v for k, v in header.items() if not k.startswith(_NOT_TRANSFORMER)}
         if files and "clip_l" in files:
             shapes.update({with_text_model(k): v for k, v in read_checkpoint_info(Path(files["clip_l"])).shapes.items()})
+        elif "clip_l" in embedded_parts(header):
+            shapes.update({with_text_model(k): v for k, v in _under(header, EMBEDDED["clip_l"]).items()})
         return shapes
 
     def folder_shapes_to_ldm(self, configs: dict[str, Any], shapes: dict[str, dict[str, tuple[int, ...]]]
@@ -509,6 +527,26 @@ def _torch_state(path: Path) -> dict[str, Tensor]:
     return state.get("state_dict", state)
 
 
+def embedded_parts(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """The other files an all-in-one checkpoint holds: config key -> key prefix."""
+    return {kind: prefix for kind, prefix in EMBEDDED.items() if any(k.startswith(prefix) for k in shapes)}
+
+
+def _under(shapes: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k.removeprefix(prefix): v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _read_state(path: Path, prefix: str = "", keep=lambda key: True) -> dict[str, Tensor]:
+    """The tensors under `prefix` (removed) that `keep` accepts: an all-in-one file's one part is read alone,
+    never the whole 17-24 GB file at once."""
+    if path.suffix != ".safetensors":
+        return _under({k: v for k, v in _torch_state(path).items() if keep(k)}, prefix)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and keep(k)}
+
+
 def _dequantize_scaled_fp8(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """ComfyUI's "fp8_scaled" files store fp8 weights with a per-tensor `scale_weight` beside each (and a
     `scaled_fp8` marker): the real weight is their product."""
@@ -523,17 +561,18 @@ def _dequantize_scaled_fp8(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _text_model_from_file(path: Path, cls: str, config: dict[str, Any], dtype: torch.dtype | None, rename) -> nn.Module:
-    """A transformers text encoder from a ComfyUI-style single file (transformers-4 key names), built on the
-    meta device and filled with the file's tensors in `dtype`."""
+def _text_model_from_file(source: tuple[Path, str], cls: str, config: dict[str, Any], dtype: torch.dtype | None,
+                          rename) -> nn.Module:
+    """A transformers text encoder from a ComfyUI-style single file (transformers-4 key names), or the part of an
+    all-in-one file under a prefix (source: (file, prefix)), built on the meta device and filled in `dtype`."""
     import transformers
-    from safetensors.torch import load_file
 
     plain = {k: v for k, v in config.items() if k != "architectures"}
     config_cls = transformers.CLIPTextConfig if cls == "CLIPTextModel" else transformers.T5Config
     with init_empty_weights(include_buffers=False):
         model = getattr(transformers, cls)(config_cls(**plain))
-    state = _dequantize_scaled_fp8(load_file(str(path)))
+    path = source[0]
+    state = _dequantize_scaled_fp8(_read_state(*source))
     own = set(model.state_dict())
     renamed = {}
     for key, value in state.items():
