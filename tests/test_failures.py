@@ -127,3 +127,19 @@ def test_without_clipping_a_nan_gradient_is_still_caught(tmp_path, dataset, tiny
         result = train(load_config(seed_config(tmp_path, tiny_ckpt, max_grad_norm=0, **RUN)))
     assert "step 2: a gradient is NaN/inf; step skipped" in caplog.text
     assert all(torch.isfinite(v).all() for v in load_file(str(result.lora_path)).values())
+
+
+def test_a_sharded_launch_is_refused_before_anything_loads():
+    """FSDP/DeepSpeed would leave the main process a shard of the weights to export (accelerate runs FSDP on GPUs
+    only, so this guard is what a CPU can test): named, with the launches that work."""
+    from accelerate.utils import DistributedType
+
+    from lora_scripts.errors import ConfigError
+    from lora_scripts.training.trainer import refuse_sharding
+
+    for ok in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_sharding(ok)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=f"launched this run with {sharded.value}: sharded training is not "
+                                              "supported.*--multi_gpu"):
+            refuse_sharding(sharded)

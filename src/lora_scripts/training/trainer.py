@@ -63,6 +63,7 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             cpu=not _uses_accelerator(),
         )
+        refuse_sharding(self.accelerator.distributed_type)
         self.weight_dtype = DTYPES[config.mixed_precision]
         self.grads_finite = True
         # LoRA init draws from the global RNGs: same seed, same starting weights (on every process).
@@ -336,6 +337,21 @@ class Trainer:
         for group, base, lr in zip(self.optimizer.param_groups, new_base_lrs, lrs):
             group.update(initial_lr=base, lr=lr, weight_decay=self.config.weight_decay)
         schedule._last_lr = lrs
+
+
+def refuse_sharding(distributed_type) -> None:
+    """Only data parallelism (DDP, `--multi_gpu`) is supported. Under FSDP/DeepSpeed each process holds a shard of
+    the weights, so the LoRA export, previews, validation and the self-test, which run on the main process alone,
+    would read shards or wait forever for the others; accelerate runs FSDP only on GPUs, so no test here can prove
+    otherwise. Stop before loading anything rather than after hours of training."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError("the launch", [
+            f"accelerate launched this run with {distributed_type.value}: sharded training is not supported (the "
+            "LoRA file is written from the main process's full copy of the weights). Launch with --multi_gpu "
+            "(each GPU holds the frozen model) or, on one GPU, lower the memory with mixed_precision: bf16, "
+            "gradient_checkpointing: true and the text/latent caches"])
 
 
 def load_settings(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LoadSettings:
