@@ -236,6 +236,8 @@ def test_variants_and_foreign_files_are_named(tmp_path, tiny_flux_files):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
     with pytest.raises(ModelLoadError, match="Kontext"):
         detect_folder_family(folder)
+    with pytest.raises(ModelLoadError, match="Kontext .* by its name"):  # dev's keys: only the name tells
+        detect_family({**marker, "img_in.weight": (3072, 64)}, "models/flux1-kontext-dev.safetensors")
     # Separate files: each must be the kind its key names, and none may be missing.
     files = dict(tiny_flux_files)
     with pytest.raises(ConfigError, match=r"t5xxl: required .*T5-XXL"):

@@ -70,6 +70,11 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], path: str = "checkpoint
             what = _FLUX_VARIANTS.get(img_in[1], f"a Flux.1 variant with {img_in[1]} input channels")
             raise ModelLoadError(f"{path} is {what}; LoRAs are trained on Flux.1-dev or schnell (64 input "
                                  "channels) and used with it as they are.")
+        if "kontext" in Path(path).name.lower():
+            # Kontext's weights have dev's keys and shapes; only the name (as BFL and ComfyUI ship it) tells it.
+            raise ModelLoadError(f"{path} is a Flux.1 Kontext (image editing) model by its name; {_TRAINED} "
+                                 "(a Kontext LoRA is trained on image pairs). If this is a text-to-image Flux.1, "
+                                 "rename the file.")
         return FLUX.name
     if any("double_blocks." in k for k in keys):
         raise ModelLoadError(f"{path} has Flux-style double_blocks but not Flux.1's layout; {_TRAINED}.")
