@@ -177,6 +177,11 @@ class Family:
         """ss_* keys of this family's own training options, as sd-scripts records them (none for SD)."""
         return {}
 
+    def lora_block(self, kohya_name: str) -> str | None:
+        """The denoiser block a kohya module name lies in, for `inspect`'s per-block counts (None: not this
+        family's denoiser name)."""
+        return None
+
     def file_kind(self, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
         """For a family whose base is several files: (the config key a file with these keys is given as, or None;
         what it is in words). (None, "") for a family whose single file holds everything."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,12 @@ class Flux(Family):
             if key not in inside:
                 found[key] = next((f for pattern in patterns for place in places for f in sorted(place.glob(pattern))), None)
         return found
+
+    def lora_block(self, kohya_name: str) -> str | None:
+        """The transformer's blocks by kind (double / single), as `inspect` counts them."""
+        if m := re.match(r"lora_unet_(double|single)_blocks_\d+", kohya_name):
+            return f"transformer.{m[1]}_blocks"
+        return None
 
     def file_kind(self, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
         """(the config key a separate file fits — clip_l, t5xxl, ae — or None, what it is in words)."""

@@ -5,6 +5,8 @@ state only how they differ (text-encoder layout in single files, tokenizer paddi
 
 from __future__ import annotations
 
+import re
+
 import json
 import logging
 import tempfile
@@ -86,6 +88,13 @@ class StableDiffusionFamily(Family):
     text_encoder_act: str  # OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP (SD2) gelu: tells them apart at any size
 
     # --- recognising ----------------------------------------------------------------------------------------
+    def lora_block(self, kohya_name: str) -> str | None:
+        """diffusers' (down_blocks_1) or the original layout's (input_blocks_4) block, as unet.down_1 / unet.input_4."""
+        if m := re.match(r"lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|output_blocks_\d+)",
+                         kohya_name):
+            return "unet." + m[1].replace("_blocks_", "_").replace("_block", "")
+        return None
+
     def recognise(self, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> bool:
         raise NotImplementedError
 

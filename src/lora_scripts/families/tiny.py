@@ -68,9 +68,9 @@ def write_tiny_folder(folder: Path, seed: int = 0, family: str = "sd15", predict
     tokenizers = {name: CLIPTokenizer.from_pretrained(path) for name, path in fam.write_tokenizers(scratch).items()}
     if "text_encoder_2" in fam.tokenizer_folders and "tokenizer_2" not in tokenizers:  # T5 (Flux): built in code
         tokenizers["tokenizer_2"] = build_tiny_t5_tokenizer()
-    scheduler_cls = getattr(diffusers, configs["scheduler"].get("_class_name", "DDPMScheduler"))
-    if family != "flux1":  # the SD families' tiny folders have always carried a DDPM scheduler
-        scheduler_cls = DDPMScheduler
+    # A flow-matching family keeps its own scheduler; the DDPM families' tiny folders have always carried DDPM's.
+    named = configs["scheduler"].get("_class_name", "")
+    scheduler_cls = getattr(diffusers, named) if named.startswith("FlowMatch") else DDPMScheduler
     pipe = fam.pipeline_from_parts(modules, tokenizers, scheduler_cls.from_config(configs["scheduler"]))
     pipe.save_pretrained(str(folder))
     shutil.rmtree(scratch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .lora_file import LoraFile, read_lora
-from ..families import family_by_label, guess_lora_family, lora_metadata_for
+from ..families import FAMILIES, family_by_label, guess_lora_family, lora_metadata_for
 from .table import Entry, family_table, ldm_alias
 
 # The width of the text embedding that cross-attention reads tells the family apart.
@@ -65,10 +64,9 @@ def guess_family(lora: LoraFile) -> str:
 
 
 def _block(name: str) -> str:
-    if m := re.match(r"lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|output_blocks_\d+)", name):
-        return "unet." + m[1].replace("_blocks_", "_").replace("_block", "")
-    if m := re.match(r"lora_unet_(double|single)_blocks_\d+", name):  # Flux.1's transformer: blocks by kind
-        return f"transformer.{m[1]}_blocks"
+    block = next((b for family in FAMILIES.values() if (b := family.lora_block(name)) is not None), None)
+    if block is not None:
+        return block
     if name.startswith("lora_te2_"):
         return "text_encoder_2"
     if name.startswith("lora_te"):
