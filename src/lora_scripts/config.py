@@ -148,8 +148,13 @@ class TrainConfig(BaseModel):
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = _f(
         "constant", "learning-rate schedule over the run")
     lr_warmup_steps: int = _f(0, "steps of linear warm-up at the start", ge=0)
-    optimizer: Literal["adamw"] = _f("adamw", "optimizer (AdamW, fused/foreach kernels where available)")
-    weight_decay: float = _f(0.01, "AdamW weight decay", ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor", "adamw_schedulefree"] = _f(
+        "adamw", "adamw (fused/foreach kernels where available); adamw8bit (bitsandbytes, NVIDIA GPUs: a quarter of "
+        "the state memory); prodigy (finds the step size itself: learning_rate 1.0); lion (3-10x lower "
+        "learning_rate); adafactor; adamw_schedulefree (no schedule: lr_scheduler constant)")
+    optimizer_args: dict[str, Any] = _f({}, "extra arguments of the optimizer's class, e.g. {d_coef: 2} for prodigy "
+                                        "or {betas: [0.95, 0.98]} for lion (kohya's list form ['d_coef=2'] works too)")
+    weight_decay: float = _f(0.01, "weight decay (decoupled, as AdamW's)", ge=0)
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting (Hang et al. 2023); faster convergence", "5", gt=0)
@@ -184,6 +189,23 @@ class TrainConfig(BaseModel):
     save_last_n: int | None = _f(None, "keep only the newest N checkpoints (bounds disk use); empty = keep all", ge=1)
     logging_dir: Path | None = _f(None, "TensorBoard log folder; default = output_dir/logs")
     schema_version: int = _f(SCHEMA_VERSION, "config format version (for migrations of old files)", ge=1, le=SCHEMA_VERSION)
+
+    @field_validator("optimizer_args", mode="before")
+    @classmethod
+    def _kohya_optimizer_args(cls, v: Any) -> Any:
+        """sd-scripts' form: a list of "key=value" strings, values read as YAML (True, 0.9, [0.9, 0.99])."""
+        if not isinstance(v, list):
+            return v
+        out = {}
+        for item in v:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"{item!r}: expected key=value (e.g. d_coef=2), or write a mapping {{d_coef: 2}}")
+            key, value = item.split("=", 1)
+            value = value.strip().replace("True", "true").replace("False", "false").replace("None", "null")
+            if value.startswith("(") and value.endswith(")"):  # a Python tuple, e.g. betas=(0.9,0.99)
+                value = f"[{value[1:-1]}]"
+            out[key.strip()] = yaml.safe_load(value)
+        return out
 
     @field_validator("train_data_dir")
     @classmethod

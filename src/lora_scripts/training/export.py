@@ -19,6 +19,7 @@ from ..families import Family
 from ..formats.diffusers import peft_to_diffusers
 from ..formats.kohya import peft_to_kohya
 from ..hashes import modelspec_hash, sshs_hashes
+from .optimizers import optimizer_label
 
 
 
@@ -71,7 +72,7 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
         "ss_text_encoder_lr": config.te_lr if config.train_text_encoder else None,
         "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_lr_scheduler": config.lr_scheduler, "ss_lr_warmup_steps": config.lr_warmup_steps,
-        "ss_optimizer": "torch.optim.AdamW", "ss_max_grad_norm": config.max_grad_norm,
+        "ss_optimizer": optimizer_label(config), "ss_max_grad_norm": config.max_grad_norm,
         "ss_mixed_precision": config.mixed_precision, "ss_full_fp16": False, "ss_seed": config.seed,
         "ss_resolution": f"({config.resolution}, {config.resolution})", "ss_enable_bucket": config.enable_bucket,
         "ss_min_bucket_reso": config.bucket_range[0], "ss_max_bucket_reso": config.bucket_range[1],

@@ -22,6 +22,7 @@ from .checkpoints import Position, checkpoint_dir, latest_checkpoint, load_state
 from ..errors import TrainingError, TrainingInterrupted
 from .export import RunFacts, save_diffusers
 from .metrics import MetricsLogger
+from .optimizers import effective_lr, weights_in_use
 from .runlock import OutputLock
 from .runs import RESOLVED_MARK, check_output_dir, config_hash, hashed_config, record_run, report_resume, resolved_config_path
 from .trainer import Trainer
@@ -136,10 +137,12 @@ def fit(trainer: Trainer, resume: Path | None = None, on_progress: ProgressCallb
                 break
             _end_epoch(trainer, loop, facts, metrics)
     bar.close()
-    # The finished LoRA gets a last validation loss and preview images before the files are closed.
-    _observe(trainer, loop, metrics, validate=bool(trainer.validator), sample=bool(trainer.previews.plans))
-    lora_path, diffusers_path = _save_final(trainer, loop, facts, metrics)
-    verified = _self_test(trainer, lora_path) if acc.is_main_process else None
+    # The finished LoRA gets a last validation loss and preview images before the files are closed; all of it,
+    # and the self-test, on the weights the file holds (a schedule-free optimizer's averaged ones).
+    with weights_in_use(trainer.optimizer):
+        _observe(trainer, loop, metrics, validate=bool(trainer.validator), sample=bool(trainer.previews.plans))
+        lora_path, diffusers_path = _save_final(trainer, loop, facts, metrics)
+        verified = _self_test(trainer, lora_path) if acc.is_main_process else None
     result = TrainResult(lora_path, diffusers_path, out, loop.step, loop.epoch, loop.last_loss,
                          metrics.losses if metrics else [], time.time() - started, len(trainer.samples), verified,
                          list(metrics.validation) if metrics else [])
@@ -249,7 +252,7 @@ def _run_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
         loop.last_loss = acc.gather(torch.tensor([accum_loss], device=acc.device)).mean().item()
         accum_loss, micro = 0.0, 0
         _guard_nonfinite(loop, config.on_nonfinite, config.output_dir)
-        lr = trainer.lr_scheduler.get_last_lr()[0]
+        lr = effective_lr(trainer.optimizer)  # Prodigy: its step-size estimate d x learning_rate
         if metrics:
             metrics.log(loop.step, loop.epoch, loop.last_loss, lr, time.time() - started)
         bar.update(1)
@@ -278,10 +281,11 @@ def _observe(trainer: Trainer, loop: _Loop, metrics: MetricsLogger | None, valid
         return
     acc = trainer.accelerator
     if acc.is_main_process:
-        if validate and (not metrics.validation or metrics.validation[-1][0] != loop.step):
-            metrics.log_validation(loop.step, trainer.validator.loss())
-        if sample:
-            trainer.previews.run(loop.step, metrics.tensorboard)
+        with weights_in_use(trainer.optimizer):
+            if validate and (not metrics.validation or metrics.validation[-1][0] != loop.step):
+                metrics.log_validation(loop.step, trainer.validator.loss())
+            if sample:
+                trainer.previews.run(loop.step, metrics.tensorboard)
         metrics.plot()
     acc.wait_for_everyone()
 
@@ -302,7 +306,7 @@ def _end_epoch(trainer: Trainer, loop: _Loop, facts: RunFacts | None, metrics: M
 def _interrupt(trainer: Trainer, loop: _Loop, facts, metrics) -> None:
     folder = save_checkpoint(trainer, loop, facts, metrics)
     # The live view may have skipped the last steps (it is throttled): it must show the step that was saved.
-    loop.report(trainer.max_steps, trainer.num_epochs, trainer.lr_scheduler.get_last_lr()[0], saved=True)
+    loop.report(trainer.max_steps, trainer.num_epochs, effective_lr(trainer.optimizer), saved=True)
     if metrics:
         metrics.close()
     raise TrainingInterrupted(

@@ -188,7 +188,11 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
                if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
              "LoRA targets (LoRA layers in fp32), flash/memory-efficient SDPA assumed; CUDA context not included")
-    return MemoryEstimate(weights, lora_params * 4 * 4, activations, 2 * largest, vae_peak, basis, caching)
+    from .optimizers import SPECS
+
+    # fp32 LoRA weights and gradients, and the optimizer's state (AdamW: two fp32 moments).
+    per_param = 4 + 4 + SPECS[config.optimizer].state_bytes
+    return MemoryEstimate(weights, lora_params * per_param, activations, 2 * largest, vae_peak, basis, caching)
 
 
 def _vae_encode_peak(vae, batch: int, resolution: int) -> float:

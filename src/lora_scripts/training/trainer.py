@@ -30,6 +30,7 @@ from ..hashes import file_sha256, legacy_model_hash
 from .adapters import check_targets, choose_targets, inject_lora, lora_parameters
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
+from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
 
 log = logging.getLogger(__name__)
 COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
@@ -64,6 +65,9 @@ class Trainer:
             cpu=not _uses_accelerator(),
         )
         refuse_sharding(self.accelerator.distributed_type)
+        problems = optimizer_problems(config, self.accelerator.device)  # before minutes of loading the model
+        if problems:
+            raise ConfigError("the config", problems)
         self.weight_dtype = DTYPES[config.mixed_precision]
         self.grads_finite = True
         # LoRA init draws from the global RNGs: same seed, same starting weights (on every process).
@@ -191,9 +195,7 @@ class Trainer:
         names = model.family.trainable(cfg.train_text_encoder)
         # The denoiser's LoRA at learning_rate, the text encoders' at text_encoder_lr (SDXL's second: text_encoder_2_lr).
         groups = [{"params": lora_parameters(model.modules[n]), "lr": cfg.lr_of(i)} for i, n in enumerate(names)]
-        fused = self.accelerator.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None,
-                                      foreach=None if fused else True)
+        optimizer = build_optimizer(cfg, groups, self.accelerator.device)
         n = self.accelerator.num_processes
         batches = math.ceil(len(self.sampler) / n)
         self.steps_per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
@@ -206,6 +208,8 @@ class Trainer:
         # The networks the step runs: prepared (DDP-wrapped) where they train, the model's own where frozen.
         self.trained = {**model.modules, **dict(zip(names, out[:len(names)]))}
         self.optimizer, self.lr_scheduler = out[-2], out[-1]
+        if is_schedule_free(self.optimizer):
+            self.optimizer.train()  # it refuses to step in its (initial) eval mode
 
     def set_train_mode(self) -> None:
         """Training mode (LoRA dropout on) for the networks that train; frozen text encoders stay in eval."""
@@ -312,10 +316,12 @@ class Trainer:
         return {n: get_peft_model_state_dict(unwrap(self.trained[n])) for n in self.lora_configs}
 
     def save_lora(self, path: Path, facts: RunFacts, step: int, epoch: int) -> Path:
-        bad = [k for states in self.lora_states().values() for k, v in states.items() if not torch.isfinite(v).all()]
-        if bad:  # the step guard should make this impossible; a NaN file would load and silently break images
-            raise TrainingError(f"refusing to write {path.name}: {len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]})")
-        state, meta = kohya_file_contents(self.config, facts, self.lora_states(), step, epoch, self.max_steps)
+        with weights_in_use(self.optimizer):  # a schedule-free optimizer's averaged weights
+            states = self.lora_states()
+            bad = [k for s in states.values() for k, v in s.items() if not torch.isfinite(v).all()]
+            if bad:  # the step guard should make this impossible; a NaN file would load and silently break images
+                raise TrainingError(f"refusing to write {path.name}: {len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]})")
+            state, meta = kohya_file_contents(self.config, facts, states, step, epoch, self.max_steps)
         return save_kohya(path, state, meta)
 
     def restore(self, state: dict) -> None:
