@@ -17,6 +17,7 @@ from lora_scripts.training.trainer import Trainer
 RUN = dict(max_train_steps=6, save_steps=3, batch_size=2, lora_rank=4, save_precision="fp32", flip_aug=True,
            lora_dropout=0.1, verify_after_training=False)
 CASES = {  # optimizer: (its settings, what ss_optimizer starts with)
+    "adamw8bit": (dict(learning_rate=1e-3), "bitsandbytes.optim.adamw.AdamW8bit"),  # bitsandbytes runs it on CPU
     "prodigy": (dict(learning_rate=1.0, optimizer_args=["d_coef=2"]), "prodigyopt.prodigy.Prodigy(decouple=True"),
     "lion": (dict(learning_rate=1e-4, weight_decay=0.1), "lion_pytorch.lion_pytorch.Lion"),
     "adafactor": (dict(learning_rate=1e-3), "transformers.optimization.Adafactor(scale_parameter=False"),
@@ -68,7 +69,15 @@ def test_bad_optimizer_settings_are_named(tmp_path, dataset, tiny_ckpt, monkeypa
         return str(err.value)
 
     assert "learning_rate = 0.0002 with optimizer: prodigy" in problems(optimizer="prodigy")
-    assert "optimizer = adamw8bit: bitsandbytes' 8-bit optimizer states need an NVIDIA GPU" in problems(optimizer="adamw8bit")
+    import bitsandbytes
+
+    def no_kernel(self, closure=None):
+        raise NotImplementedError("no 8-bit kernel for this device")
+
+    with monkeypatch.context() as m:
+        m.setattr(bitsandbytes.optim.AdamW8bit, "step", no_kernel)
+        assert "optimizer = adamw8bit: bitsandbytes cannot run it on this machine's cpu (NotImplementedError: no " \
+               "8-bit kernel for this device); use optimizer: adamw here" in problems(optimizer="adamw8bit")
     assert "optimizer_args.d_coeff: Prodigy takes no such argument; it takes" in problems(
         optimizer="prodigy", learning_rate=1.0, optimizer_args={"d_coeff": 2})
     assert "lr_scheduler = cosine with optimizer: adamw_schedulefree" in problems(optimizer="adamw_schedulefree",

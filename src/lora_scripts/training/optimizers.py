@@ -1,7 +1,8 @@
 """The optimizers users pick per job, each from its maintained package (none re-implemented here):
 
 * adamw: torch's AdamW (fused kernel on CUDA, foreach elsewhere);
-* adamw8bit: bitsandbytes' AdamW8bit (8-bit optimizer states: a quarter of AdamW's state memory; CUDA only);
+* adamw8bit: bitsandbytes' AdamW8bit (8-bit optimizer states: a quarter of AdamW's state memory; CUDA, and CPU
+  in recent bitsandbytes: whether it runs here is tried on a tiny tensor before the model loads);
 * prodigy: prodigyopt's Prodigy, which estimates the step size itself (learning_rate is then a multiplier, 1.0);
 * lion: lion-pytorch's Lion (sign updates, one state per weight; wants a 3-10x lower learning rate);
 * adafactor: transformers' Adafactor with a fixed learning rate (factored second moments);
@@ -32,7 +33,7 @@ class OptimizerSpec:
     cls: str
     package: str  # what `pip install` takes
     defaults: tuple[tuple[str, Any], ...] = ()  # our arguments unless optimizer_args says otherwise
-    cuda_only: bool = False
+    probe: bool = False  # its kernels may not exist for every device: tried once on a tiny tensor
     schedule_free: bool = False
     decay: bool = True  # takes weight_decay
     state_bytes: int = 8  # optimizer state per trained parameter (check's memory estimate)
@@ -40,7 +41,7 @@ class OptimizerSpec:
 
 SPECS = {
     "adamw": OptimizerSpec("torch.optim", "AdamW", "torch"),
-    "adamw8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", cuda_only=True, state_bytes=2),
+    "adamw8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", probe=True, state_bytes=2),
     # Prodigy's authors recommend decoupled weight decay and bias correction for diffusion fine-tuning; the
     # safeguard warm-up keeps the step-size estimate from jumping in the first steps (kohya users set all three).
     "prodigy": OptimizerSpec("prodigyopt", "Prodigy", "prodigyopt",
@@ -80,13 +81,13 @@ def optimizer_problems(config: TrainConfig, device: torch.device | None = None) 
     """What would make the optimizer fail or train badly, each naming the key and the fix; [] when none."""
     spec = SPECS[config.optimizer]
     name = config.optimizer
-    if spec.cuda_only and device is not None and device.type != "cuda":
-        return [f"optimizer = {name}: bitsandbytes' 8-bit optimizer states need an NVIDIA GPU (this run is on "
-                f"{device.type}); use optimizer: adamw here"]
     try:
         cls = _class(spec)
     except ConfigError as exc:
         return exc.problems
+    if spec.probe and device is not None and (why := _cannot_run(cls, device)):
+        return [f"optimizer = {name}: {spec.package} cannot run it on this machine's {device.type} ({why}); use "
+                "optimizer: adamw here (bitsandbytes' 8-bit optimizers run on NVIDIA GPUs)"]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr", "kwargs", "args"}
     problems = [f"optimizer_args.{k}: {cls.__name__} takes no such argument; it takes {', '.join(sorted(accepted))}"
                 for k in config.optimizer_args if k not in accepted]
@@ -101,6 +102,17 @@ def optimizer_problems(config: TrainConfig, device: torch.device | None = None) 
         problems.append(f"lr_scheduler = {config.lr_scheduler} with optimizer: adamw_schedulefree: it replaces the "
                         "schedule (its warm-up is lr_warmup_steps); set lr_scheduler: constant")
     return problems
+
+
+def _cannot_run(cls, device: torch.device) -> str:
+    """'' when one step of the optimizer runs on `device`, else why not."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(4, 1024, device=device))  # blockwise kernels want a real block
+        p.grad = torch.ones_like(p)
+        cls([p], lr=1e-3).step()
+    except Exception as exc:  # a missing kernel is RuntimeError, NotImplementedError or a library's own
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return ""
 
 
 def build_optimizer(config: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -118,8 +130,8 @@ def build_optimizer(config: TrainConfig, groups: list[dict], device: torch.devic
 def optimizer_label(config: TrainConfig) -> str:
     """ss_optimizer as sd-scripts writes it: the class's module path and name, then its arguments."""
     spec = SPECS[config.optimizer]
-    module = {"torch.optim": "torch.optim", "bitsandbytes.optim": "bitsandbytes.optim.adamw"}.get(spec.module)
-    if module is None:
+    module = "torch.optim"  # as this trainer has always written AdamW
+    if config.optimizer != "adamw":
         try:
             module = _class(spec).__module__
         except ConfigError:
