@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 
-_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 GB = 1024**3
 
 
@@ -134,6 +133,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     from peft import inject_adapter_in_model
 
     from .adapters import choose_targets, lora_config
+    from .weight_storage import storage_plan, store_frozen
 
     from ..data.cache import latent_cache_plan, offload_plan
     from ..dtypes import DTYPES
@@ -151,10 +151,12 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     vae_bytes = 2 if config.mixed_precision == "bf16" else 4
     vae_off, text_off = offload_plan(config)  # what the trainer moves off the GPU once its caches are full
     on_gpu = [m for n, m in modules.items() if not (text_off and n in family.text_encoders)]
-    weights = sum(p.numel() for m in on_gpu for p in m.parameters()) * _BYTES[config.mixed_precision] \
-        + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
     for m in modules.values():
         m.requires_grad_(False)
+    for name, storage in storage_plan(config, family).items():  # fp8 frozen weights: 1 byte each
+        store_frozen(modules[name], storage, dtype)
+    weights = sum(p.numel() * p.element_size() for m in on_gpu for p in m.parameters()) \
+        + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
     trained = family.trainable(config.train_text_encoder)
     with torch.device("meta"):
         for name in trained:
@@ -183,7 +185,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
     # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
     frozen = {n: m for n, m in modules.items() if n in family.text_encoders}
-    caching = (sum(p.numel() for m in frozen.values() for p in m.parameters()) * _BYTES[config.mixed_precision]
+    caching = (sum(p.numel() * p.element_size() for m in frozen.values() for p in m.parameters())
                + sum(p.numel() for p in vae.parameters()) * vae_bytes + _vae_encode_peak(vae, 1, config.resolution)
                if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "

@@ -31,6 +31,7 @@ from .adapters import check_targets, choose_targets, inject_lora, lora_parameter
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
+from .weight_storage import storage_plan, storage_problems, store_frozen
 
 log = logging.getLogger(__name__)
 COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
@@ -65,10 +66,11 @@ class Trainer:
             cpu=not _uses_accelerator(),
         )
         refuse_sharding(self.accelerator.distributed_type)
-        problems = optimizer_problems(config, self.accelerator.device)  # before minutes of loading the model
+        self.weight_dtype = DTYPES[config.mixed_precision]
+        # Settings that cannot work here, named before minutes of loading the model.
+        problems = optimizer_problems(config, self.accelerator.device) + storage_problems(config, self.weight_dtype)
         if problems:
             raise ConfigError("the config", problems)
-        self.weight_dtype = DTYPES[config.mixed_precision]
         self.grads_finite = True
         # LoRA init draws from the global RNGs: same seed, same starting weights (on every process).
         set_seed(config.seed)
@@ -181,6 +183,13 @@ class Trainer:
             # Convolutions pick their layout from the weights, so inputs need no conversion.
             model.denoiser.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
+        stored = storage_plan(cfg, family)
+        for name, storage in stored.items():
+            store_frozen(model.modules[name], storage, self.weight_dtype)
+        if family.denoiser in stored and not cfg.gradient_checkpointing and self.accelerator.is_main_process:
+            log.warning("base_weight_dtype: %s without gradient_checkpointing saves little at the peak: each layer's "
+                        "%s copy is kept for the backward pass; set gradient_checkpointing: true",
+                        cfg.base_weight_dtype, str(self.weight_dtype).removeprefix("torch."))
         if cfg.torch_compile:
             # In place (Module.compile), so parameter names and peft's state dicts stay as they are.
             model.denoiser.compile(**COMPILE_OPTIONS)
