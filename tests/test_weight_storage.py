@@ -25,7 +25,7 @@ def test_a_stored_layer_computes_with_its_rounded_weights_and_gives_the_same_gra
     for name in ("lin", "conv", "emb", "norm"):
         net[name].requires_grad_(False)
     reference = {k: v.clone() for k, v in net.state_dict().items()}
-    assert store_frozen(net, FP8, torch.float32) == 3  # not the norm, not the LoRA layer
+    assert store_frozen(net, "fp8", torch.float32) == 3  # not the norm, not the LoRA layer
     assert net["lin"].weight.dtype == net["conv"].weight.dtype == net["emb"].weight.dtype == FP8
     assert net["norm"].weight.dtype == net["lora_A"].weight.dtype == torch.float32
     rounded = {k: v.to(FP8).float() if k.split(".")[0] in ("lin", "conv", "emb") else v for k, v in reference.items()}
@@ -53,31 +53,45 @@ def _update(path) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def test_fp8_storage_learns_the_full_precision_update(tmp_path, dataset, tiny_ckpt):
-    """Tiny SD1, UNet and text encoder both stored in fp8, text encoder LoRA trained too: the learned update's
-    cosine with the full-precision run's is >= 0.9 (measured 0.982), and the file has the same keys."""
-    run = dict(max_train_steps=20, batch_size=2, learning_rate=1e-3, lora_rank=4, gradient_checkpointing=True,
-               train_text_encoder=True, save_precision="fp32")
-    full = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/full", **run)))
-    fp8 = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/fp8", base_weight_dtype="fp8",
-                                        text_encoder_weight_dtype="fp8", **run)))
-    assert set(load_file(str(full.lora_path))) == set(load_file(str(fp8.lora_path)))
-    a, b = _update(full.lora_path), _update(fp8.lora_path)
+RUN = dict(max_train_steps=20, batch_size=2, learning_rate=1e-3, lora_rank=4, gradient_checkpointing=True,
+           train_text_encoder=True, save_precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def full_precision(tmp_path_factory, tiny_ckpt):
+    from conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("full")
+    write_dataset(root)
+    return train(load_config(seed_config(root, tiny_ckpt, output_dir="./out/full", **RUN))).lora_path
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_stored_weights_learn_the_full_precision_update(tmp_path, dataset, tiny_ckpt, full_precision, kind):
+    """Tiny SD1, UNet and text encoder both stored in fp8 (int8: their Linear layers), text encoder LoRA trained
+    too: the learned update's cosine with the full-precision run's is >= 0.9 (measured fp8 0.982, int8 0.9998),
+    and the file has the same keys."""
+    stored = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/stored", base_weight_dtype=kind,
+                                           text_encoder_weight_dtype=kind, **RUN)))
+    assert set(load_file(str(full_precision))) == set(load_file(str(stored.lora_path)))
+    a, b = _update(full_precision), _update(stored.lora_path)
     assert b.abs().max() > 0
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
-    print(f"fp8 vs full-precision update cosine: {cosine:.4f}")
+    print(f"{kind} vs full-precision update cosine: {cosine:.4f}")
     assert cosine >= 0.9
-    assert fp8.verified and "0 unmatched keys" in fp8.verified
+    assert stored.verified and "0 unmatched keys" in stored.verified
 
 
-@pytest.mark.parametrize("base", ["tiny_sdxl_ckpt", "tiny_flux_files"])
-def test_fp8_storage_trains_the_other_families(tmp_path, dataset, base, request):
+@pytest.mark.parametrize("base,kind", [("tiny_sdxl_ckpt", "fp8"), ("tiny_flux_files", "fp8"), ("tiny_flux_files", "int8")])
+def test_stored_weights_train_the_other_families(tmp_path, dataset, base, kind, request):
     files = request.getfixturevalue(base)
     path, extra = (files["base_model"], flux_keys(files)) if isinstance(files, dict) else (files, {})
     trainer = Trainer(load_config(seed_config(tmp_path, path, **extra, max_train_steps=2, batch_size=2, lora_rank=4,
-                                              base_weight_dtype="fp8", gradient_checkpointing=True))).setup()
-    dtypes = [p.dtype for n, p in trainer.model.denoiser.named_parameters() if "lora_" not in n]
-    assert dtypes.count(FP8) > len(dtypes) / 2
+                                              base_weight_dtype=kind, gradient_checkpointing=True))).setup()
+    weights = [p for n, p in trainer.model.denoiser.named_parameters() if "lora_" not in n]
+    stored = [p for p in weights if p.dtype == FP8 or "AffineQuantized" in type(p.data).__name__ or
+              "Int8" in type(p.data).__name__]
+    assert len(stored) > len(weights) / 3, {type(p.data).__name__ for p in weights}
     result = fit(trainer)
     assert result.verified and "0 unmatched keys" in result.verified
 
@@ -95,6 +109,8 @@ def test_bad_storage_settings_are_named(tmp_path, dataset, tiny_ckpt, monkeypatc
 
     monkeypatch.setitem(ws.STORAGE, "fp8", None)
     assert "text_encoder_weight_dtype = fp8: this torch" in problems(text_encoder_weight_dtype="fp8")
+    monkeypatch.setattr(ws, "_has_torchao", lambda: False)
+    assert "base_weight_dtype = int8: torchao is not installed (pip install torchao" in problems(base_weight_dtype="int8")
 
 
 def test_check_counts_one_byte_per_stored_weight(tmp_path, dataset, tiny_ckpt):
@@ -110,6 +126,7 @@ def test_check_counts_one_byte_per_stored_weight(tmp_path, dataset, tiny_ckpt):
                                       gradient_checkpointing=True, **kw))
         return estimate_memory(cfg, real).weights
 
-    bf16, fp8 = weights(), weights(base_weight_dtype="fp8")
+    bf16, fp8, int8 = weights(), weights(base_weight_dtype="fp8"), weights(base_weight_dtype="int8")
     unet = 859_520_964  # SD1.5 UNet parameters
     assert 0.9 * unet < bf16 - fp8 <= unet  # one byte saved per stored UNet weight
+    assert 0.2 * unet < bf16 - int8 < bf16 - fp8  # int8: the Linear layers only (the convolutions stay bf16)

@@ -1,5 +1,7 @@
 """Frozen weights stored in a smaller dtype than they are computed in (base_weight_dtype,
-text_encoder_weight_dtype): fp8 halves a bf16 UNet/transformer's memory (Flux.1-dev: 24 -> 12 GB).
+text_encoder_weight_dtype): fp8 halves a bf16 UNet/transformer's memory (Flux.1-dev: 24 -> 12 GB); int8 does
+too, through torchao's int8 weight-only quantisation (per-channel scales: finer than fp8's 3-bit mantissa), which
+peft trains LoRA on; it covers Linear layers only (a UNet's convolutions stay in the compute dtype).
 
 Each frozen Linear/Conv/Embedding keeps its weight in the storage dtype, and its forward computes with a copy in
 the compute dtype. LoRA layers, norms, position/patch embeddings and a model's own precision-critical layers
@@ -17,6 +19,7 @@ fp8_base and OneTrainer do, gives autograd a tensor nobody changes.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from types import MethodType
 
 import torch
@@ -28,16 +31,16 @@ from ..config import TrainConfig
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": getattr(torch, "float8_e4m3fn", None)}
 # Storage may drop precision against the compute dtype, never range: fp16 cannot hold every bf16 value.
 _ALLOWED = {"bf16": (torch.float32, torch.bfloat16), "fp16": (torch.float32, torch.float16),
-            "fp8": (torch.float32, torch.bfloat16, torch.float16)}
+            "fp8": (torch.float32, torch.bfloat16, torch.float16), "int8": (torch.float32, torch.bfloat16, torch.float16)}
 
 
-def storage_plan(config: TrainConfig, family) -> dict[str, torch.dtype]:
-    """Component -> storage dtype, for the components the config stores in another dtype than they compute."""
+def storage_plan(config: TrainConfig, family) -> dict[str, str]:
+    """Component -> storage kind (bf16, fp16, fp8, int8), for the components the config stores otherwise."""
     plan = {}
     if config.base_weight_dtype != "auto":
-        plan[family.denoiser] = STORAGE[config.base_weight_dtype]
+        plan[family.denoiser] = config.base_weight_dtype
     if config.text_encoder_weight_dtype != "auto":
-        plan.update({name: STORAGE[config.text_encoder_weight_dtype] for name in family.text_encoders})
+        plan.update({name: config.text_encoder_weight_dtype for name in family.text_encoders})
     return plan
 
 
@@ -47,16 +50,25 @@ def storage_problems(config: TrainConfig, compute: torch.dtype) -> list[str]:
         value = getattr(config, key)
         if value == "auto":
             continue
-        if STORAGE[value] is None:
-            problems.append(f"{key} = fp8: this torch ({torch.__version__}) has no float8 dtype; use bf16 (or "
+        if value == "fp8" and STORAGE["fp8"] is None:
+            problems.append(f"{key} = fp8: this torch ({torch.__version__}) has no float8 dtype; use int8 or bf16 (or "
                             "upgrade torch to 2.1 or newer)")
+        elif value == "int8" and not _has_torchao():
+            problems.append(f"{key} = int8: torchao is not installed (pip install torchao, or lora-scripts[torchao]); "
+                            "or use fp8, which needs no package")
         elif compute not in _ALLOWED[value]:
             problems.append(f"{key} = {value} with mixed_precision: {config.mixed_precision}: {value} cannot hold "
                             f"every {str(compute).removeprefix('torch.')} weight; use {key}: fp8, or auto")
     if config.torch_compile and (config.base_weight_dtype != "auto"):
         problems.append(f"base_weight_dtype = {config.base_weight_dtype} with torch_compile: true: the casting "
-                        "hooks around every layer break the compiled graph; set torch_compile: false")
+                        "around every layer breaks the compiled graph; set torch_compile: false")
     return problems
+
+
+def _has_torchao() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("torchao") is not None
 
 
 def _linear(self, x):
@@ -74,28 +86,52 @@ def _embedding(self, ids):
                        self.scale_grad_by_freq, self.sparse)
 
 
-_FORWARDS = ((nn.Linear, _linear), (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
-             (nn.Embedding, _embedding))
+_FORWARDS = {nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv, nn.Embedding: _embedding}
 
 
-def store_frozen(module: nn.Module, storage: torch.dtype, compute: torch.dtype) -> int:
-    """Keep `module`'s frozen layers in `storage`, computed in `compute`; its LoRA layers and trainable parameters
-    are not touched. Returns how many layers were converted."""
+def _frozen_leaves(module: nn.Module, classes: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """The frozen layers of these exact classes (peft's LoRA wrappers are other classes) not kept in the compute
+    dtype: diffusers' default skip patterns (norms, position/patch embeddings), the model's own
+    (_skip_layerwise_casting_patterns, _keep_in_fp32_modules) and LoRA layers."""
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    if storage == compute:
-        return 0
     skip = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ()) + \
         tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + ("lora_",)
-    converted = 0
     for name, leaf in module.named_modules():
-        forward = next((f for cls, f in _FORWARDS if type(leaf) is cls), None)  # exact classes: peft's are subclasses
-        if forward is None or any(re.search(p, name) for p in skip):
+        if type(leaf) not in classes or any(re.search(p, name) for p in skip):
             continue
-        if any(p.requires_grad for p in leaf.parameters(recurse=False)):
-            continue
+        if not any(p.requires_grad for p in leaf.parameters(recurse=False)):
+            yield name, leaf
+
+
+def store_frozen(module: nn.Module, kind: str, compute: torch.dtype) -> int:
+    """Keep `module`'s frozen layers stored as `kind`, computed in `compute`; its LoRA layers and trainable
+    parameters are not touched. Returns how many layers were converted."""
+    if kind == "int8":
+        return _quantize_int8(module, compute)
+    storage = STORAGE[kind]
+    if storage == compute:
+        return 0
+    converted = 0
+    for _, leaf in list(_frozen_leaves(module, tuple(_FORWARDS))):
         leaf.to(storage)
         leaf.compute_dtype = compute
-        leaf.forward = MethodType(forward, leaf)
+        leaf.forward = MethodType(_FORWARDS[type(leaf)], leaf)
         converted += 1
     return converted
+
+
+def _quantize_int8(module: nn.Module, compute: torch.dtype) -> int:
+    leaves = dict(_frozen_leaves(module, (nn.Linear,)))
+    if any(p.is_meta for p in module.parameters()):
+        # check's estimate (meta device, where torchao cannot quantise): one byte per weight, computed as fp8 is
+        for leaf in leaves.values():
+            leaf.weight.data = leaf.weight.data.to(torch.int8)
+            leaf.compute_dtype = compute
+            leaf.forward = MethodType(_linear, leaf)
+        return len(leaves)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    chosen = {id(leaf) for leaf in leaves.values()}
+    quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda leaf, fqn: id(leaf) in chosen)
+    return len(leaves)
