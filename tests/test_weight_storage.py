@@ -66,11 +66,11 @@ def full_precision(tmp_path_factory, tiny_ckpt):
     return train(load_config(seed_config(root, tiny_ckpt, output_dir="./out/full", **RUN))).lora_path
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("kind", ["fp8", "int8", "nf4"])
 def test_stored_weights_learn_the_full_precision_update(tmp_path, dataset, tiny_ckpt, full_precision, kind):
     """Tiny SD1, UNet and text encoder both stored in fp8 (int8: their Linear layers), text encoder LoRA trained
-    too: the learned update's cosine with the full-precision run's is >= 0.9 (measured fp8 0.982, int8 0.9998),
-    and the file has the same keys."""
+    too: the learned update's cosine with the full-precision run's is >= 0.9 for fp8 and int8 (measured 0.982,
+    0.9998); nf4 is reported (measured 0.925, >= 0.8 asserted); the file has the same keys."""
     stored = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/stored", base_weight_dtype=kind,
                                            text_encoder_weight_dtype=kind, **RUN)))
     assert set(load_file(str(full_precision))) == set(load_file(str(stored.lora_path)))
@@ -78,19 +78,20 @@ def test_stored_weights_learn_the_full_precision_update(tmp_path, dataset, tiny_
     assert b.abs().max() > 0
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
     print(f"{kind} vs full-precision update cosine: {cosine:.4f}")
-    assert cosine >= 0.9
+    assert cosine >= (0.8 if kind == "nf4" else 0.9)
     assert stored.verified and "0 unmatched keys" in stored.verified
 
 
-@pytest.mark.parametrize("base,kind", [("tiny_sdxl_ckpt", "fp8"), ("tiny_flux_files", "fp8"), ("tiny_flux_files", "int8")])
+@pytest.mark.parametrize("base,kind", [("tiny_sdxl_ckpt", "fp8"), ("tiny_flux_files", "fp8"), ("tiny_flux_files", "int8"),
+                                       ("tiny_flux_files", "nf4")])
 def test_stored_weights_train_the_other_families(tmp_path, dataset, base, kind, request):
     files = request.getfixturevalue(base)
     path, extra = (files["base_model"], flux_keys(files)) if isinstance(files, dict) else (files, {})
     trainer = Trainer(load_config(seed_config(tmp_path, path, **extra, max_train_steps=2, batch_size=2, lora_rank=4,
                                               base_weight_dtype=kind, gradient_checkpointing=True))).setup()
     weights = [p for n, p in trainer.model.denoiser.named_parameters() if "lora_" not in n]
-    stored = [p for p in weights if p.dtype == FP8 or "AffineQuantized" in type(p.data).__name__ or
-              "Int8" in type(p.data).__name__]
+    stored = [p for p in weights if p.dtype == FP8 or type(p).__name__ == "Params4bit" or
+              "AffineQuantized" in type(p.data).__name__ or "Int8" in type(p.data).__name__]
     assert len(stored) > len(weights) / 3, {type(p.data).__name__ for p in weights}
     result = fit(trainer)
     assert result.verified and "0 unmatched keys" in result.verified
@@ -109,8 +110,10 @@ def test_bad_storage_settings_are_named(tmp_path, dataset, tiny_ckpt, monkeypatc
 
     monkeypatch.setitem(ws.STORAGE, "fp8", None)
     assert "text_encoder_weight_dtype = fp8: this torch" in problems(text_encoder_weight_dtype="fp8")
-    monkeypatch.setattr(ws, "_has_torchao", lambda: False)
+    monkeypatch.setattr(ws, "_has", lambda package: False)
     assert "base_weight_dtype = int8: torchao is not installed (pip install torchao" in problems(base_weight_dtype="int8")
+    assert "base_weight_dtype = nf4: bitsandbytes is not installed (pip install bitsandbytes" in problems(
+        base_weight_dtype="nf4")
 
 
 def test_check_counts_one_byte_per_stored_weight(tmp_path, dataset, tiny_ckpt):
@@ -130,3 +133,5 @@ def test_check_counts_one_byte_per_stored_weight(tmp_path, dataset, tiny_ckpt):
     unet = 859_520_964  # SD1.5 UNet parameters
     assert 0.9 * unet < bf16 - fp8 <= unet  # one byte saved per stored UNet weight
     assert 0.2 * unet < bf16 - int8 < bf16 - fp8  # int8: the Linear layers only (the convolutions stay bf16)
+    nf4 = weights(base_weight_dtype="nf4")
+    assert bf16 - nf4 == pytest.approx(1.5 * (bf16 - int8), rel=0.01)  # 1.5 of 2 bytes saved where int8 saves 1

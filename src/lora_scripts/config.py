@@ -139,11 +139,11 @@ class TrainConfig(BaseModel):
                    ge=0, le=SEED_MAX)
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "bf16 on recent NVIDIA GPUs (RTX 30xx+), fp16 on older ones, no on CPU")
     gradient_checkpointing: bool = _f(False, "trade ~30% speed for much less GPU memory")
-    base_weight_dtype: Literal["auto", "bf16", "fp16", "fp8", "int8"] = _f(
+    base_weight_dtype: Literal["auto", "bf16", "fp16", "fp8", "int8", "nf4"] = _f(
         "auto", "how the frozen UNet/transformer weights are stored: auto = the training dtype; fp8 or int8 "
-        "(torchao, Linear layers) halve bf16's memory (each layer computes in the training dtype; pair them with "
-        "gradient_checkpointing)")
-    text_encoder_weight_dtype: Literal["auto", "bf16", "fp16", "fp8", "int8"] = _f(
+        "(torchao, Linear layers) halve bf16's memory, nf4 (bitsandbytes, Linear layers) quarters it (each layer "
+        "computes in the training dtype; pair them with gradient_checkpointing)")
+    text_encoder_weight_dtype: Literal["auto", "bf16", "fp16", "fp8", "int8", "nf4"] = _f(
         "auto", "how the frozen text encoders' weights are stored (Flux's T5-XXL: 9.5 GB in bf16, 4.8 in fp8)")
     channels_last: bool = _f(True, "keep the UNet and VAE in channels-last memory layout (VAE encode 1.1-1.3x "
                              "faster on CPU, usual tensor-core layout on GPUs; same results)")

@@ -1,7 +1,9 @@
 """Frozen weights stored in a smaller dtype than they are computed in (base_weight_dtype,
 text_encoder_weight_dtype): fp8 halves a bf16 UNet/transformer's memory (Flux.1-dev: 24 -> 12 GB); int8 does
 too, through torchao's int8 weight-only quantisation (per-channel scales: finer than fp8's 3-bit mantissa), which
-peft trains LoRA on; it covers Linear layers only (a UNet's convolutions stay in the compute dtype).
+peft trains LoRA on; nf4 quarters it through bitsandbytes' 4-bit Linear (QLoRA's NormalFloat4, the layer
+bitsandbytes and peft maintain; CUDA, and CPU in recent bitsandbytes). int8 and nf4 cover Linear layers only
+(a UNet's convolutions stay in the compute dtype).
 
 Each frozen Linear/Conv/Embedding keeps its weight in the storage dtype, and its forward computes with a copy in
 the compute dtype. LoRA layers, norms, position/patch embeddings and a model's own precision-critical layers
@@ -31,7 +33,8 @@ from ..config import TrainConfig
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": getattr(torch, "float8_e4m3fn", None)}
 # Storage may drop precision against the compute dtype, never range: fp16 cannot hold every bf16 value.
 _ALLOWED = {"bf16": (torch.float32, torch.bfloat16), "fp16": (torch.float32, torch.float16),
-            "fp8": (torch.float32, torch.bfloat16, torch.float16), "int8": (torch.float32, torch.bfloat16, torch.float16)}
+            "fp8": (torch.float32, torch.bfloat16, torch.float16), "int8": (torch.float32, torch.bfloat16, torch.float16),
+            "nf4": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def storage_plan(config: TrainConfig, family) -> dict[str, str]:
@@ -53,9 +56,12 @@ def storage_problems(config: TrainConfig, compute: torch.dtype) -> list[str]:
         if value == "fp8" and STORAGE["fp8"] is None:
             problems.append(f"{key} = fp8: this torch ({torch.__version__}) has no float8 dtype; use int8 or bf16 (or "
                             "upgrade torch to 2.1 or newer)")
-        elif value == "int8" and not _has_torchao():
+        elif value == "int8" and not _has("torchao"):
             problems.append(f"{key} = int8: torchao is not installed (pip install torchao, or lora-scripts[torchao]); "
                             "or use fp8, which needs no package")
+        elif value == "nf4" and not _has("bitsandbytes"):
+            problems.append(f"{key} = nf4: bitsandbytes is not installed (pip install bitsandbytes, or "
+                            "lora-scripts[bitsandbytes]); or use int8 / fp8")
         elif compute not in _ALLOWED[value]:
             problems.append(f"{key} = {value} with mixed_precision: {config.mixed_precision}: {value} cannot hold "
                             f"every {str(compute).removeprefix('torch.')} weight; use {key}: fp8, or auto")
@@ -65,10 +71,10 @@ def storage_problems(config: TrainConfig, compute: torch.dtype) -> list[str]:
     return problems
 
 
-def _has_torchao() -> bool:
+def _has(package: str) -> bool:
     from importlib.util import find_spec
 
-    return find_spec("torchao") is not None
+    return find_spec(package) is not None
 
 
 def _linear(self, x):
@@ -107,8 +113,16 @@ def _frozen_leaves(module: nn.Module, classes: tuple[type, ...]) -> Iterator[tup
 def store_frozen(module: nn.Module, kind: str, compute: torch.dtype) -> int:
     """Keep `module`'s frozen layers stored as `kind`, computed in `compute`; its LoRA layers and trainable
     parameters are not touched. Returns how many layers were converted."""
-    if kind == "int8":
-        return _quantize_int8(module, compute)
+    if kind in ("int8", "nf4"):
+        leaves = dict(_frozen_leaves(module, (nn.Linear,)))
+        if any(p.is_meta for p in module.parameters()):
+            for leaf in leaves.values():  # check's estimate, on the meta device where nothing quantises
+                _stand_in(leaf, kind, compute)
+        elif kind == "int8":
+            _quantize_int8(module, leaves)
+        else:
+            _quantize_nf4(module, leaves, compute)
+        return len(leaves)
     storage = STORAGE[kind]
     if storage == compute:
         return 0
@@ -121,17 +135,39 @@ def store_frozen(module: nn.Module, kind: str, compute: torch.dtype) -> int:
     return converted
 
 
-def _quantize_int8(module: nn.Module, compute: torch.dtype) -> int:
-    leaves = dict(_frozen_leaves(module, (nn.Linear,)))
-    if any(p.is_meta for p in module.parameters()):
-        # check's estimate (meta device, where torchao cannot quantise): one byte per weight, computed as fp8 is
-        for leaf in leaves.values():
-            leaf.weight.data = leaf.weight.data.to(torch.int8)
-            leaf.compute_dtype = compute
-            leaf.forward = MethodType(_linear, leaf)
-        return len(leaves)
+def _quantize_int8(module: nn.Module, leaves: dict[str, nn.Module]) -> None:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     chosen = {id(leaf) for leaf in leaves.values()}
     quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda leaf, fqn: id(leaf) in chosen)
-    return len(leaves)
+
+
+def _quantize_nf4(module: nn.Module, leaves: dict[str, nn.Module], compute: torch.dtype) -> None:
+    """Each Linear replaced by bitsandbytes' Linear4bit holding its weights (quantised when placed on a device),
+    where it sits: inside a peft LoRA wrapper that is the wrapper's base layer."""
+    import bitsandbytes as bnb
+
+    for name, leaf in leaves.items():
+        parent, _, child = name.rpartition(".")
+        q = bnb.nn.Linear4bit(leaf.in_features, leaf.out_features, bias=leaf.bias is not None, compute_dtype=compute,
+                              quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(leaf.weight.data.to(compute), requires_grad=False, quant_type="nf4", module=q)
+        if leaf.bias is not None:
+            q.bias = nn.Parameter(leaf.bias.data.to(compute), requires_grad=False)
+        setattr(module.get_submodule(parent) if parent else module, child, q.to(leaf.weight.device))
+
+
+_BITS = {"int8": 8, "nf4": 4}
+
+
+def _stand_in(leaf: nn.Linear, kind: str, compute: torch.dtype) -> None:
+    """On the meta device: the layer's stored bytes (int8 1, nf4 half a byte per weight), and a forward that
+    makes the compute-dtype copy the real layer makes, so the estimate counts both."""
+    leaf.weight = nn.Parameter(torch.empty(leaf.weight.numel() * _BITS[kind] // 8, dtype=torch.uint8, device="meta"),
+                               requires_grad=False)
+    shape, bias = (leaf.out_features, leaf.in_features), leaf.bias
+
+    def forward(x):
+        return F.linear(x, torch.empty(shape, dtype=compute, device="meta"), None if bias is None else bias.to(compute))
+
+    leaf.forward = forward
