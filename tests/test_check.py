@@ -114,6 +114,32 @@ def test_memory_estimate_moves_the_right_way_for_sd15(tmp_path):
     assert 3.0 < base.total_gb < 6.0, base.as_dict()  # published SD1.5 LoRA runs at 512 px: ~4-6 GB in nvidia-smi
 
 
+def test_check_vram_proposes_the_settings_that_fit(tmp_path):
+    """`check --vram`: the memory ladder's first settings whose estimate fits (SD1.5's real configs, 512 px,
+    batch 4, fp32), each change kept as the next is added; and what is missing when nothing on it is enough."""
+    from lora_scripts.data.check import check_dataset
+    from lora_scripts.training.memory import LADDER, fitting_settings
+
+    from conftest import make_images, write_metadata
+
+    dataset = tmp_path / "data"
+    names = make_images(dataset, 4, size=(512, 512))
+    write_metadata(dataset / "metadata.csv", [(n, f"sci lab {i}, glowing consoles, neon lighting") for i, n in enumerate(names)])
+    cfg = validate_config(dict(train_data_dir=dataset, metadata_path=dataset / "metadata.csv", base_model=tmp_path,
+                               output_dir=tmp_path / "o", resolution=512, batch_size=4))
+    full = estimate_memory(cfg).total_gb
+    changes, fitted, fits = fitting_settings(cfg, 3.0)
+    assert fits and fitted.total_gb <= 3.0 < full
+    assert list(changes) == [k for k, _ in LADDER if k in changes]  # in the ladder's order
+    assert changes["mixed_precision"] == "bf16" and changes["gradient_checkpointing"] is True
+    assert estimate_memory(cfg.model_copy(update=changes)).total_gb == fitted.total_gb
+    (warning,) = [f.message for f in check_dataset(cfg, vram_gb=3.0).findings if f.topic == "memory"]
+    assert f"estimated peak {full:.1f} GB exceeds the 3 GB available; with mixed_precision: bf16, " \
+           "gradient_checkpointing: true" in warning and "add these to the config" in warning
+    (warning,) = [f.message for f in check_dataset(cfg, vram_gb=0.5).findings if f.topic == "memory"]
+    assert "even with" in warning and "lower resolution as well" in warning
+
+
 LONG = "sci_lab, " + ", ".join(f"glowing console number {i} with blue light" for i in range(14)) + ", trigger_at_end"
 
 

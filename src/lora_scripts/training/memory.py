@@ -212,6 +212,47 @@ def _vae_encode_peak(vae, batch: int, resolution: int) -> float:
     return float(sum(top))
 
 
+# Changes tried in this order, each kept as the next is added: roughly least slowdown first. bf16 is faster
+# than fp32 on every GPU since Ampere; checkpointing recomputes the forward (about a third more work);
+# stored weights cost a cast per layer (int8 less error than fp8, nf4 a dequantisation); batch 1 gives up
+# throughput; the text encoders matter only while the caches fill.
+LADDER = (("mixed_precision", "bf16"), ("gradient_checkpointing", True), ("text_encoder_weight_dtype", "fp8"),
+          ("base_weight_dtype", "fp8"), ("base_weight_dtype", "int8"), ("base_weight_dtype", "nf4"),
+          ("optimizer", "adamw8bit"), ("batch_size", 1))
+
+
+def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None = None
+                     ) -> tuple[dict, MemoryEstimate, bool]:
+    """The settings to add to `config` so that its estimate fits in `vram_gb`, the estimate with them, and whether
+    it fits (False: every change on the ladder was not enough). Changes the machine cannot run (a package that
+    is missing) are skipped."""
+    from .optimizers import optimizer_problems
+    from .weight_storage import storage_problems
+    from ..dtypes import DTYPES
+
+    configs = configs or _configs(config)
+    changes: dict = {}
+    estimate = estimate_memory(config, configs)
+    if estimate.total_gb <= vram_gb:
+        return changes, estimate, True
+    for key, value in LADDER:
+        current = changes.get(key, getattr(config, key))
+        if current == value or (key == "mixed_precision" and current != "no") or \
+                (key == "batch_size" and current <= value):
+            continue
+        trial = config.model_copy(update={**changes, key: value})
+        if key in ("base_weight_dtype", "text_encoder_weight_dtype") and \
+                storage_problems(trial, DTYPES[trial.mixed_precision]):
+            continue
+        if key == "optimizer" and optimizer_problems(trial):  # installed? (its device is the user's GPU)
+            continue
+        changes[key] = value
+        estimate = estimate_memory(trial, configs)
+        if estimate.total_gb <= vram_gb:
+            return changes, estimate, True
+    return changes, estimate, False
+
+
 if __name__ == "__main__":  # python -m lora_scripts.training.memory CONFIG.yaml
     import sys
 
