@@ -138,6 +138,11 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
            "gradient_checkpointing: true" in warning and "add these to the config" in warning
     (warning,) = [f.message for f in check_dataset(cfg, vram_gb=0.5).findings if f.topic == "memory"]
     assert "even with" in warning and "lower resolution as well" in warning
+    # What a GPU run logs before loading anything (Trainer.check_fits with the device's free memory).
+    from lora_scripts.training.memory import too_big
+
+    assert too_big(cfg, 64 * 2**30) is None
+    assert "exceeds the 3 GB available; with mixed_precision: bf16" in too_big(cfg, 3 * 2**30)
 
 
 LONG = "sci_lab, " + ", ".join(f"glowing console number {i} with blue light" for i in range(14)) + ", trigger_at_end"

@@ -297,22 +297,6 @@ def _base_findings(config: TrainConfig, report: CheckReport) -> None:
                    f"{family.resolution_for(kind)} px; LoRAs trained smaller draw worse at its native size")
 
 
-def _fit_advice(config: TrainConfig, estimate, vram_gb: float) -> str:
-    """What to add to the config to fit `vram_gb`, from the estimate of each step of the memory ladder."""
-    from ..training.memory import fitting_settings
-
-    said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {vram_gb:g} GB available"
-    try:
-        changes, fitted, fits = fitting_settings(config, vram_gb)
-    except Exception:  # advice only
-        return f"{said}; {estimate.advice()}"
-    lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
-    if fits:
-        return f"{said}; with {lines} it is estimated at {fitted.total_gb:.1f} GB: add these to the config"
-    return (f"{said}; even with {lines} it is estimated at {fitted.total_gb:.1f} GB: lower resolution as well"
-            if changes else f"{said}; {estimate.advice()}")
-
-
 def check_dataset(config: TrainConfig, trigger: str | None = None, vram_gb: float | None = None) -> CheckReport:
     report = CheckReport()
     notes: list[str] = []
@@ -347,5 +331,7 @@ def check_dataset(config: TrainConfig, trigger: str | None = None, vram_gb: floa
     else:
         report.stats["memory"] = estimate.as_dict()
         if vram_gb is not None and estimate.total_gb > vram_gb:
-            report.add(WARNING, "memory", _fit_advice(config, estimate, vram_gb))
+            from ..training.memory import fit_advice
+
+            report.add(WARNING, "memory", fit_advice(config, estimate, vram_gb))
     return report

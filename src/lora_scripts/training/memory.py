@@ -253,6 +253,30 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
     return changes, estimate, False
 
 
+def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, configs: dict | None = None) -> str:
+    """What to add to the config to fit `vram_gb` (the estimate exceeds it), from the memory ladder."""
+    said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {vram_gb:g} GB available"
+    try:
+        changes, fitted, fits = fitting_settings(config, vram_gb, configs)
+    except Exception:  # advice only
+        return f"{said}; {estimate.advice()}"
+    lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
+    if fits:
+        return f"{said}; with {lines} it is estimated at {fitted.total_gb:.1f} GB: add these to the config"
+    return (f"{said}; even with {lines} it is estimated at {fitted.total_gb:.1f} GB: lower resolution as well"
+            if changes else f"{said}; {estimate.advice()}")
+
+
+def too_big(config: TrainConfig, available_bytes: float, configs: dict | None = None) -> str | None:
+    """Before anything loads: None when the estimate fits in `available_bytes` (the GPU's free memory), else
+    what to change. A warning, not a refusal: the estimate is not yet checked against a GPU to better than
+    a few tens of percent, and a run refused wrongly costs more than one that stops with out-of-memory."""
+    estimate = estimate_memory(config, configs)
+    if estimate.total <= available_bytes:
+        return None
+    return fit_advice(config, estimate, round(available_bytes / GB, 1), configs)
+
+
 if __name__ == "__main__":  # python -m lora_scripts.training.memory CONFIG.yaml
     import sys
 

@@ -78,6 +78,7 @@ class Trainer:
     # --- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         self.check_data()  # seconds; before a base-model load that takes a minute on a real checkpoint
+        self.check_fits()
         self.model = self.setup_model()
         self.setup_loader(self.model)
         self.setup_optimizer(self.model)
@@ -85,6 +86,21 @@ class Trainer:
         self.validator = Validator(self.config, self.accelerator, self.model, self.trained, self.val_samples,
                                    self.weight_dtype)
         return self
+
+    def check_fits(self) -> None:
+        """On a GPU, the memory estimate against its free memory, before minutes of loading (a few seconds)."""
+        acc = self.accelerator
+        if acc.device.type != "cuda" or not acc.is_main_process:
+            return
+        from .memory import too_big
+
+        try:
+            advice = too_big(self.config, torch.cuda.mem_get_info(acc.device)[0])
+        except Exception as exc:  # the estimate is advice: it never stops a run
+            log.info("no memory estimate before loading: %s", exc)
+            return
+        if advice:
+            log.warning("this run may not fit on %s: %s", acc.device, advice)
 
     def check_data(self) -> None:
         cfg = self.config
