@@ -34,6 +34,22 @@ def test_init_inside_the_image_folder_puts_outputs_beside_it(tmp_path, tiny_ckpt
     assert cfg.output_dir == tmp_path / "output" / "my_set_lora"
 
 
+def test_init_vram_writes_the_settings_that_fit(tmp_path, tiny_ckpt):
+    """`init --vram`: the memory ladder's settings as config lines (here on the tiny base: far below any real
+    card it fits as it is; at 1 MB nothing is enough, and the file says so with everything it added)."""
+    data = tmp_path / "my_set"
+    make_images(data, 8, size=(64, 64))
+    roomy, tight = tmp_path / "roomy.yaml", tmp_path / "tight.yaml"
+    assert main(["init", str(data), "--base", str(tiny_ckpt), "--output", str(roomy), "--vram", "8"]) == 0
+    assert "# Memory: estimated peak" in roomy.read_text() and "within --vram 8 as it is" in roomy.read_text()
+    assert main(["init", str(data), "--base", str(tiny_ckpt), "--output", str(tight), "--vram", "0.001"]) == 0
+    text = tight.read_text()
+    assert "# Memory: does NOT fit even with the settings below" in text
+    cfg = load_config(tight)
+    assert cfg.gradient_checkpointing and cfg.mixed_precision == "bf16" and cfg.batch_size == 1
+    assert cfg.base_weight_dtype == "nf4" and cfg.text_encoder_weight_dtype == "fp8" and cfg.optimizer == "adamw8bit"
+
+
 def test_demo_runs_offline(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--set", "max_train_steps=2", "--set", "save_steps=0"]) == 0
     out = tmp_path / "output" / "neon_lab"

@@ -89,7 +89,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise LoraScriptsError(f"{data_dir} is not a folder; give the folder that holds your training images")
     out = Path(args.output or f"{data_dir.name}.yaml")
-    text = starter_yaml(data_dir, args.base, Path.cwd() if args.output == "-" else out.parent)
+    text = starter_yaml(data_dir, args.base, Path.cwd() if args.output == "-" else out.parent, args.vram)
     if args.output == "-":
         print(text, end="")
         return 0
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model checkpoint (default: ./models/Stable-diffusion/v1-5-pruned.safetensors)")
     p.add_argument("--output", "-o", help="YAML to write (default: DATA_DIR_NAME.yaml; '-' prints it)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--vram", type=float, metavar="GB", help="GPU memory you have: the settings that fit it are "
+                   "written (as `check --vram` proposes them)")
     p.set_defaults(func=_cmd_init)
     p = sub.add_parser("demo", help="train the toy 'neon lab' LoRA offline (no downloads)")
     p.add_argument("--out", default="demo_output", help="folder for the demo model, data and results")

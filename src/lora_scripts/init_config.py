@@ -119,10 +119,33 @@ def _line(key: str, value: Any) -> str:
     return f"{dumped:<58} # {field.description}{typical}"
 
 
-def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path(".")) -> str:
+def _memory_fit(data_dir: Path, base: str | None, values: dict[str, Any], companions: dict[str, Any],
+                yaml_dir: Path, vram_gb: float) -> tuple[dict[str, Any], str]:
+    """The settings the memory ladder adds for `vram_gb` (check --vram's), and the comment that says so."""
+    from .config import validate_config
+    from .training.memory import fitting_settings
+
+    if not base or not Path(base).exists():
+        return {}, f"# --vram {vram_gb:g}: give --base to estimate the memory of this model"
+    raw = {"train_data_dir": data_dir, "base_model": Path(base), "output_dir": yaml_dir / "output",
+           **{k: values[k] for k in ("lora_rank", "batch_size", "resolution")},
+           **{k: yaml_dir / v for k, v in companions.items() if v}}
+    if (data_dir / "metadata.csv").exists():
+        raw["metadata_path"] = data_dir / "metadata.csv"
+    changes, estimate, fits = fitting_settings(validate_config(raw), vram_gb)
+    if not changes:
+        return {}, f"# Memory: estimated peak {estimate.total_gb:.1f} GB, within --vram {vram_gb:g} as it is"
+    said = "fits" if fits else "does NOT fit even with the settings below; lower resolution as well"
+    return changes, (f"# Memory: {said} --vram {vram_gb:g} (estimated peak {estimate.total_gb:.1f} GB with them; "
+                     "`lora-scripts check --vram` re-checks)")
+
+
+def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path("."), vram_gb: float | None = None) -> str:
     values = suggest(data_dir, base, yaml_dir)
     count = values.pop("_image_count")
     companions = values.pop("_companions")
+    fitted, memory_note = _memory_fit(data_dir, base, values, companions, yaml_dir, vram_gb) if vram_gb else ({}, "")
+    values.update(fitted)
     lines = [
         f"# LoRA training config for {data_dir.name} ({count} images). Run: lora-scripts train --config THIS_FILE",
         "# Paths are relative to this file. Every key has a one-line note; delete a line to use its default.",
@@ -139,6 +162,9 @@ def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path(
     if "prediction_type" in values:
         lines += ["", "# SET THIS: the base is an SD2 file that does not say what it predicts: epsilon for a 512-base "
                   "model, v_prediction for a 768-v model", _line("prediction_type", values["prediction_type"])]
+    if memory_note:
+        lines += ["", memory_note]
+        lines += [_line(k, v) for k, v in fitted.items() if k not in CORE_KEYS and k not in EXTRA_KEYS]
     lines += ["", "# --- optional: the defaults below are what you get if you delete the line ---",
               f"# {PRESET_SIZES}"]
     defaults = TrainConfig.model_fields
