@@ -18,6 +18,7 @@ RUN = dict(max_train_steps=6, save_steps=3, batch_size=2, lora_rank=4, save_prec
            lora_dropout=0.1, verify_after_training=False)
 CASES = {  # optimizer: (its settings, what ss_optimizer starts with)
     "adamw8bit": (dict(learning_rate=1e-3), "bitsandbytes.optim.adamw.AdamW8bit"),  # bitsandbytes runs it on CPU
+    "paged_adamw8bit": (dict(learning_rate=1e-3), "bitsandbytes.optim.adamw.PagedAdamW8bit"),
     "prodigy": (dict(learning_rate=1.0, optimizer_args=["d_coef=2"]), "prodigyopt.prodigy.Prodigy(decouple=True"),
     "lion": (dict(learning_rate=1e-4, weight_decay=0.1), "lion_pytorch.lion_pytorch.Lion"),
     "adafactor": (dict(learning_rate=1e-3), "transformers.optimization.Adafactor(scale_parameter=False"),

@@ -154,9 +154,9 @@ class TrainConfig(BaseModel):
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = _f(
         "constant", "learning-rate schedule over the run")
     lr_warmup_steps: int = _f(0, "steps of linear warm-up at the start", ge=0)
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor", "adamw_schedulefree"] = _f(
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "prodigy", "lion", "adafactor", "adamw_schedulefree"] = _f(
         "adamw", "adamw (fused/foreach kernels where available); adamw8bit (bitsandbytes, NVIDIA GPUs: a quarter of "
-        "the state memory); prodigy (finds the step size itself: learning_rate 1.0); lion (3-10x lower "
+        "the state memory; paged_adamw8bit pages it to host RAM when the GPU runs short); prodigy (finds the step size itself: learning_rate 1.0); lion (3-10x lower "
         "learning_rate); adafactor; adamw_schedulefree (no schedule: lr_scheduler constant)")
     optimizer_args: dict[str, Any] = _f({}, "extra arguments of the optimizer's class, e.g. {d_coef: 2} for prodigy "
                                         "or {betas: [0.95, 0.98]} for lion (kohya's list form ['d_coef=2'] works too)")

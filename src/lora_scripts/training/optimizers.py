@@ -2,7 +2,8 @@
 
 * adamw: torch's AdamW (fused kernel on CUDA, foreach elsewhere);
 * adamw8bit: bitsandbytes' AdamW8bit (8-bit optimizer states: a quarter of AdamW's state memory; CUDA, and CPU
-  in recent bitsandbytes: whether it runs here is tried on a tiny tensor before the model loads);
+  in recent bitsandbytes: whether it runs here is tried on a tiny tensor before the model loads); paged_adamw8bit
+  keeps those states in unified memory, paged to host RAM when the GPU runs short;
 * prodigy: prodigyopt's Prodigy, which estimates the step size itself (learning_rate is then a multiplier, 1.0);
 * lion: lion-pytorch's Lion (sign updates, one state per weight; wants a 3-10x lower learning rate);
 * adafactor: transformers' Adafactor with a fixed learning rate (factored second moments);
@@ -42,6 +43,9 @@ class OptimizerSpec:
 SPECS = {
     "adamw": OptimizerSpec("torch.optim", "AdamW", "torch"),
     "adamw8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", probe=True, state_bytes=2),
+    # The same with its states in CUDA unified memory: paged out to host RAM when the GPU runs short.
+    "paged_adamw8bit": OptimizerSpec("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", probe=True,
+                                     state_bytes=2),
     # Prodigy's authors recommend decoupled weight decay and bias correction for diffusion fine-tuning; the
     # safeguard warm-up keeps the step-size estimate from jumping in the first steps (kohya users set all three).
     "prodigy": OptimizerSpec("prodigyopt", "Prodigy", "prodigyopt",
