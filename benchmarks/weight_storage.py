@@ -5,9 +5,10 @@ rank 16, caches, gradient checkpointing).
     python benchmarks/weight_storage.py --model sd15 --resolution 512 --mixed-precision bf16
     python benchmarks/weight_storage.py --model sdxl --resolution 512 --mixed-precision bf16 --kinds auto fp8
 
-Each kind runs in its own process. On CPU the peak is the resident set size sampled over the timed steps: the
-whole model (text encoders and VAE included, which sit in host memory there too), so the differences between
-rows are what the storage saves; on CUDA it is torch.cuda.max_memory_allocated over the timed steps.
+Each kind runs in its own process. On CPU the peak is the resident set size sampled over the timed steps, after
+freed heap pages are handed back (malloc_trim): the whole model (text encoders and VAE included, which sit in
+host memory there too), so the differences between rows are what the storage saves; on CUDA it is
+torch.cuda.max_memory_allocated over the timed steps.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 KINDS = ("auto", "fp8", "int8", "nf4")
 
 
+def _trim() -> None:
+    """Hand freed heap pages back to the OS (glibc): the bf16 weights each kind converted from were freed, but
+    glibc keeps large freed blocks, so the resident set would still count them. Done for every kind alike."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the figures then include freed pages
+        pass
+
+
 def run_kind(args, kind: str, ckpt: Path, data: Path, tmp: Path) -> dict:
     from train_step import PeakRSS, _peak_bytes, _sync
 
@@ -40,6 +52,7 @@ def run_kind(args, kind: str, ckpt: Path, data: Path, tmp: Path) -> dict:
     t = time.perf_counter()
     trainer = Trainer(validate_config(cfg)).setup()
     setup_s = time.perf_counter() - t
+    _trim()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.set_train_mode()
