@@ -174,7 +174,7 @@ def generate(pipe, prompt: str, seeds: Sequence[int], size: tuple[int, int], ste
     images = []
     for seed in seeds:
         g = torch.Generator("cpu").manual_seed(seed)
-        # guidance_rescale only where it is used: FluxPipeline has no such argument.
+        # guidance_rescale only where it applies: not every pipeline takes the argument.
         extra = {"guidance_rescale": rescale} if rescale else {}
         out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
                    generator=g, height=height, width=width, output_type="pil", **extra)
