@@ -221,18 +221,18 @@ LADDER = (("mixed_precision", "bf16"), ("gradient_checkpointing", True), ("text_
           ("optimizer", "adamw8bit"), ("batch_size", 1))
 
 
-def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None = None
-                     ) -> tuple[dict, MemoryEstimate, bool]:
+def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None = None,
+                     estimate: MemoryEstimate | None = None) -> tuple[dict, MemoryEstimate, bool]:
     """The settings to add to `config` so that its estimate fits in `vram_gb`, the estimate with them, and whether
     it fits (False: every change on the ladder was not enough). Changes the machine cannot run (a package that
-    is missing) are skipped."""
+    is missing) are skipped. estimate: config's own, where the caller already has it."""
     from .optimizers import optimizer_problems
     from .weight_storage import storage_problems
     from ..dtypes import DTYPES
 
     configs = configs or _configs(config)
     changes: dict = {}
-    estimate = estimate_memory(config, configs)
+    estimate = estimate or estimate_memory(config, configs)
     if estimate.total_gb <= vram_gb:
         return changes, estimate, True
     for key, value in LADDER:
@@ -257,7 +257,7 @@ def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, co
     """What to add to the config to fit `vram_gb` (the estimate exceeds it), from the memory ladder."""
     said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {vram_gb:g} GB available"
     try:
-        changes, fitted, fits = fitting_settings(config, vram_gb, configs)
+        changes, fitted, fits = fitting_settings(config, vram_gb, configs, estimate)
     except Exception:  # advice only
         return f"{said}; {estimate.advice()}"
     lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
