@@ -145,6 +145,23 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
     assert "exceeds the 3 GB available; with mixed_precision: bf16" in too_big(cfg, 3 * 2**30)
 
 
+def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
+    """Flux.1-dev's real configs (meta device) at 1024 px: 8 GB is reached with fp8 weights and most of its 57
+    blocks swapped; the int8 step before it is replaced by fp8, which a swap can move."""
+    from lora_scripts.families import FAMILIES, FAMILY_KEY
+    from lora_scripts.training.memory import fitting_settings
+
+    (tmp_path / "data").mkdir()
+    cfg = validate_config(dict(train_data_dir=tmp_path / "data", base_model=tmp_path, output_dir=tmp_path / "o",
+                               resolution=1024, batch_size=1))
+    changes, fitted, fits = fitting_settings(cfg, 8.0, {**FAMILIES["flux1"].embedded_configs(), FAMILY_KEY: "flux1"})
+    assert fits and fitted.total_gb <= 8.0 and len(fitted.blocks) == 57
+    count = int(changes.pop("offload").removeprefix("blocks:"))
+    assert 20 <= count <= 45, count
+    assert changes == {"mixed_precision": "bf16", "gradient_checkpointing": True, "text_encoder_weight_dtype": "fp8",
+                       "base_weight_dtype": "fp8"}
+
+
 LONG = "sci_lab, " + ", ".join(f"glowing console number {i} with blue light" for i in range(14)) + ", trigger_at_end"
 
 

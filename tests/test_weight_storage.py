@@ -97,6 +97,24 @@ def test_stored_weights_train_the_other_families(tmp_path, dataset, base, kind, 
     assert result.verified and "0 unmatched keys" in result.verified
 
 
+def test_block_swap_trains_the_same_lora(tmp_path, dataset, tiny_ckpt, full_precision):
+    """offload: blocks:N moves frozen weights only, and back unchanged: tiny SD1's LoRA is bit-identical to the run
+    without it (on CPU the copies are no-ops; test_offload checks the swap's bookkeeping in every layer)."""
+    swapped = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/swap", offload="blocks:6", **RUN)))
+    a, b = load_file(str(full_precision)), load_file(str(swapped.lora_path))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flux_trains_with_fp8_weights_and_block_swap(tmp_path, dataset, tiny_flux_files):
+    """The 8 GB Flux.1 recipe's settings (fp8 frozen weights, most blocks swapped) on the tiny model."""
+    trainer = Trainer(load_config(seed_config(tmp_path, tiny_flux_files["base_model"], **flux_keys(tiny_flux_files),
+                                              max_train_steps=2, batch_size=2, lora_rank=4, base_weight_dtype="fp8",
+                                              gradient_checkpointing=True, offload="blocks:3"))).setup()
+    assert len(trainer.offloader.units) == 3 and trainer.offloader.units[0].norm1.linear.weight.dtype != FP8
+    result = fit(trainer)
+    assert trainer.offloader.loads > 3 * 2 and result.verified and "0 unmatched keys" in result.verified
+
+
 def test_bad_storage_settings_are_named(tmp_path, dataset, tiny_ckpt, monkeypatch):
     def problems(**kw):
         with pytest.raises(ConfigError) as err:
@@ -133,5 +151,11 @@ def test_check_counts_one_byte_per_stored_weight(tmp_path, dataset, tiny_ckpt):
     unet = 859_520_964  # SD1.5 UNet parameters
     assert 0.9 * unet < bf16 - fp8 <= unet  # one byte saved per stored UNet weight
     assert 0.2 * unet < bf16 - int8 < bf16 - fp8  # int8: the Linear layers only (the convolutions stay bf16)
+    # offload: blocks:N keeps N blocks' stored weights in host memory, less the two on the device at a time
+    from lora_scripts.training.offload import saved_bytes
+
+    blocks = estimate_memory(load_config(seed_config(tmp_path, tiny_ckpt, mixed_precision="bf16", base_weight_dtype="fp8",
+                                                     gradient_checkpointing=True)), real).blocks
+    assert len(blocks) == 38 and fp8 - weights(base_weight_dtype="fp8", offload="blocks:10") == saved_bytes(list(blocks), 10)
     nf4 = weights(base_weight_dtype="nf4")
     assert bf16 - nf4 == pytest.approx(1.5 * (bf16 - int8), rel=0.01)  # 1.5 of 2 bytes saved where int8 saves 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +146,11 @@ class TrainConfig(BaseModel):
         "computes in the training dtype; pair them with gradient_checkpointing)")
     text_encoder_weight_dtype: Literal["auto", "bf16", "fp16", "fp8", "int8", "nf4"] = _f(
         "auto", "how the frozen text encoders' weights are stored (Flux's T5-XXL: 9.5 GB in bf16, 4.8 in fp8)")
+    offload: str = _f("none", "block swap for GPUs too small for the frozen weights: blocks:N keeps the frozen "
+                      "weights of the N largest UNet/transformer blocks in host RAM and copies each to the GPU when "
+                      "it runs (forward and backward; the next block is copied while one computes); auto picks N "
+                      "from the GPU's free memory at start; needs gradient_checkpointing", "none, or what `check "
+                      "--vram` proposes")
     channels_last: bool = _f(True, "keep the UNet and VAE in channels-last memory layout (VAE encode 1.1-1.3x "
                              "faster on CPU, usual tensor-core layout on GPUs; same results)")
     torch_compile: bool = _f(False, "compile the UNet with torch.compile: the first steps are slow while it "
@@ -286,6 +292,13 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
         return v
 
+    @field_validator("offload")
+    @classmethod
+    def _offload_form(cls, v: str) -> str:
+        if v in ("none", "auto") or re.fullmatch(r"blocks:[1-9][0-9]*", v):
+            return v
+        raise ValueError("expected none, auto or blocks:N with N >= 1 (e.g. blocks:20)")
+
     @field_validator("lora_targets")
     @classmethod
     def _targets_not_empty(cls, v: Any) -> Any:
@@ -302,6 +315,17 @@ class TrainConfig(BaseModel):
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ValueError("conv_alpha is set but conv_rank is not: set conv_rank (e.g. 8) to train the 3x3 "
                              "convolutions, or remove conv_alpha")
+        if self.offload != "none":
+            if not self.gradient_checkpointing:
+                raise ValueError(f"offload = {self.offload!r} needs gradient_checkpointing: true (without it every "
+                                 "block's weights stay on the GPU until the backward pass, and nothing is saved)")
+            if self.base_weight_dtype in ("int8", "nf4"):
+                raise ValueError(f"offload = {self.offload!r} with base_weight_dtype = {self.base_weight_dtype}: "
+                                 "block swap moves plain weights; use base_weight_dtype: fp8 (as sd-scripts' fp8_base "
+                                 "with blocks_to_swap), or offload: none")
+            if self.torch_compile:
+                raise ValueError(f"offload = {self.offload!r} with torch_compile: true: the swap runs between "
+                                 "blocks, outside a compiled graph; set torch_compile: false")
         _outputs_apart_from_data(self)
         return self
 

@@ -173,6 +173,11 @@ class Family:
         parts). None for an ordinary layer (every layer of the SD families)."""
         return None
 
+    def offload_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's blocks a block swap (offload: blocks:N) moves: those gradient checkpointing recomputes
+        one at a time, since a swapped block is loaded when its forward starts (its recomputation included)."""
+        raise NotImplementedError(f"{self.label} has no block map for offload")
+
     def training_metadata(self, config) -> dict[str, Any]:
         """ss_* keys of this family's own training options, as sd-scripts records them (none for SD)."""
         return {}

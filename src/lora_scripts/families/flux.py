@@ -384,6 +384,10 @@ class Flux(Family):
     def conv_targets(self, component: str, module: nn.Module) -> tuple[list[str], list[str]]:
         return [], []  # a transformer: no convolutions (conv_rank is refused for it in the trainer)
 
+    def offload_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The 19 double-stream and 38 single-stream blocks (dev/schnell), each checkpointed on its own."""
+        return list(denoiser.transformer_blocks) + list(denoiser.single_transformer_blocks)
+
     def idle_modules(self, component: str, module: nn.Module, targets: list[str]) -> list[str]:
         return []
 

@@ -288,6 +288,11 @@ class StableDiffusionFamily(Family):
         return (sorted(n for n, m in inside if _is_linear_or_1x1(m)),
                 sorted(n for n, m in inside if isinstance(m, nn.Conv2d) and not _is_linear_or_1x1(m)))
 
+    def offload_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """ResNet blocks and transformer layers: diffusers' UNet checkpoints each of them on its own (a
+        Transformer2DModel checkpoints its layers, not itself)."""
+        return [m for m in denoiser.modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
+
     def idle_modules(self, component: str, module: nn.Module, targets: list[str]) -> list[str]:
         """Targeted modules whose output never reaches the loss (none for SD1/SD2)."""
         return []

@@ -38,6 +38,7 @@ class MemoryEstimate:
     vae_encode: float
     basis: str
     caching: float = 0.0  # while the caches fill, before the denoiser joins: the encoders, the VAE and one encode
+    blocks: tuple[int, ...] = ()  # stored bytes of each denoiser block a block swap can move (offload)
 
     @property
     def total(self) -> float:
@@ -133,6 +134,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     from peft import inject_adapter_in_model
 
     from .adapters import choose_targets, lora_config
+    from .offload import parse_offload, saved_bytes, unit_bytes
     from .weight_storage import storage_plan, store_frozen
 
     from ..data.cache import latent_cache_plan, offload_plan
@@ -157,6 +159,10 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
         store_frozen(modules[name], storage, dtype)
     weights = sum(p.numel() * p.element_size() for m in on_gpu for p in m.parameters()) \
         + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
+    blocks = tuple(unit_bytes(u) for u in _offload_units(family, denoiser))
+    swapped = parse_offload(config.offload)
+    if isinstance(swapped, int):  # those blocks' weights stay in host memory, all but the two in flight
+        weights -= saved_bytes(list(blocks), min(swapped, len(blocks)))
     trained = family.trainable(config.train_text_encoder)
     with torch.device("meta"):
         for name in trained:
@@ -190,11 +196,20 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
                if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
              "LoRA targets (LoRA layers in fp32), flash/memory-efficient SDPA assumed; CUDA context not included")
+    if config.offload == "auto":
+        basis += "; offload: auto is sized on the GPU at start (not counted here)"
     from .optimizers import SPECS
 
     # fp32 LoRA weights and gradients, and the optimizer's state (AdamW: two fp32 moments).
     per_param = 4 + 4 + SPECS[config.optimizer].state_bytes
-    return MemoryEstimate(weights, lora_params * per_param, activations, 2 * largest, vae_peak, basis, caching)
+    return MemoryEstimate(weights, lora_params * per_param, activations, 2 * largest, vae_peak, basis, caching, blocks)
+
+
+def _offload_units(family, denoiser) -> list:
+    try:
+        return family.offload_units(denoiser)
+    except NotImplementedError:
+        return []
 
 
 def _vae_encode_peak(vae, batch: int, resolution: int) -> float:
@@ -216,9 +231,12 @@ def _vae_encode_peak(vae, batch: int, resolution: int) -> float:
 # than fp32 on every GPU since Ampere; checkpointing recomputes the forward (about a third more work);
 # stored weights cost a cast per layer (int8 less error than fp8, nf4 a dequantisation); batch 1 gives up
 # throughput; the text encoders matter only while the caches fill.
+# Block swap comes after int8 (it costs host-to-GPU copies every step, int8 only a dequantisation) and
+# replaces it by fp8 (it moves plain weights), with the fewest blocks that fit; nf4 is tried only where no
+# swap was needed or possible: its error is the largest of the three.
 LADDER = (("mixed_precision", "bf16"), ("gradient_checkpointing", True), ("text_encoder_weight_dtype", "fp8"),
-          ("base_weight_dtype", "fp8"), ("base_weight_dtype", "int8"), ("base_weight_dtype", "nf4"),
-          ("optimizer", "adamw8bit"), ("batch_size", 1))
+          ("base_weight_dtype", "fp8"), ("base_weight_dtype", "int8"), ("offload", "blocks"),
+          ("base_weight_dtype", "nf4"), ("optimizer", "adamw8bit"), ("batch_size", 1))
 
 
 def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None = None,
@@ -239,6 +257,22 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
         current = changes.get(key, getattr(config, key))
         if current == value or (key == "mixed_precision" and current != "no") or \
                 (key == "batch_size" and current <= value):
+            continue
+        if key == "offload":
+            if not estimate.blocks or current != "none":
+                continue
+            from .offload import blocks_needed
+
+            count = blocks_needed(list(estimate.blocks), estimate.total - vram_gb * GB) or len(estimate.blocks)
+            step = {"offload": f"blocks:{count}"}
+            if changes.get("base_weight_dtype", config.base_weight_dtype) in ("int8", "nf4"):
+                step["base_weight_dtype"] = "fp8"
+            changes.update(step)
+            estimate = estimate_memory(config.model_copy(update=changes), configs)
+            if estimate.total_gb <= vram_gb:
+                return changes, estimate, True
+            continue
+        if key == "base_weight_dtype" and value == "nf4" and changes.get("offload", config.offload) != "none":
             continue
         trial = config.model_copy(update={**changes, key: value})
         if key in ("base_weight_dtype", "text_encoder_weight_dtype") and \

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
@@ -31,6 +32,7 @@ from .adapters import check_targets, choose_targets, inject_lora, lora_parameter
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
+from .offload import BlockOffloader, blocks_needed, choose_offloaded, parse_offload, unit_bytes
 from .weight_storage import storage_plan, storage_problems, store_frozen
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class Trainer:
         if problems:
             raise ConfigError("the config", problems)
         self.grads_finite = True
+        self.offloader = None
         # LoRA init draws from the global RNGs: same seed, same starting weights (on every process).
         set_seed(config.seed)
 
@@ -148,12 +151,52 @@ class Trainer:
     def setup_loader(self, model: Model) -> None:
         cfg = self.config
         self.setup_caches(model)
-        model.denoiser.to(self.accelerator.device)
+        self.offloader = self.setup_offload(model)
+        if self.offloader is None:
+            model.denoiser.to(self.accelerator.device)
         self.sampler = BucketBatchSampler(self.items, cfg.batch_size, cfg.seed)
         loader = DataLoader(LoraDataset(self.items, cfg, self.latent_cache), batch_sampler=self.sampler,
                             collate_fn=Collate(model.family, model.tokenizers, model.token_chunks),
                             num_workers=cfg.dataloader_workers)
         self.loader = self.accelerator.prepare(loader)
+
+    def setup_offload(self, model: Model) -> BlockOffloader | None:
+        """offload: blocks:N / auto -> the block swap, which also puts the rest of the denoiser on the device."""
+        cfg, acc = self.config, self.accelerator
+        units = model.family.offload_units(model.denoiser) if cfg.offload != "none" else []
+        count = parse_offload(cfg.offload)
+        if count == "auto":
+            count = self._auto_offload(model, units)
+        if not count:
+            return None
+        if count > len(units):
+            log.warning("offload: blocks:%d, but the %s has %d blocks: all of them are swapped", count,
+                        model.family.denoiser_label, len(units))
+        offloaded = choose_offloaded(units, min(count, len(units)))
+        offloader = BlockOffloader(model.denoiser, units, offloaded, acc.device)
+        if acc.is_main_process:
+            swapped = sum(unit_bytes(units[i]) for i in offloaded) / 1024**3
+            log.info("offload: %d of %d %s blocks (%.2f GB of frozen weights) stay in host memory and are copied "
+                     "in as they run", len(offloaded), len(units), model.family.denoiser_label, swapped)
+        return offloader
+
+    def _auto_offload(self, model: Model, units: list) -> int:
+        """offload: auto — on a GPU, the fewest blocks that make the step's estimate fit its free memory (with a
+        tenth spare); none elsewhere."""
+        acc = self.accelerator
+        if acc.device.type != "cuda":
+            log.info("offload: auto swaps nothing on %s (it sizes the swap to a GPU's free memory)", acc.device.type)
+            return 0
+        from .memory import estimate_memory
+
+        step = estimate_memory(self.config)
+        resident = sum(p.numel() * p.element_size() for p in model.denoiser.parameters())
+        need = resident + step.lora + step.activations + step.transient - 0.9 * torch.cuda.mem_get_info(acc.device)[0]
+        count = blocks_needed([unit_bytes(u) for u in units], need)
+        if count is None:
+            log.warning("offload: auto: even with every block swapped the step is estimated not to fit; swapping all")
+            return len(units)
+        return count
 
     def setup_model(self) -> Model:
         cfg = self.config
@@ -229,7 +272,12 @@ class Trainer:
         # The prepared scheduler steps once per process per optimizer step, hence the factor n.
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n,
                                   num_training_steps=self.max_steps * n)
-        out = self.accelerator.prepare(*[model.modules[n] for n in names], optimizer, scheduler)
+        placement = [True] * (len(names) + 2)
+        if self.offloader is not None:  # the swap placed the denoiser: prepare must not move its swapped weights
+            placement[0] = False
+            DDP._set_params_and_buffers_to_ignore_for_model(model.denoiser, self.offloader.ignored_names(model.denoiser))
+        out = self.accelerator.prepare(*[model.modules[n] for n in names], optimizer, scheduler,
+                                       device_placement=placement)
         # The networks the step runs: prepared (DDP-wrapped) where they train, the model's own where frozen.
         self.trained = {**model.modules, **dict(zip(names, out[:len(names)]))}
         self.optimizer, self.lr_scheduler = out[-2], out[-1]
