@@ -154,12 +154,18 @@ def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
     (tmp_path / "data").mkdir()
     cfg = validate_config(dict(train_data_dir=tmp_path / "data", base_model=tmp_path, output_dir=tmp_path / "o",
                                resolution=1024, batch_size=1))
-    changes, fitted, fits = fitting_settings(cfg, 8.0, {**FAMILIES["flux1"].embedded_configs(), FAMILY_KEY: "flux1"})
+    configs = {**FAMILIES["flux1"].embedded_configs(), FAMILY_KEY: "flux1"}
+    changes, fitted, fits = fitting_settings(cfg, 8.0, configs)
     assert fits and fitted.total_gb <= 8.0 and len(fitted.blocks) == 57
     count = int(changes.pop("offload").removeprefix("blocks:"))
     assert 20 <= count <= 45, count
     assert changes == {"mixed_precision": "bf16", "gradient_checkpointing": True, "text_encoder_weight_dtype": "fp8",
                        "base_weight_dtype": "fp8"}
+    # A GPU run's warning before loading: none with offload: auto, which sizes the swap to the free memory.
+    from lora_scripts.training.memory import too_big
+
+    auto = cfg.model_copy(update={**changes, "offload": "auto"})
+    assert too_big(auto, 8 * 2**30, configs) is None and fitted.total < estimate_memory(auto, configs).total
 
 
 LONG = "sci_lab, " + ", ".join(f"glowing console number {i} with blue light" for i in range(14)) + ", trigger_at_end"

@@ -308,6 +308,11 @@ def too_big(config: TrainConfig, available_bytes: float, configs: dict | None = 
     estimate = estimate_memory(config, configs)
     if estimate.total <= available_bytes:
         return None
+    if config.offload == "auto":  # sized at start to the free memory: enough where swapping every block is
+        from .offload import saved_bytes
+
+        if estimate.total - saved_bytes(list(estimate.blocks), len(estimate.blocks)) <= available_bytes:
+            return None
     return fit_advice(config, estimate, round(available_bytes / GB, 1), configs)
 
 
