@@ -65,6 +65,12 @@ class TrainConfig(BaseModel):
                                "A1111, ComfyUI and diffusers load); off when unset", "4-16", ge=1, le=1024)
     conv_alpha: float | None = _f(None, "kohya's conv_alpha: alpha of those 3x3 convolutions; default = conv_rank",
                                   "conv_rank or 1", gt=0)
+    network_type: Literal["lora", "locon", "loha", "lokr"] = _f(
+        "lora", "lora = kohya's LoRA; locon = LoRA on the UNet's 3x3 convolutions too (conv_rank defaults to "
+        "lora_rank); loha / lokr = LyCORIS' Hadamard / Kronecker-product layers (more capacity per byte of file; "
+        "A1111 and ComfyUI load them; SD1.x, SD2 and SDXL)")
+    lokr_factor: int = _f(-1, "LoKr: split each layer's sizes by this factor (-1 = as square as possible, LyCORIS' "
+                          "default; 4-16 gives smaller files)", "-1 or 8", ge=-1)
     lora_dropout: float = _f(0.0, "dropout on the LoRA path during training", "0-0.1", ge=0, lt=1)
     lora_targets: TargetPreset | list[str] = _f(
         "kohya",
@@ -306,6 +312,14 @@ class TrainConfig(BaseModel):
             raise ValueError("an empty list trains nothing; use a preset (kohya, attn, qv) or module names like to_q")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _locon_conv_rank(cls, data: Any) -> Any:
+        """network_type: locon is LoRA with the 3x3 convolutions trained too: conv_rank defaults to lora_rank."""
+        if isinstance(data, dict) and data.get("network_type") == "locon" and data.get("conv_rank") is None:
+            data = {**data, "conv_rank": data.get("lora_rank", cls.model_fields["lora_rank"].default)}
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> "TrainConfig":
         if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
@@ -315,6 +329,16 @@ class TrainConfig(BaseModel):
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ValueError("conv_alpha is set but conv_rank is not: set conv_rank (e.g. 8) to train the 3x3 "
                              "convolutions, or remove conv_alpha")
+        if self.lokr_factor == 0 or (self.lokr_factor != -1 and self.network_type != "lokr"):
+            raise ValueError(f"lokr_factor = {self.lokr_factor}: " + ("use -1 (as square as possible) or a factor "
+                             ">= 1" if self.lokr_factor == 0 else f"it applies to network_type: lokr, not "
+                             f"{self.network_type}; remove it or set network_type: lokr"))
+        if self.save_format == "diffusers" and self.network_type in ("loha", "lokr"):
+            raise ValueError(f"save_format = diffusers with network_type: {self.network_type}: diffusers loads LoRA "
+                             "files only; use save_format: kohya (A1111 and ComfyUI load LoHa/LoKr)")
+        if self.lora_dropout and self.network_type in ("loha", "lokr"):
+            raise ValueError(f"lora_dropout = {self.lora_dropout} with network_type: {self.network_type}: dropout "
+                             "is for lora/locon layers; remove lora_dropout")
         if self.offload != "none":
             if not self.gradient_checkpointing:
                 raise ValueError(f"offload = {self.offload!r} needs gradient_checkpointing: true (without it every "

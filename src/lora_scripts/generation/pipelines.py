@@ -51,6 +51,7 @@ class LoraSet:
         self.loaded: dict[str, Path] = {}
         self._stamps: dict[str, tuple[Path, float]] = {}
         self._layer_shapes: dict[str, tuple[int, ...]] | None = None
+        self.patches = WeightPatches()  # LoHa/LoKr files, which diffusers does not load
 
     def load(self, name: str, path: Path) -> None:
         """Load once; a name that now points at another file, or at a file changed on disk since (a run trained
@@ -60,9 +61,17 @@ class LoraSet:
             return
         lora = self.check(path)
         if name in self.loaded:
-            self.pipe.delete_adapters(name)
+            if name in self.patches.deltas:
+                self.patches.remove(name)
+            else:
+                self.pipe.delete_adapters(name)
             del self.loaded[name]  # a failed reload below must not leave a name without its adapter
             self._stamps.pop(name, None)
+        if lora.lycoris:
+            self._load_lycoris(name, Path(path), lora)
+            self.loaded[name] = Path(path)
+            self._stamps[name] = stamp
+            return
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         try:
             with quiet_loading():
@@ -93,6 +102,24 @@ class LoraSet:
         logging.getLogger(__name__).info("%s: diffusers cannot read it itself (%s); loaded its diffusers-layout "
                                          "conversion", path.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
+    def _load_lycoris(self, name: str, path: Path, lora) -> None:
+        """LoHa/LoKr: each layer's weight change, by A1111/ComfyUI's rule, added to the weights at the strength
+        asked for (as A1111 applies them); the original weights are kept to go back to."""
+        if lora.modules:
+            raise LoraFileError(f"{path} mixes LoRA and LyCORIS ({lora.network_type}) layers; this tool draws "
+                                "either kind, not both in one file")
+        table = self.table or {}
+        missing = [n for n in lora.lycoris if n not in table]
+        if missing:
+            raise LoraFileError(f"{path}: {len(missing)} of its layers are not named as this tool names "
+                                f"{self.family.label} layers (e.g. {missing[0]}); it cannot be drawn here")
+        layers = {}
+        for n, m in lora.lycoris.items():
+            module = self.pipe.components[table[n].component].get_submodule(table[n].path)
+            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            layers[n] = (module.weight, m.delta(tuple(module.weight.shape)))
+        self.patches.add(name, layers)
+
     def _forget(self, name: str) -> None:
         """A failed load may leave half an adapter (the UNet's) behind; a long-lived pipeline must not keep it."""
         try:
@@ -115,8 +142,9 @@ class LoraSet:
                                 f"{wrong[0]}); it was trained on another model family or size. Use it with the "
                                 "base model it was made for")
         ldm_names = any(k in n for n in unmatched for k in ("_input_blocks_", "_middle_block_", "_output_blocks_"))
-        if len(unmatched) == len(lora.modules) and not ldm_names:  # LDM-layout names: diffusers maps them itself
-            raise LoraFileError(f"{path}: none of its {len(lora.modules)} modules names a layer of this base model "
+        count = len(lora.modules) + len(lora.lycoris)
+        if unmatched and len(unmatched) == count and not ldm_names:  # LDM-layout names: diffusers maps them itself
+            raise LoraFileError(f"{path}: none of its {count} modules names a layer of this base model "
                                 f"(e.g. {unmatched[0]}); it was made for another model family (SDXL? SD2?) and "
                                 "would change nothing")
 
@@ -140,6 +168,10 @@ class LoraSet:
     def apply(self, weights: dict[str, float]) -> None:
         if not self.loaded:
             return
+        self.patches.apply({n: w for n, w in weights.items() if n in self.patches.deltas})
+        weights = {n: w for n, w in weights.items() if n not in self.patches.deltas}
+        if not any(n not in self.patches.deltas for n in self.loaded):
+            return
         active = {n: w for n, w in weights.items() if w != 0.0}
         if not active:
             # Strength 0 everywhere: switch the LoRA layers off, so the output is the base model's bit for bit.
@@ -147,6 +179,41 @@ class LoraSet:
             return
         self.pipe.enable_lora()
         self.pipe.set_adapters(list(active), adapter_weights=list(active.values()))
+
+
+class WeightPatches:
+    """Weight changes added straight to layers' weights at a strength: base + sum(strength x delta), computed
+    from the kept originals each time, so strengths can change without drift and 0 gives the base bit for bit."""
+
+    def __init__(self):
+        self.deltas: dict[str, dict[str, tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        self.originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        self.strengths: dict[str, float] = {}
+
+    def add(self, name: str, layers: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        for weight, delta in layers.values():
+            self.originals.setdefault(id(weight), (weight, weight.data.clone()))
+        self.deltas[name] = {n: (w, d.to(w.device)) for n, (w, d) in layers.items()}
+        self.strengths[name] = 0.0
+
+    def remove(self, name: str) -> None:
+        self.apply({**self.strengths, name: 0.0})
+        del self.deltas[name], self.strengths[name]
+
+    def apply(self, strengths: dict[str, float]) -> None:
+        wanted = {n: strengths.get(n, 0.0) for n in self.deltas}
+        if wanted == self.strengths:
+            return
+        touched = {id(w) for layers in self.deltas.values() for w, _ in layers.values()}
+        for key in touched:
+            weight, original = self.originals[key]
+            total = original.float()
+            for n, layers in self.deltas.items():
+                for w, d in layers.values():
+                    if w is weight and wanted[n]:
+                        total = total + wanted[n] * d
+            weight.data.copy_(total.to(weight.dtype))
+        self.strengths = wanted
 
 
 def _load_failure(path: Path, exc: Exception) -> str:

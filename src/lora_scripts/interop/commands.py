@@ -70,7 +70,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .describe import guess_family
     from .files import read_checked
-    from .lora_file import kohya_state
+    from .lora_file import kohya_state, require_plain_lora
     from .metadata import derived_metadata
     from .ops import bake, check_same_shapes, combine
     from ..atomic import atomic_save_safetensors
@@ -94,6 +94,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"wrote {path}: {base.name} with {names} baked in ({changed} weights changed); "
               "load it in A1111/ComfyUI as a checkpoint")
         return 0
+    for (path, _), (lora, _) in zip(parsed, loras):
+        require_plain_lora(lora, path, "merging into one LoRA")
     _same_family(loras, [p.name for p, _ in parsed])
     result, kept = combine(loras, args.rank)
     state = kohya_state(result, DTYPES[args.dtype] if args.dtype else result.dtype)

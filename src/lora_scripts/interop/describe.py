@@ -33,13 +33,15 @@ class Description:
     trigger_words: list[str]
     metadata: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    network_type: str = "lora"  # lora, loha, lokr (LyCORIS)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
 
     def text(self) -> str:
         lines = [f"{self.path}  ({self.size_bytes / 2**20:.2f} MiB)",
-                 f"  format      {self.format}", f"  family      {self.family}", f"  dtype       {self.dtype}",
+                 f"  format      {self.format}", f"  family      {self.family}", f"  type        {self.network_type}",
+                 f"  dtype       {self.dtype}",
                  f"  modules     {self.modules}: " + ", ".join(f"{b} {n}" for b, n in self.blocks.items()),
                  "  rank        " + ", ".join(f"{r} ({n} modules)" for r, n in self.ranks.items()),
                  "  alpha       " + ", ".join(f"{a:g} ({n} modules)" for a, n in self.alphas.items())]
@@ -60,7 +62,8 @@ def guess_family(lora: LoraFile) -> str:
     """The label of the family the LoRA was trained on ("sd1", "sd2", "sdxl", "unknown (...)")."""
     # Cross-attention k and v read the text embedding: their input width is the text encoder's.
     widths = [m.down.shape[1] for n, m in sorted(lora.modules.items()) if n.endswith(("attn2_to_k", "attn2_to_v"))]
-    return guess_lora_family(list(lora.modules), widths, lora.metadata)
+    widths += [m.in_features for n, m in sorted(lora.lycoris.items()) if n.endswith(("attn2_to_k", "attn2_to_v"))]
+    return guess_lora_family([*lora.modules, *lora.lycoris], widths, lora.metadata)
 
 
 def _block(name: str) -> str:
@@ -98,13 +101,14 @@ def _warnings(lora: LoraFile, family: str, table: dict[str, Entry] | None) -> li
     bad = [n for n, m in lora.modules.items() if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
     if bad:
         out.append(f"{len(bad)} modules hold NaN/inf (e.g. {bad[0]}): the file would break every image")
-    if all(float(m.up.abs().max()) == 0 for m in lora.modules.values()):
-        out.append("every lora_up is zero: the LoRA changes nothing (saved before any training step?)")
+    if all(float(d.abs().max()) == 0 for d in lora.deltas().values()):
+        out.append("every update is zero: the LoRA changes nothing (saved before any training step?)")
     if table is not None:
-        unmatched = [n for n in lora.modules if n not in table and ldm_alias(n, table) is None]
+        names = [*lora.modules, *lora.lycoris]
+        unmatched = [n for n in names if n not in table and ldm_alias(n, table) is None]
         if unmatched:
             label = family_by_label(family).label if family_by_label(family) else family
-            out.append(f"{len(unmatched)} of {len(lora.modules)} module names match no {label} layer; A1111 and "
+            out.append(f"{len(unmatched)} of {len(names)} module names match no {label} layer; A1111 and "
                        f"ComfyUI would skip them (e.g. {sorted(unmatched)[0]})")
     version = lora.metadata.get("ss_base_model_version", "")
     expected = lora_metadata_for(family).get("ss_base_model_version")
@@ -112,7 +116,7 @@ def _warnings(lora: LoraFile, family: str, table: dict[str, Entry] | None) -> li
         out.append(f"ss_base_model_version is {version!r} but the weights are {family}: A1111 files it under the "
                    "wrong model family and may hide it")
     dim = lora.metadata.get("ss_network_dim")
-    ranks = {m.rank for m in lora.modules.values()}
+    ranks = {m.rank for m in (*lora.modules.values(), *lora.lycoris.values()) if m.rank}
     if dim and dim.isdigit() and ranks and int(dim) not in ranks and "dynamic" not in lora.metadata.get("ss_network_args", ""):
         out.append(f"ss_network_dim says {dim} but the weights have rank {sorted(ranks)}")
     return out
@@ -123,12 +127,14 @@ def describe(path: Path) -> Description:
     lora = read_lora(path)
     family = guess_family(lora)
     table = family_table(family)
-    alphas = Counter(float(m.alpha if m.alpha is not None else m.rank) for m in lora.modules.values())
+    every = [*lora.modules.values(), *lora.lycoris.values()]
+    alphas = Counter(float(m.alpha if m.alpha is not None else (m.rank or 1)) for m in every)
+    ranks = Counter(m.rank if m.rank else "full" for m in every)  # LoKr with no decomposed factor: "full"
     return Description(
         path=str(path), size_bytes=path.stat().st_size, format=lora.format, family=family,
-        dtype=str(lora.dtype).removeprefix("torch."), modules=len(lora.modules),
-        blocks=dict(sorted(Counter(_block(n) for n in lora.modules).items())),
-        ranks=dict(sorted(Counter(m.rank for m in lora.modules.values()).items())),
+        dtype=str(lora.dtype).removeprefix("torch."), modules=len(every),
+        blocks=dict(sorted(Counter(_block(n) for n in (*lora.modules, *lora.lycoris)).items())),
+        ranks=dict(sorted(ranks.items(), key=lambda kv: str(kv[0]).zfill(8))),
         alphas=dict(sorted(alphas.items(), key=lambda kv: -kv[1])),
         trigger_words=trigger_words(lora.metadata), metadata=dict(sorted(lora.metadata.items())),
-        warnings=_warnings(lora, family, table))
+        warnings=_warnings(lora, family, table), network_type=lora.network_type)

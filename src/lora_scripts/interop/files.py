@@ -11,7 +11,7 @@ from ..atomic import atomic_save_safetensors
 from ..dtypes import DTYPES
 from ..errors import LoraScriptsError
 from .describe import guess_family
-from .lora_file import LoraFile, kohya_state, read_lora, require_finite, write_diffusers
+from .lora_file import LoraFile, kohya_state, read_lora, require_finite, require_plain_lora, write_diffusers
 from .metadata import derived_metadata
 from .ops import Kept, resize
 
@@ -87,6 +87,7 @@ def read_checked(path: Path, action: str = "converting") -> LoraFile:
 def convert_file(src: Path, out: Path, to: str, base: Path | None = None, dtype: str | None = None) -> str:
     """kohya <-> diffusers, lossless; returns a one-line description of what was written."""
     lora = read_checked(src, "converting")
+    require_plain_lora(lora, src, "convert")
     base = check_base(base) if base is not None else None
     family = base_family(base) if base else guess_family(lora)
     torch_dtype = DTYPES[dtype] if dtype else lora.dtype
@@ -129,6 +130,7 @@ class Resized:
 def resize_file(src: Path, out: Path, rank: int, dtype: str | None = None) -> Resized:
     check_rank(rank)
     lora = read_checked(src, "resizing")
+    require_plain_lora(lora, src, "resize")
     result, kept = resize(lora, rank)
     state = kohya_state(result, DTYPES[dtype] if dtype else lora.dtype)
     written = [state[k].shape[0] for k in state if k.endswith(".lora_down.weight")]

@@ -24,6 +24,7 @@ from ..atomic import atomic_save_safetensors
 from ..errors import LoraScriptsError
 from ..formats.diffusers import ADAPTER_METADATA_KEY
 from ..formats.fused import fuse_slots, split
+from ..formats import lycoris
 from ..formats.kohya import UNET_PREFIX, join_kohya, split_kohya
 from .table import Entry
 
@@ -59,16 +60,61 @@ class LoraModule:
 
 
 @dataclass
+class LycorisModule:
+    """A LoHa or LoKr layer as LyCORIS writes it (formats/lycoris.py has the layout and the loaders' rule)."""
+
+    kind: str  # "loha" | "lokr"
+    tensors: dict[str, Tensor]  # hada_w1_a, ... / lokr_w1, ... as in the file
+    alpha: float | None = None
+
+    def delta(self, shape: tuple[int, ...] | None = None) -> Tensor:
+        """The weight change at strength 1, in fp32, as A1111 and ComfyUI compute it; `shape`: the layer's."""
+        return lycoris.delta(self.kind, self.tensors, self.alpha, shape)
+
+    @property
+    def rank(self) -> int | None:
+        """LoHa's r; LoKr's decomposed factor's inner size (None: both factors full)."""
+        return self.tensors["hada_w1_b"].shape[0] if self.kind == "loha" else lycoris.lokr_rank(self.tensors)
+
+    @property
+    def in_features(self) -> int:
+        rows, size = lycoris.update_rows_and_size(self.kind, self.tensors)
+        return size // rows
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        rows, size = lycoris.update_rows_and_size(self.kind, self.tensors)
+        return rows == shape[0] and size == math.prod(shape)
+
+
+@dataclass
 class LoraFile:
     modules: dict[str, LoraModule]  # kohya module name -> weights
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = KOHYA
     unknown: list[str] = field(default_factory=list)  # keys no SD LoRA loader would apply as plain LoRA
     dtype: torch.dtype = torch.float16
+    lycoris: dict[str, LycorisModule] = field(default_factory=dict)  # LoHa/LoKr layers, by kohya module name
 
     def components(self) -> Counter:
         return Counter("text_encoder" if n.startswith("lora_te") else "unet" if n.startswith(UNET_PREFIX) else "other"
-                       for n in self.modules)
+                       for n in (*self.modules, *self.lycoris))
+
+    @property
+    def network_type(self) -> str:
+        """lora, loha, lokr (or a + joined mix), what `inspect` reports."""
+        kinds = sorted({m.kind for m in self.lycoris.values()} | ({"lora"} if self.modules else set()))
+        return "+".join(kinds) or "lora"
+
+    def deltas(self) -> dict[str, Tensor]:
+        """Every module's weight change at strength 1 (fp32, LoRA's shaped like its layer, LyCORIS' flat)."""
+        return {**{n: m.delta() for n, m in self.modules.items()}, **{n: m.delta() for n, m in self.lycoris.items()}}
+
+
+def require_plain_lora(lora: LoraFile, path: Path, what: str) -> None:
+    """Tools that work on LoRA's down/up factors (convert, resize, merge into a LoRA) refuse LoHa/LoKr by name."""
+    if lora.lycoris:
+        raise LoraFileError(f"{path} is a {lora.network_type} file (LyCORIS); {what} works on LoRA/LoCon files. "
+                            "A1111 and ComfyUI load it as it is; `merge --base` bakes it into a checkpoint")
 
 
 def read_lora(path: Path) -> LoraFile:
@@ -86,13 +132,14 @@ def read_lora(path: Path) -> LoraFile:
         lora = _from_peft(state, metadata)
     else:
         lora = _from_kohya(state, metadata)
-    if not lora.modules:
+    if not lora.modules and not lora.lycoris:
         hint = (" It looks like a full model checkpoint, not a LoRA." if len(state) > 100 or any(
             k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in state) else "")
         raise LoraFileError(f"{path} holds no LoRA weights this tool understands "
                             f"({len(state)} keys, e.g. {sorted(state)[:2]}).{hint}")
     _check_modules(lora, path)
-    floats = [v.dtype for m in lora.modules.values() for v in (m.down, m.up)]
+    floats = [v.dtype for m in lora.modules.values() for v in (m.down, m.up)] + \
+        [v.dtype for m in lora.lycoris.values() for v in m.tensors.values()]
     lora.dtype = Counter(floats).most_common(1)[0][0]
     return lora
 
@@ -119,6 +166,11 @@ def _check_modules(lora: LoraFile, path: Path) -> None:
             bad.append(f"{name}: lora_down {tuple(m.down.shape)} and lora_up {tuple(m.up.shape)} are not a LoRA pair")
         elif m.down.shape[0] == 0 or m.up.shape[1] != m.down.shape[0]:
             bad.append(f"{name}: lora_down has rank {m.down.shape[0]} but lora_up has rank {m.up.shape[1]}")
+    for name, m in sorted(lora.lycoris.items()):
+        try:
+            lycoris.update_rows_and_size(m.kind, m.tensors)
+        except KeyError as exc:
+            bad.append(f"{name}: {m.kind} without {exc.args[0]}")
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise LoraFileError(f"{path} is damaged: {bad[0]}{more}. No loader can apply it; use another copy or "
@@ -137,6 +189,11 @@ def nonfinite_tensors(lora: LoraFile) -> tuple[list[str], int]:
             total += 1
             if not math.isfinite(m.alpha):
                 bad.append(f"{name}.alpha")
+    for name, m in sorted(lora.lycoris.items()):
+        for suffix, t in m.tensors.items():
+            total += 1
+            if not bool(torch.isfinite(t).all()):
+                bad.append(f"{name}.{suffix}")
     return bad, total
 
 
@@ -162,6 +219,12 @@ def shape_problems(lora: LoraFile, shapes: dict[str, tuple[int, ...]]) -> tuple[
             unmatched.append(name)
         elif tuple(update_shape(m)) != tuple(shapes[name]):
             wrong.append(f"{name}: {tuple(update_shape(m))} vs the model's {tuple(shapes[name])}")
+    for name, m in sorted(lora.lycoris.items()):
+        if name not in shapes:
+            unmatched.append(name)
+        elif not m.fits(tuple(shapes[name])):
+            rows, size = lycoris.update_rows_and_size(m.kind, m.tensors)
+            wrong.append(f"{name}: {rows} rows, {size} values vs the model's {tuple(shapes[name])}")
     return unmatched, wrong
 
 
@@ -171,8 +234,16 @@ def update_shape(m: LoraModule) -> tuple[int, ...]:
 
 
 def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
-    parts, unknown = split_kohya(state)
-    modules = {}
+    found, rest = _lycoris_parts(state)
+    parts, unknown = split_kohya(rest)  # a LyCORIS module's alpha lands here, with no down/up
+    modules, lyco = {}, {}
+    for name, tensors in found.items():
+        alpha = parts.pop(name, {}).get("alpha")
+        if any(k in tensors for k in lycoris.CORE_KEYS):  # Tucker cores: loaders apply them; we do not read them
+            unknown += [f"{name}.{k} (LyCORIS Tucker decomposition: not read by this tool)" for k in tensors]
+            continue
+        lyco[name] = LycorisModule(lycoris.kind_of(set(tensors)), tensors,
+                                   float(alpha) if alpha is not None and alpha.numel() == 1 else None)
     for name, p in parts.items():
         if "down" in p and "up" in p:
             if "alpha" in p and p["alpha"].numel() != 1:
@@ -181,7 +252,21 @@ def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
             modules[name] = LoraModule(p["down"], p["up"], float(p["alpha"]) if "alpha" in p else None)
         else:
             unknown += [f"{name}.{k} (its partner is missing)" for k in p]
-    return LoraFile(modules, metadata, KOHYA, sorted(unknown))
+    return LoraFile(modules, metadata, KOHYA, sorted(unknown), lycoris=lyco)
+
+
+def _lycoris_parts(state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """LoHa/LoKr parameters by module (name -> {param: tensor}), and every other key."""
+    found: dict[str, dict[str, Tensor]] = {}
+    rest = {}
+    names = lycoris.LOHA_KEYS + lycoris.LOKR_KEYS + lycoris.CORE_KEYS
+    for key, value in state.items():
+        name, _, param = key.partition(".")
+        if param in names:
+            found.setdefault(name, {})[param] = value
+        else:
+            rest[key] = value
+    return found, rest
 
 
 def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:

@@ -99,15 +99,15 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
          metadata: dict[str, str] | None = None) -> tuple[Path, int]:
     """Write base + sum(strength x delta) as a single-file checkpoint in the base's own layout and dtype, every
     other tensor and the base's metadata unchanged. Returns the path and how many weights changed."""
-    missing = sorted({n for lora, _ in loras for n in lora.modules if n not in table})
+    missing = sorted({n for lora, _ in loras for n in (*lora.modules, *lora.lycoris) if n not in table})
     if missing:
         raise LoraFileError(f"{len(missing)} LoRA modules match no layer of {base.name} (first: {missing[0]}); "
                             "is the LoRA for another model family? Nothing was written.")
     deltas: dict[str, Tensor] = {}
     for lora, w in loras:
-        for name, m in lora.modules.items():
+        for name, m in {**lora.modules, **lora.lycoris}.items():  # LoHa/LoKr too: A1111/ComfyUI's rule
             entry = table[name]
-            d = m.delta() * w
+            d = (m.delta() if name in lora.modules else m.delta(entry.shape)) * w
             if entry.rows is not None:  # one of the layers a single file fuses (SD2's q/k/v in_proj): its rows
                 fused = torch.zeros(entry.ldm_shape, dtype=d.dtype)
                 fused[entry.rows[0]:entry.rows[1]] = d

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..families.loading import quiet_loading
+from ..formats.lycoris import is_adapter_param
 from .files import check_base
 from .lora_file import LoraFile, LoraModule, nonfinite_tensors, read_lora
 from .table import base_configs, base_shapes, module_table
@@ -78,28 +79,32 @@ def verify(lora_path: Path, base_path: Path, loaded=None, files: dict[str, Path]
     files, by config key (Flux.1's clip_l, t5xxl, ae)."""
     lora = read_lora(lora_path)
     check_base(Path(base_path))
-    report = VerifyReport(Path(lora_path), len(lora.modules), unknown_keys=list(lora.unknown))
+    report = VerifyReport(Path(lora_path), len(lora.modules) + len(lora.lycoris), unknown_keys=list(lora.unknown))
     configs = base_configs(Path(base_path))
     table = module_table(configs)
     _check_names(lora, Path(base_path), table, family_for_configs(configs), report, files)
-    report.zero = all(float(m.up.abs().max()) == 0.0 for m in lora.modules.values())
+    report.zero = all(float(d.abs().max()) == 0.0 for d in lora.deltas().values())
     report.nonfinite = nonfinite_tensors(lora)[0]
     if not report.unmatched and not report.wrong_shape and not report.nonfinite:
-        _check_diffusers(lora, Path(lora_path), Path(base_path), table, report, loaded, files)
+        if lora.modules:
+            _check_diffusers(lora, Path(lora_path), Path(base_path), table, report, loaded, files)
+        if lora.lycoris:
+            _check_lycoris(lora, table, report, loaded)
     return report
 
 
 def _check_names(lora: LoraFile, base: Path, table, family, report: VerifyReport, files=None) -> None:
     shapes = base_shapes(base, files)  # a diffusers folder's names in the single-file layout A1111/ComfyUI resolve
-    for name, m in sorted(lora.modules.items()):
+    for name, m in sorted({**lora.modules, **lora.lycoris}.items()):
         entry = table.get(name)
+        fits = (lambda shape: tuple(m.delta().shape) == shape) if isinstance(m, LoraModule) else m.fits
         if entry is None or entry.ldm_key not in shapes:
             report.unmatched.append(name)
-        elif tuple(m.delta().shape) != entry.shape or tuple(shapes[entry.ldm_key]) != entry.ldm_shape:
+        elif not fits(entry.shape) or tuple(shapes[entry.ldm_key]) != entry.ldm_shape:
             # entry.shape: the layer's; ldm_shape: the single file's weight it lives in (fused q/k/v: 3x the rows)
-            report.wrong_shape.append(f"{name}: {tuple(m.delta().shape)} vs {tuple(shapes[entry.ldm_key])}")
+            report.wrong_shape.append(f"{name}: does not fit {tuple(shapes[entry.ldm_key])}")
     for component in (family.denoiser,) + family.text_encoders:
-        paths = [p for n in lora.modules if n in table and table[n].component == component
+        paths = [p for n in (*lora.modules, *lora.lycoris) if n in table and table[n].component == component
                  for p in (table[n].path,) + tuple(q for q, _ in table[n].parts[1:])]
         report.partial += family.target_problems(component, paths)
 
@@ -204,7 +209,7 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, table, report:
               if isinstance(m, BaseTunerLayer)}
     # diffusers casts a text encoder it loads an adapter into to the base's dtype, trained LoRA included, and
     # leaves it in eval mode: what a model in use had is put back afterwards (LoRA tensors are small).
-    kept = {id(p): (p, p.data.clone()) for net in parts.values() for n, p in net.named_parameters() if "lora_" in n}
+    kept = {id(p): (p, p.data.clone()) for net in parts.values() for n, p in net.named_parameters() if is_adapter_param(n)}
     modes = {id(m): (m, m.training) for net in parts.values() for m in net.modules()}
     pipe = family.pipeline(model, model.schedule, parts)
     try:
@@ -231,3 +236,32 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, table, report:
             param.data = data
         for module, training in modes.values():
             module.training = training  # each module's own flag (train() would recurse into the children)
+
+
+def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> None:
+    """By effect for LoHa/LoKr (diffusers loads neither): the weight change A1111 and ComfyUI compute from the
+    file must equal what the trained peft layer applied (get_delta_weight). Only the run that trained the file
+    has those layers; a file checked on its own is checked by name, shape and values."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    networks = loaded[1] if loaded is not None else {}
+    compared = 0
+    for name, m in sorted(lora.lycoris.items()):
+        entry = table[name]
+        layer = networks[entry.component].get_submodule(entry.path) if entry.component in networks else None
+        if not isinstance(layer, LycorisLayer) or "default" not in layer.r:
+            continue
+        with torch.no_grad():
+            applied = layer.get_delta_weight("default").float()
+        expected = m.delta(tuple(applied.shape))
+        norm = float(expected.norm())
+        if norm == 0.0:
+            continue
+        compared += 1
+        rel = float((applied - expected).norm()) / norm
+        report.max_rel_error = max(report.max_rel_error, rel)
+        if rel > _RTOL:
+            report.wrong_strength.append(f"{name} (off by {rel:.1%})")
+    if not compared:
+        report.notes.append(f"{lora.network_type}: checked by name, shape and values; its effect is checked against "
+                            "the trained layers at the end of the run that made it (diffusers loads no LoHa/LoKr)")

@@ -10,6 +10,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..formats.lycoris import is_adapter_param
 
 def check_targets(family, modules: dict[str, nn.Module], config: TrainConfig, chosen: dict[str, list[str]]) -> None:
     """An explicit lora_targets list is checked name by name before anything is injected, so a typo or a list
@@ -52,7 +53,10 @@ def choose_targets(family, component: str, module: nn.Module, config: TrainConfi
     return sorted(set(chosen) | set(linear) | set(conv)), conv
 
 
-def lora_config(config: TrainConfig, modules: list[str], conv: list[str] = ()) -> LoraConfig:
+def lora_config(config: TrainConfig, modules: list[str], conv: list[str] = ()):
+    """The peft config of config.network_type: LoraConfig (lora, locon), LoHaConfig, LoKrConfig."""
+    if config.network_type in ("loha", "lokr"):
+        return _lycoris_config(config, modules, conv)
     # peft's default init is kohya's: lora_A kaiming-uniform, lora_B zeros, so step 0 equals the base model.
     # Full module paths as patterns: peft matches a pattern at the end of a path, and a full path only itself.
     return LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
@@ -61,7 +65,31 @@ def lora_config(config: TrainConfig, modules: list[str], conv: list[str] = ()) -
                       alpha_pattern={m: config.conv_alpha_value for m in conv})
 
 
-def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv: list[str] = ()) -> LoraConfig:
+def _lycoris_config(config: TrainConfig, modules: list[str], conv: list[str]):
+    """peft's LoHa/LoKr, which follow LyCORIS' factor shapes (formats/lycoris.py writes them under LyCORIS' keys).
+    Chosen over the lycoris-lora package because the rest of the pipeline (injection into diffusers and
+    transformers models, state dicts, resume, previews' strength) already runs on peft's adapter layers.
+    Convolutions stay flattened (no Tucker cores: use_effective_conv2d false), the form every loader reads; step 0
+    equals the base model (one factor starts at zero)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    common = dict(r=config.lora_rank, alpha=config.alpha, target_modules=modules, init_weights=True,
+                  rank_pattern={m: config.conv_rank for m in conv},
+                  alpha_pattern={m: config.conv_alpha_value for m in conv}, use_effective_conv2d=False)
+    if config.network_type == "loha":
+        return LoHaConfig(**common)
+    return LoKrConfig(**common, decompose_factor=config.lokr_factor, decompose_both=False)
+
+
+def adapter_scales(model: nn.Module) -> dict[str, tuple[int, float]]:
+    """Module path -> (r, alpha) of each LoHa/LoKr layer, as the file's alpha keys need them."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return {path: (m.r["default"], float(m.alpha["default"])) for path, m in model.named_modules()
+            if isinstance(m, LycorisLayer) and "default" in m.r}
+
+
+def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv: list[str] = ()):
     """Freeze the model, add LoRA layers and keep them fp32 so tiny updates survive fp16/bf16 bases. conv: the
     3x3 convolutions among `modules`, at conv_rank / conv_alpha."""
     if not modules:
@@ -76,11 +104,11 @@ def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv:
         # peft's injector does the same job on any torch module.
         inject_adapter_in_model(cfg, model, adapter_name="default")
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if is_adapter_param(name):
             p.data = p.data.float()
             p.requires_grad_(True)
     return cfg
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    return [p for n, p in model.named_parameters() if is_adapter_param(n) and p.requires_grad]

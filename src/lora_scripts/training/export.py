@@ -18,6 +18,7 @@ from ..dtypes import DTYPES
 from ..families import Family
 from ..formats.diffusers import peft_to_diffusers
 from ..formats.kohya import peft_to_kohya
+from ..formats.lycoris import peft_to_lycoris
 from ..hashes import modelspec_hash, sshs_hashes
 from .optimizers import optimizer_label
 
@@ -51,7 +52,14 @@ def network_args(config: TrainConfig) -> dict[str, Any]:
     args: dict[str, Any] = {"lora_targets": config.lora_targets}
     if config.conv_rank is not None:
         args.update(conv_dim=str(config.conv_rank), conv_alpha=f"{config.conv_alpha_value:g}")
+    if config.network_type in LYCORIS_TYPES:  # as LyCORIS' kohya wrapper records them
+        args["algo"] = config.network_type
+        if config.network_type == "lokr":
+            args["factor"] = str(config.lokr_factor)
     return args
+
+
+LYCORIS_TYPES = ("loha", "lokr")
 
 
 def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, max_steps: int) -> dict[str, str]:
@@ -59,7 +67,7 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
     ss: dict[str, Any] = {
         "ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at,
         "ss_training_finished_at": time.time(), "ss_output_name": config.name,
-        "ss_network_module": "networks.lora", "ss_network_dim": config.lora_rank, "ss_network_alpha": config.alpha,
+        "ss_network_module": "lycoris.kohya" if config.network_type in LYCORIS_TYPES else "networks.lora", "ss_network_dim": config.lora_rank, "ss_network_alpha": config.alpha,
         "ss_network_dropout": config.lora_dropout, "ss_network_args": json.dumps(network_args(config)),
         "ss_base_model_version": base["ss_base_model_version"], "ss_v2": base["ss_v2"],
         "ss_sd_model_name": facts.base_model_name, "ss_new_sd_model_hash": facts.base_model_hash,
@@ -105,12 +113,17 @@ def modelspec_metadata(config: TrainConfig, facts: RunFacts, state: dict[str, Te
 
 
 def kohya_file_contents(
-    config: TrainConfig, facts: RunFacts, states: dict[str, dict[str, Tensor]], step: int, epoch: int, max_steps: int
+    config: TrainConfig, facts: RunFacts, states: dict[str, dict[str, Tensor]], step: int, epoch: int, max_steps: int,
+    scales: dict[str, dict[str, tuple[int, float]]] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors cast to save_precision (alpha included, as kohya does) and the full metadata with its hashes."""
+    """Tensors cast to save_precision (alpha included, as kohya does) and the full metadata with its hashes.
+    scales: for LoHa/LoKr, each layer's (r, alpha) (training.adapters.adapter_scales)."""
     dtype = DTYPES[config.save_precision]
-    kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name, config.conv_alpha_value,
-                          facts.family.fused_slot)
+    if config.network_type in LYCORIS_TYPES:
+        kohya = peft_to_lycoris(states, scales or {}, facts.family.kohya_name)
+    else:
+        kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name,
+                              config.conv_alpha_value, facts.family.fused_slot)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(kohya.items())}
     meta = kohya_metadata(config, facts, step, epoch, max_steps)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(state, meta)

@@ -43,7 +43,9 @@ def parse_offload(value: str) -> int | str | None:
 
 def frozen_params(unit: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters a block swap moves: frozen ones, not LoRA's (trained, or kept idle for the file)."""
-    return [(n, p) for n, p in unit.named_parameters() if not p.requires_grad and "lora_" not in n]
+    from .adapters import is_adapter_param
+
+    return [(n, p) for n, p in unit.named_parameters() if not p.requires_grad and not is_adapter_param(n)]
 
 
 def unit_bytes(unit: nn.Module) -> int:

@@ -61,8 +61,9 @@ def plan_samples(config: TrainConfig) -> list[PlannedSample]:
 def lora_strength(models: list[torch.nn.Module], strength: float):
     """Scale every LoRA layer's output by `strength` for the duration (peft keeps alpha/r in `scaling`)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer  # LoHa, LoKr: their delta weight is scaled by `scaling` too
 
-    layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
+    layers = [m for model in models for m in model.modules() if isinstance(m, (LoraLayer, LycorisLayer))]
     saved = [dict(m.scaling) for m in layers]
     try:
         for m in layers:

@@ -28,7 +28,7 @@ from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
 from ..families import Conditioning, LoadSettings, Model
 from ..families.loading import load_base_model
 from ..hashes import file_sha256, legacy_model_hash
-from .adapters import check_targets, choose_targets, inject_lora, lora_parameters
+from .adapters import adapter_scales, check_targets, choose_targets, inject_lora, is_adapter_param, lora_parameters
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
@@ -227,13 +227,20 @@ class Trainer:
         if cfg.conv_rank is not None and not any(c[1] for c in chosen.values()):
             raise ConfigError("the config", [f"conv_rank = {cfg.conv_rank}: the {family.label} {family.denoiser_label} "
                                              "has no 3x3 convolutions to train; remove conv_rank (and conv_alpha)"])
+        if cfg.network_type in ("loha", "lokr"):
+            fused = [m for n in names for m in chosen[n][0] if family.fused_slot(n, m) is not None]
+            if fused:
+                raise ConfigError("the config", [
+                    f"network_type = {cfg.network_type}: the {family.label} file format fuses layers that "
+                    f"{family.label} in diffusers keeps apart (e.g. {fused[0]}), and a {cfg.network_type} "
+                    "product of separate layers cannot be written as one; use network_type: lora"])
         self.target_modules = {n: c[0] for n, c in chosen.items()}
         self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n]) for n in names}
         for n in names:  # in the file (as sd-scripts writes them) but never reached by the loss: not trained, and
             # not handed to DDP, which refuses parameters without a gradient
             idle = tuple(f"{m}." for m in family.idle_modules(n, model.modules[n], self.target_modules[n]))
             for path, p in model.modules[n].named_parameters():
-                if "lora_" in path and path.startswith(idle):
+                if is_adapter_param(path) and path.startswith(idle):
                     p.requires_grad_(False)
         for name in family.text_encoders:
             if name not in names:
@@ -394,7 +401,9 @@ class Trainer:
             bad = [k for s in states.values() for k, v in s.items() if not torch.isfinite(v).all()]
             if bad:  # the step guard should make this impossible; a NaN file would load and silently break images
                 raise TrainingError(f"refusing to write {path.name}: {len(bad)} LoRA tensors hold NaN/inf (e.g. {bad[0]})")
-            state, meta = kohya_file_contents(self.config, facts, states, step, epoch, self.max_steps)
+            unwrap = self.accelerator.unwrap_model
+            scales = {n: adapter_scales(unwrap(self.trained[n])) for n in self.lora_configs}
+            state, meta = kohya_file_contents(self.config, facts, states, step, epoch, self.max_steps, scales)
         return save_kohya(path, state, meta)
 
     def restore(self, state: dict) -> None:

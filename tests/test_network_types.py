@@ -1,0 +1,154 @@
+"""network_type: locon, loha, lokr — LyCORIS keys as A1111/ComfyUI read them, their weight change by the loaders'
+rule equal to what peft trained, and every tool either handling the file or saying why not."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+from safetensors import safe_open
+from torch import nn
+
+from conftest import seed_config
+from lora_scripts.config import load_config
+from lora_scripts.errors import ConfigError, LoraScriptsError
+from lora_scripts.formats import lycoris
+from lora_scripts.training.adapters import adapter_scales
+from lora_scripts.training.loop import train
+
+
+def _layers():
+    return nn.ModuleDict({"lin": nn.Linear(64, 96), "conv": nn.Conv2d(32, 48, 3, padding=1),
+                          "one": nn.Conv2d(32, 48, 1)})
+
+
+@pytest.mark.parametrize("config", [
+    LoHaConfig(r=4, alpha=2, target_modules=["lin", "conv", "one"], init_weights=False, rank_pattern={"conv": 2},
+               alpha_pattern={"conv": 1.5}),
+    LoKrConfig(r=4, alpha=2, target_modules=["lin", "conv", "one"], init_weights=False),  # w2 decomposed / full 4-D
+    LoKrConfig(r=64, alpha=3, target_modules=["lin", "conv", "one"], init_weights=False),  # nothing decomposed
+    LoKrConfig(r=2, alpha=1, target_modules=["lin", "conv", "one"], init_weights=False, decompose_factor=8),
+], ids=["loha", "lokr", "lokr_full", "lokr_factor8"])
+def test_the_file_gives_the_loaders_the_change_peft_trained(config):
+    """The reference reconstruction (A1111/ComfyUI's rule, formats/lycoris.delta) of the written factors equals
+    peft's get_delta_weight for Linear, 3x3 and 1x1 layers, to 1e-6; every module has its alpha."""
+    from peft import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    net = _layers()
+    inject_adapter_in_model(config, net)
+    state = get_peft_model_state_dict(net)
+    written = lycoris.peft_to_lycoris({"unet": state}, {"unet": adapter_scales(net)}, lambda c, p: f"lora_unet_{p}")
+    for path in ("lin", "conv", "one"):
+        name = f"lora_unet_{path}"
+        tensors = {k.split(".", 1)[1]: v for k, v in written.items() if k.startswith(name + ".") and not k.endswith("alpha")}
+        kind = lycoris.kind_of(set(tensors))
+        assert kind == ("loha" if isinstance(config, LoHaConfig) else "lokr")
+        want = net[path].get_delta_weight("default")
+        got = lycoris.delta(kind, tensors, float(written[f"{name}.alpha"]), tuple(want.shape))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert lycoris.update_rows_and_size(kind, tensors) == (want.shape[0], want.numel())
+
+
+def _keys(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+RUN = dict(max_train_steps=4, batch_size=2, lora_rank=4, save_precision="fp32", learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("base,kind,extra", [
+    ("tiny_ckpt", "loha", dict(conv_rank=2, train_text_encoder=True)),
+    ("tiny_ckpt", "lokr", dict(conv_rank=2, lokr_factor=4)),
+    ("tiny_sdxl_ckpt", "loha", {}),
+    ("tiny_sd2_ckpt", "lokr", {}),
+])
+def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, dataset, base, kind, extra, request):
+    result = train(load_config(seed_config(tmp_path, request.getfixturevalue(base), network_type=kind, **RUN, **extra)))
+    state, meta = _keys(result.lora_path)
+    params = {k.split(".", 1)[1] for k in state}
+    assert params <= set(lycoris.LOHA_KEYS if kind == "loha" else lycoris.LOKR_KEYS) | {"alpha"}
+    names = {k.split(".", 1)[0] for k in state}
+    assert all(f"{n}.alpha" in state for n in names)
+    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == kind
+    # The self-test compared every layer with the trained one: the loaders' rule gives what peft trained.
+    assert result.verified and "0 unmatched keys" in result.verified and "note:" not in result.verified
+    assert float(result.verified.split("max deviation ")[1].split()[0]) < 1e-5
+    if extra.get("conv_rank"):  # 3x3 convolutions of the ResNet blocks (LoCon-style) are in the file too
+        assert any("resnets" in n and "conv1" in n for n in names)
+    if extra.get("train_text_encoder"):
+        assert any(n.startswith("lora_te_") for n in names)
+
+
+def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt):
+    """inspect names the type; verify on its own checks names, shapes and values and says so; generate draws it
+    (strength 0 = the base bit for bit, 1 changes the image) without diffusers, which loads no LoHa; merge --base
+    bakes it with the loaders' rule; convert, resize and merging into a LoRA refuse it by name."""
+    from lora_scripts.generation.render import Renderer, Settings
+    from lora_scripts.interop.describe import describe
+    from lora_scripts.interop.files import convert_file, resize_file
+    from lora_scripts.interop.lora_file import read_lora
+    from lora_scripts.interop.ops import bake
+    from lora_scripts.interop.table import base_configs, module_table
+    from lora_scripts.interop.verify import verify
+
+    result = train(load_config(seed_config(tmp_path, tiny_ckpt, network_type="loha", **RUN)))
+    path = result.lora_path
+    d = describe(path)
+    assert d.network_type == "loha" and "type        loha" in d.text() and d.ranks == {4: d.modules}
+    assert not d.warnings
+    report = verify(path, tiny_ckpt)
+    assert report.ok and "checked by name, shape and values" in report.summary()
+
+    renderer = Renderer(tiny_ckpt, [path.parent], Settings(steps=2, size=(64, 64)))
+    base = np.asarray(renderer.render("a lab", [3])[0].image, dtype=np.int16)
+    at0 = np.asarray(renderer.render(f"a lab <lora:{path.stem}:0>", [3])[0].image, dtype=np.int16)
+    at1 = np.asarray(renderer.render(f"a lab <lora:{path.stem}:1>", [3])[0].image, dtype=np.int16)
+    again = np.asarray(renderer.render("a lab", [3])[0].image, dtype=np.int16)
+    assert (at0 == base).all() and (again == base).all() and np.abs(at1 - base).max() > 0
+
+    table = module_table(base_configs(tiny_ckpt))
+    lora = read_lora(path)
+    baked, changed = bake(tiny_ckpt, [(lora, 1.0)], table, tmp_path / "baked.safetensors")
+    assert changed == len(lora.lycoris)
+    before, _ = _keys(tiny_ckpt)
+    after, _ = _keys(baked)
+    name = sorted(lora.lycoris)[0]
+    key = table[name].ldm_key
+    torch.testing.assert_close(after[key].float() - before[key].float(), lora.lycoris[name].delta(before[key].shape),
+                               rtol=1e-4, atol=1e-6)
+    for call in (lambda: convert_file(path, tmp_path / "c.safetensors", "diffusers"),
+                 lambda: resize_file(path, tmp_path / "r.safetensors", 2)):
+        with pytest.raises(LoraScriptsError, match="is a loha file \\(LyCORIS\\); .* works on LoRA/LoCon files"):
+            call()
+
+
+def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_files):
+    from conftest import flux_keys
+    from lora_scripts.training.trainer import Trainer
+
+    def problem(base, **kw):
+        with pytest.raises(ConfigError) as err:
+            Trainer(load_config(seed_config(tmp_path, base, **kw))).setup()
+        return str(err.value)
+
+    assert "lokr_factor = 4: it applies to network_type: lokr, not loha" in problem(tiny_ckpt, network_type="loha",
+                                                                                    lokr_factor=4)
+    assert "save_format = diffusers with network_type: loha" in problem(tiny_ckpt, network_type="loha",
+                                                                        save_format="diffusers")
+    assert "lora_dropout = 0.1 with network_type: lokr" in problem(tiny_ckpt, network_type="lokr", lora_dropout=0.1)
+    message = problem(tiny_flux_files["base_model"], network_type="loha", **flux_keys(tiny_flux_files))
+    assert "network_type = loha: the Flux.1 file format fuses layers" in message and "use network_type: lora" in message
+
+
+def test_locon_is_lora_with_the_convolutions(tmp_path):
+    """network_type: locon = kohya's LoRA with conv_dim: conv_rank defaults to lora_rank (and stays settable)."""
+    from lora_scripts.config import validate_config
+
+    (tmp_path / "d").mkdir()
+    common = dict(train_data_dir=tmp_path / "d", base_model=tmp_path, output_dir=tmp_path / "o", lora_rank=8)
+    assert validate_config(dict(common, network_type="locon")).conv_rank == 8
+    assert validate_config(dict(common, network_type="locon", conv_rank=4)).conv_rank == 4
+    assert validate_config(common).conv_rank is None
