@@ -6,7 +6,7 @@ Every row trains on the demo's 60 images from the same seed and is read the way 
 distance to the training set (0 = the same colours). Held-out loss: 24 fresh images from the same generator
 (another seed) as validation_dir, at the end of the run. Also file size and seconds per step.
 
-    python benchmarks/toy_recipes.py                 # every optimizer row
+    python benchmarks/toy_recipes.py                 # every row (optimizers, then network types)
     python benchmarks/toy_recipes.py adamw prodigy   # some rows
 """
 
@@ -26,6 +26,10 @@ RECIPES: dict[str, dict] = {
     "lion": {"optimizer": "lion", "learning_rate": 1e-4, "weight_decay": 0.1},
     "adafactor": {"optimizer": "adafactor"},
     "adamw_schedulefree": {"optimizer": "adamw_schedulefree", "lr_warmup_steps": 32},
+    # network types at the demo's AdamW settings (LoHa at rank 4: about LoRA rank 8's parameter count)
+    "locon": {"network_type": "locon"},
+    "loha": {"network_type": "loha", "lora_rank": 4},
+    "lokr": {"network_type": "lokr"},
 }
 
 

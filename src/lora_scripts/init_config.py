@@ -19,7 +19,7 @@ DEFAULT_BASE = "./models/Stable-diffusion/v1-5-pruned.safetensors"
 CORE_KEYS = ("train_data_dir", "metadata_path", "base_model", "lora_rank", "batch_size", "epochs",
              "learning_rate", "output_dir", "save_steps")
 # Extra keys worth showing in a starter file; everything else keeps its documented default.
-EXTRA_KEYS = ("output_name", "lora_alpha", "lora_targets", "resolution", "enable_bucket", "flip_aug",
+EXTRA_KEYS = ("output_name", "lora_alpha", "lora_targets", "network_type", "optimizer", "resolution", "enable_bucket", "flip_aug",
               "mixed_precision", "gradient_checkpointing", "train_text_encoder", "lr_scheduler", "lr_warmup_steps",
               "noise_offset", "min_snr_gamma", "save_precision", "seed")
 PRESET_SIZES = ("lora_targets file size at rank 16, SD1.5, fp16: kohya 13.6 MB (+5.3 MB with train_text_encoder), "

@@ -148,9 +148,10 @@ COMMANDS: list[Command] = [
        lambda r, b: ["merge", "--lora", _with_family(r, "sd1.safetensors", "sd1"), "--lora",
                      _with_family(r, "sdxl.safetensors", "sdxl"), "--out", str(r / "m.safetensors")],
        r"cannot merge LoRAs for different model families \(sd1\.safetensors is sd1, sdxl\.safetensors is sdxl\)"),
-    _c("merge_lycoris_keys", "merge a LoRA holding LyCORIS (LoHa) keys",
+    _c("merge_lycoris_keys", "merge a LoRA holding an incomplete LyCORIS (LoHa) layer",
        lambda r, b: ["merge", "--lora", _with_loha(r), "--out", str(r / "m.safetensors")],
-       r"holds 1 keys that are not plain LoRA weights \(e\.g\. .*hada_w1_a\); merging would drop them"),
+       r"holds 1 keys that are not plain LoRA weights \(e\.g\. .*hada_w1_a \(its hada_w1_b is missing\)\); "
+       r"merging would drop them"),
     _c("merge_base_is_lora", "merge --base given a LoRA",
        lambda r, b: ["merge", "--lora", lora(r), "--base", lora(r, "b.safetensors"), "--out", str(r / "m.safetensors")],
        r"b\.safetensors is a LoRA file, not a base model"),

@@ -108,14 +108,15 @@ class LoraSet:
         if lora.modules:
             raise LoraFileError(f"{path} mixes LoRA and LyCORIS ({lora.network_type}) layers; this tool draws "
                                 "either kind, not both in one file")
-        table = self.table or {}
-        missing = [n for n in lora.lycoris if n not in table]
+        self._shapes()
+        missing = [n for n in lora.lycoris if n not in self._layer_paths]
         if missing:
             raise LoraFileError(f"{path}: {len(missing)} of its layers are not named as this tool names "
                                 f"{self.family.label} layers (e.g. {missing[0]}); it cannot be drawn here")
         layers = {}
         for n, m in lora.lycoris.items():
-            module = self.pipe.components[table[n].component].get_submodule(table[n].path)
+            component, layer = self._layer_paths[n]
+            module = self.pipe.components[component].get_submodule(layer)
             module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
             layers[n] = (module.weight, m.delta(tuple(module.weight.shape)))
         self.patches.add(name, layers)
@@ -152,15 +153,18 @@ class LoraSet:
         """kohya module name -> weight shape of every Linear/Conv2d layer a LoRA can target."""
         if self._layer_shapes is None:
             shapes = {}
+            self._layer_paths: dict[str, tuple[str, str]] = {}  # kohya name -> (component, path) of an unfused layer
             for component in (self.family.denoiser,) + self.family.text_encoders:
                 for path, m in self.pipe.components[component].named_modules():
                     # A layer already wrapped by peft shows as `<path>.base_layer`; its lora_A/B are not layers.
                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in path:
                         layer = path.replace(".base_layer", "")
                         name, shape = self.family.kohya_name(component, layer), tuple(m.weight.shape)
-                        if self.family.fused_slot(component, layer) is not None and name in shapes:
-                            # a fused kohya module (Flux's qkv): its layers' rows stacked
-                            shape = (shapes[name][0] + shape[0],) + shape[1:]
+                        if self.family.fused_slot(component, layer) is not None:
+                            if name in shapes:  # a fused kohya module (Flux's qkv): its layers' rows stacked
+                                shape = (shapes[name][0] + shape[0],) + shape[1:]
+                        else:
+                            self._layer_paths[name] = (component, layer)
                         shapes[name] = shape
             self._layer_shapes = shapes
         return self._layer_shapes

@@ -166,11 +166,6 @@ def _check_modules(lora: LoraFile, path: Path) -> None:
             bad.append(f"{name}: lora_down {tuple(m.down.shape)} and lora_up {tuple(m.up.shape)} are not a LoRA pair")
         elif m.down.shape[0] == 0 or m.up.shape[1] != m.down.shape[0]:
             bad.append(f"{name}: lora_down has rank {m.down.shape[0]} but lora_up has rank {m.up.shape[1]}")
-    for name, m in sorted(lora.lycoris.items()):
-        try:
-            lycoris.update_rows_and_size(m.kind, m.tensors)
-        except KeyError as exc:
-            bad.append(f"{name}: {m.kind} without {exc.args[0]}")
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise LoraFileError(f"{path} is damaged: {bad[0]}{more}. No loader can apply it; use another copy or "
@@ -241,6 +236,11 @@ def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
         alpha = parts.pop(name, {}).get("alpha")
         if any(k in tensors for k in lycoris.CORE_KEYS):  # Tucker cores: loaders apply them; we do not read them
             unknown += [f"{name}.{k} (LyCORIS Tucker decomposition: not read by this tool)" for k in tensors]
+            continue
+        try:
+            lycoris.update_rows_and_size(lycoris.kind_of(set(tensors)), tensors)
+        except KeyError as missing:  # an incomplete LoHa/LoKr layer: every loader skips it
+            unknown += [f"{name}.{k} (its {missing.args[0]} is missing)" for k in tensors]
             continue
         lyco[name] = LycorisModule(lycoris.kind_of(set(tensors)), tensors,
                                    float(alpha) if alpha is not None and alpha.numel() == 1 else None)
