@@ -1,0 +1,25 @@
+"""benchmarks/gpu_suite.py on tiny models on CPU: every row's code runs and reports what the GPU run will, so the
+one device call a lent GPU allows does not fail on a typo."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_the_gpu_suite_dry_run_fills_every_row(tmp_path):
+    rows = ["step_sd15", "memory_sd15", "memory_sdxl_fp8", "memory_flux_swap", "fp16_scaler", "bf16_vs_fp32", "compile"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(tmp_path),
+                           "--rows", *rows], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert [r["row"] for r in report["rows"]] == rows and all(r["ok"] for r in report["rows"])
+    by = {r["row"]: r for r in report["rows"]}
+    assert set(by["step_sd15"]["variants"]) == {"reference", "ours_defaults", "ours_equal", "ours_equal_cached"}
+    assert all(by[r]["estimate_gb"] > 0 for r in rows if r.startswith("memory_"))
+    assert by["memory_flux_swap"]["config"]["offload"] == "blocks:4"
+    assert by["fp16_scaler"]["finite_losses"] == by["fp16_scaler"]["steps"] == 3
+    assert by["bf16_vs_fp32"]["cosine"] > 0.999  # fp32 twice here: the same run
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "FAILED" not in table
