@@ -152,3 +152,21 @@ def test_locon_is_lora_with_the_convolutions(tmp_path):
     assert validate_config(dict(common, network_type="locon")).conv_rank == 8
     assert validate_config(dict(common, network_type="locon", conv_rank=4)).conv_rank == 4
     assert validate_config(common).conv_rank is None
+
+
+def test_an_incomplete_lycoris_layer_is_reported_as_dropped(tmp_path):
+    """A LoHa layer without its second product (or a LoKr one without w2) is skipped by every loader: its keys are
+    listed as dropped, the rest of the file reads."""
+    from safetensors.torch import save_file
+
+    from lora_scripts.interop.lora_file import read_lora
+
+    t = torch.ones
+    save_file({"lora_unet_a.hada_w1_a": t(4, 2), "lora_unet_a.hada_w1_b": t(2, 4), "lora_unet_a.alpha": t(()),
+               "lora_unet_b.lokr_w1": t(2, 2), "lora_unet_b.lokr_w2_a": t(2, 1), "lora_unet_b.alpha": t(()),
+               "lora_unet_c.lokr_w1": t(2, 2), "lora_unet_c.lokr_w2": t(2, 2), "lora_unet_c.alpha": t(())},
+              str(tmp_path / "x.safetensors"))
+    lora = read_lora(tmp_path / "x.safetensors")
+    assert list(lora.lycoris) == ["lora_unet_c"] and lora.network_type == "lokr"
+    assert any("lora_unet_a.hada_w1_a (its hada_w2_a is missing)" in u for u in lora.unknown)
+    assert any("lora_unet_b.lokr_w2_a (its lokr_w2 is missing)" in u for u in lora.unknown)

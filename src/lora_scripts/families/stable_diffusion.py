@@ -290,8 +290,12 @@ class StableDiffusionFamily(Family):
 
     def offload_units(self, denoiser: nn.Module) -> list[nn.Module]:
         """ResNet blocks and transformer layers: diffusers' UNet checkpoints each of them on its own (a
-        Transformer2DModel checkpoints its layers, not itself)."""
-        return [m for m in denoiser.modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
+        Transformer2DModel checkpoints its layers, not itself); all but the mid block's first ResNet, which
+        UNetMidBlock2DCrossAttn runs outside checkpointing (autograd would keep its weights, swapped out)."""
+        mid = getattr(getattr(denoiser, "mid_block", None), "resnets", None)
+        kept = {id(mid[0])} if mid else set()
+        return [m for m in denoiser.modules()
+                if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock") and id(m) not in kept]
 
     def idle_modules(self, component: str, module: nn.Module, targets: list[str]) -> list[str]:
         """Targeted modules whose output never reaches the loss (none for SD1/SD2)."""

@@ -79,6 +79,16 @@ def delta(kind: str, tensors: dict[str, Tensor], alpha: float | None, shape: tup
     return d.reshape(shape) if shape is not None else d
 
 
+def missing_factor(kind: str, tensors: dict[str, Tensor]) -> str | None:
+    """The first factor an incomplete module lacks (every loader skips such a module), or None."""
+    if kind == "loha":
+        return next((k for k in LOHA_KEYS if k not in tensors), None)
+    for w in ("w1", "w2"):
+        if f"lokr_{w}" not in tensors and not (f"lokr_{w}_a" in tensors and f"lokr_{w}_b" in tensors):
+            return f"lokr_{w}"
+    return None
+
+
 def update_rows_and_size(kind: str, tensors: dict[str, Tensor]) -> tuple[int, int]:
     """(rows, elements) of ΔW, without computing it: what must match the layer's weight."""
     if kind == "loha":

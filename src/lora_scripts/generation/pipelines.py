@@ -197,12 +197,15 @@ class WeightPatches:
     def add(self, name: str, layers: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
         for weight, delta in layers.values():
             self.originals.setdefault(id(weight), (weight, weight.data.clone()))
-        self.deltas[name] = {n: (w, d.to(w.device)) for n, (w, d) in layers.items()}
+        # In the layer's own dtype and device: a LoHa/LoKr change is as large as the weight it changes.
+        self.deltas[name] = {n: (w, d.to(w.device, w.dtype)) for n, (w, d) in layers.items()}
         self.strengths[name] = 0.0
 
     def remove(self, name: str) -> None:
         self.apply({**self.strengths, name: 0.0})
         del self.deltas[name], self.strengths[name]
+        used = {id(w) for layers in self.deltas.values() for w, _ in layers.values()}
+        self.originals = {k: v for k, v in self.originals.items() if k in used}
 
     def apply(self, strengths: dict[str, float]) -> None:
         wanted = {n: strengths.get(n, 0.0) for n in self.deltas}
@@ -215,7 +218,7 @@ class WeightPatches:
             for n, layers in self.deltas.items():
                 for w, d in layers.values():
                     if w is weight and wanted[n]:
-                        total = total + wanted[n] * d
+                        total = total + wanted[n] * d.float()
             weight.data.copy_(total.to(weight.dtype))
         self.strengths = wanted
 

@@ -237,10 +237,9 @@ def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
         if any(k in tensors for k in lycoris.CORE_KEYS):  # Tucker cores: loaders apply them; we do not read them
             unknown += [f"{name}.{k} (LyCORIS Tucker decomposition: not read by this tool)" for k in tensors]
             continue
-        try:
-            lycoris.update_rows_and_size(lycoris.kind_of(set(tensors)), tensors)
-        except KeyError as missing:  # an incomplete LoHa/LoKr layer: every loader skips it
-            unknown += [f"{name}.{k} (its {missing.args[0]} is missing)" for k in tensors]
+        missing = lycoris.missing_factor(lycoris.kind_of(set(tensors)), tensors)
+        if missing:  # an incomplete LoHa/LoKr layer: every loader skips it
+            unknown += [f"{name}.{k} (its {missing} is missing)" for k in tensors]
             continue
         lyco[name] = LycorisModule(lycoris.kind_of(set(tensors)), tensors,
                                    float(alpha) if alpha is not None and alpha.numel() == 1 else None)

@@ -252,7 +252,7 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> 
         if not isinstance(layer, LycorisLayer) or "default" not in layer.r:
             continue
         with torch.no_grad():
-            applied = layer.get_delta_weight("default").float()
+            applied = layer.get_delta_weight("default").float().cpu()  # the trained layer may be on the GPU
         expected = m.delta(tuple(applied.shape))
         norm = float(expected.norm())
         if norm == 0.0:

@@ -31,7 +31,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-WINDOW = 2  # offloaded blocks on the device at once: the one running and the next one, in flight
+WINDOW = 2  # offloaded blocks the swap keeps on the device: the one running and the next one, in flight
+# ...and one more at the peak: an evicted block's memory is reused only once the GPU has run past it (the host
+# waits for that one block behind, so it never queues further ahead).
+IN_FLIGHT = WINDOW + 1
 
 
 def parse_offload(value: str) -> int | str | None:
@@ -60,9 +63,9 @@ def choose_offloaded(units: list[nn.Module], count: int) -> list[int]:
 
 
 def saved_bytes(sizes: list[int], count: int) -> int:
-    """Device bytes `count` swapped blocks save, of blocks sized `sizes`: theirs, less the window still resident."""
+    """Device bytes `count` swapped blocks save, of blocks sized `sizes`: theirs, less those in flight."""
     top = sorted(sizes, reverse=True)[:count]
-    return sum(top) - sum(top[:WINDOW])
+    return sum(top) - sum(top[:IN_FLIGHT])
 
 
 class BlockOffloader:
@@ -73,8 +76,9 @@ class BlockOffloader:
         self.units = [units[i] for i in offloaded]
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # Host copies, pinned so copies to the GPU run asynchronously.
-        self.homes = [[(p, self._home(p)) for _, p in frozen_params(u)] for u in self.units]
+        # Host copies, page-locked so copies to the GPU run asynchronously (one buffer per block).
+        self.homes = [self._homes(u) for u in self.units]
+        self.marker: torch.cuda.Event | None = None
         self.resident: dict[int, torch.cuda.Event | None] = {}
         self.order: list[int] = []  # positions of self.units in the order they ran (recorded once)
         self.recorded = False
@@ -89,9 +93,26 @@ class BlockOffloader:
         self.loads = 0
         self.cold = 0  # blocks that had to be loaded when they started (not prefetched): 1-2 per pass once recorded
 
-    def _home(self, p: nn.Parameter) -> torch.Tensor:
-        home = p.data.to("cpu")
-        return home.pin_memory() if self.cuda else home
+    def _homes(self, unit: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """The block's frozen parameters with their host copies: views into one host buffer, page-locked on CUDA.
+        The buffer is registered with CUDA where torch exposes cudaHostRegister: torch's pinned allocator rounds
+        each allocation up to a power of two, which would cost up to twice the swapped bytes in host RAM."""
+        params = [p for _, p in frozen_params(unit)]
+        offsets, total = [], 0
+        for p in params:
+            total = -(-total // 64) * 64  # every view 64-byte aligned
+            offsets.append(total)
+            total += p.numel() * p.element_size()
+        buffer = torch.empty(max(total, 1), dtype=torch.uint8)
+        if self.cuda:
+            buffer = _page_locked(buffer)
+        homes = []
+        for p, at in zip(params, offsets):
+            # the weight's own strides: channels_last convolutions stay channels_last (same kernels, same numbers)
+            view = buffer[at:at + p.numel() * p.element_size()].view(p.dtype).as_strided(p.shape, p.data.stride())
+            view.copy_(p.data)
+            homes.append((p, view))
+        return homes
 
     def _place_rest(self, root: nn.Module) -> None:
         """Everything the swap does not move goes to the device now (the swapped weights stay home)."""
@@ -128,6 +149,12 @@ class BlockOffloader:
         """Block i is about to run: have it on the device, start the next one's copy, evict the rest."""
         if not self.recorded and self.in_forward and i not in self.order:
             self.order.append(i)
+        if self.cuda:  # the host stays at most one block ahead of the GPU (see IN_FLIGHT)
+            marker = torch.cuda.Event()
+            marker.record(torch.cuda.current_stream(self.device))
+            if self.marker is not None:
+                self.marker.synchronize()
+            self.marker = marker
         if i not in self.resident:
             self.cold += 1
         self._load(i)
@@ -196,12 +223,25 @@ class BlockOffloader:
             self._wait(i)
 
 
+def _page_locked(buffer: torch.Tensor) -> torch.Tensor:
+    """`buffer` registered as page-locked memory in place (cudaHostRegister); a pinned copy where that fails."""
+    try:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+        if err == cudart.cudaError.success:
+            return buffer
+        log.info("cudaHostRegister refused the block-swap buffer (%s); using torch's pinned memory", err)
+    except (AttributeError, RuntimeError) as exc:
+        log.info("no cudaHostRegister (%s); using torch's pinned memory", exc)
+    return buffer.pin_memory()
+
+
 def blocks_needed(sizes: list[int], need: float) -> int | None:
     """The fewest swapped blocks that save `need` device bytes (0 when nothing is needed; None when even all
     of them do not)."""
     if need <= 0:
         return 0
-    for count in range(WINDOW + 1, len(sizes) + 1):
+    for count in range(IN_FLIGHT + 1, len(sizes) + 1):
         if saved_bytes(sizes, count) >= need:
             return count
     return None
