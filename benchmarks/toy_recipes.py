@@ -30,6 +30,7 @@ RECIPES: dict[str, dict] = {
     "locon": {"network_type": "locon"},
     "loha": {"network_type": "loha", "lora_rank": 4},
     "lokr": {"network_type": "lokr"},
+    "dora": {"network_type": "dora"},
 }
 
 

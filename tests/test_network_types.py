@@ -51,6 +51,39 @@ def test_the_file_gives_the_loaders_the_change_peft_trained(config):
         assert lycoris.update_rows_and_size(kind, tensors) == (want.shape[0], want.numel())
 
 
+def test_dora_layers_compute_the_weight_the_loaders_compute():
+    """Input-axis DoRA as trained (peft's LoRA layer, its input scaled per channel by m / ‖V‖_col) gives the output of
+    the plain layer with W' = m ⊙ V / ‖V‖_col, V = W0 + scale · B @ A — A1111's and ComfyUI's rule
+    (formats/dora.py) — for Linear, 3x3 and 1x1 layers; at step 0 (m = ‖W0‖_col, B = 0) it is the base layer."""
+    from peft import LoraConfig
+
+    from lora_scripts.formats.dora import PEFT_KEY, dora_weight
+    from lora_scripts.training.adapters import add_dora
+
+    torch.manual_seed(0)
+    net = _layers()
+    base = {k: (m.weight.detach().clone(), m.bias.detach().clone()) for k, m in net.items()}
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=["lin", "conv", "one"]), net)
+    assert add_dora(net) == 3
+    x = {"lin": torch.randn(3, 5, 64), "conv": torch.randn(2, 32, 6, 6), "one": torch.randn(2, 32, 6, 6)}
+
+    def plain(name, weight):
+        w, b = weight, base[name][1]
+        return nn.functional.linear(x[name], w, b) if name == "lin" else nn.functional.conv2d(
+            x[name], w, b, padding=1 if name == "conv" else 0)
+
+    for name in x:  # step 0: the base model
+        torch.testing.assert_close(net[name](x[name]), plain(name, base[name][0]), rtol=1e-5, atol=1e-5)
+    for name, layer in net.items():  # a trained state: every factor random, the magnitude moved off the norms
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+        getattr(layer, PEFT_KEY)["default"].data *= 1 + 0.2 * torch.rand_like(getattr(layer, PEFT_KEY)["default"])
+    for name, layer in net.items():
+        w0 = base[name][0]
+        product = (layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1)).reshape(w0.shape)
+        want = dora_weight(w0, layer.scaling["default"] * product, getattr(layer, PEFT_KEY)["default"])
+        torch.testing.assert_close(layer(x[name]), plain(name, want), rtol=1e-4, atol=1e-5)
+
+
 def _keys(path):
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -60,6 +93,8 @@ RUN = dict(max_train_steps=4, batch_size=2, lora_rank=4, save_precision="fp32", 
 
 
 @pytest.mark.parametrize("base,kind,extra", [
+    ("tiny_ckpt", "dora", dict(conv_rank=2, train_text_encoder=True)),
+    ("tiny_sdxl_ckpt", "dora", {}),
     ("tiny_ckpt", "loha", dict(conv_rank=2, train_text_encoder=True)),
     ("tiny_ckpt", "lokr", dict(conv_rank=2, lokr_factor=4)),
     ("tiny_sdxl_ckpt", "loha", {}),
@@ -69,10 +104,19 @@ def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, d
     result = train(load_config(seed_config(tmp_path, request.getfixturevalue(base), network_type=kind, **RUN, **extra)))
     state, meta = _keys(result.lora_path)
     params = {k.split(".", 1)[1] for k in state}
-    assert params <= set(lycoris.LOHA_KEYS if kind == "loha" else lycoris.LOKR_KEYS) | {"alpha"}
     names = {k.split(".", 1)[0] for k in state}
     assert all(f"{n}.alpha" in state for n in names)
-    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == kind
+    args = json.loads(meta["ss_network_args"])
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    if kind == "dora":  # kohya's LoRA keys plus the input-axis magnitude, as LyCORIS' wd_on_output=False writes it
+        assert params == {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
+        assert args["dora_wd"] == "True" and args["wd_on_output"] == "False"
+        for n in names:
+            down, scale = state[f"{n}.lora_down.weight"], state[f"{n}.dora_scale"]
+            assert tuple(scale.shape) == (1, down.shape[1], *([1] * (down.dim() - 2)))
+    else:
+        assert params <= set(lycoris.LOHA_KEYS if kind == "loha" else lycoris.LOKR_KEYS) | {"alpha"}
+        assert args["algo"] == kind
     # The self-test compared every layer with the trained one: the loaders' rule gives what peft trained.
     assert result.verified and "0 unmatched keys" in result.verified and "note:" not in result.verified
     assert float(result.verified.split("max deviation ")[1].split()[0]) < 1e-5
@@ -82,7 +126,8 @@ def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, d
         assert any(n.startswith("lora_te_") for n in names)
 
 
-def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt):
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt, kind):
     """inspect names the type; verify on its own checks names, shapes and values and says so; generate draws it
     (strength 0 = the base bit for bit, 1 changes the image) without diffusers, which loads no LoHa; merge --base
     bakes it with the loaders' rule; convert, resize and merging into a LoRA refuse it by name."""
@@ -94,10 +139,10 @@ def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt):
     from lora_scripts.interop.table import base_configs, module_table
     from lora_scripts.interop.verify import verify
 
-    result = train(load_config(seed_config(tmp_path, tiny_ckpt, network_type="loha", **RUN)))
+    result = train(load_config(seed_config(tmp_path, tiny_ckpt, network_type=kind, **RUN)))
     path = result.lora_path
     d = describe(path)
-    assert d.network_type == "loha" and "type        loha" in d.text() and d.ranks == {4: d.modules}
+    assert d.network_type == kind and f"type        {kind}" in d.text() and d.ranks == {4: d.modules}
     assert not d.warnings
     report = verify(path, tiny_ckpt)
     assert report.ok and "checked by name, shape and values" in report.summary()
@@ -111,17 +156,25 @@ def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt):
 
     table = module_table(base_configs(tiny_ckpt))
     lora = read_lora(path)
+    modules = lora.lycoris or lora.modules
     baked, changed = bake(tiny_ckpt, [(lora, 1.0)], table, tmp_path / "baked.safetensors")
-    assert changed == len(lora.lycoris)
+    assert changed == len(modules)
     before, _ = _keys(tiny_ckpt)
     after, _ = _keys(baked)
-    name = sorted(lora.lycoris)[0]
+    name = sorted(modules)[0]
     key = table[name].ldm_key
-    torch.testing.assert_close(after[key].float() - before[key].float(), lora.lycoris[name].delta(before[key].shape),
-                               rtol=1e-4, atol=1e-6)
+    w0 = before[key].float()
+    want = modules[name].delta(w0.shape) if kind == "loha" else modules[name].applied_delta(w0)
+    assert want.abs().max() > 0
+    if kind == "dora":  # the magnitude trained: it left the base weight's column norms
+        from lora_scripts.formats.dora import column_norm
+
+        scale = modules[name].dora_scale.flatten().float()
+        assert not torch.allclose(scale, column_norm(w0.reshape(table[name].shape)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(after[key].float() - w0, want, rtol=1e-4, atol=1e-6)
     for call in (lambda: convert_file(path, tmp_path / "c.safetensors", "diffusers"),
                  lambda: resize_file(path, tmp_path / "r.safetensors", 2)):
-        with pytest.raises(LoraScriptsError, match="is a loha file \\(LyCORIS\\); .* works on LoRA/LoCon files"):
+        with pytest.raises(LoraScriptsError, match=f"is a {kind} file \\(LyCORIS\\); .* works on LoRA/LoCon files"):
             call()
 
 
@@ -170,3 +223,16 @@ def test_an_incomplete_lycoris_layer_is_reported_as_dropped(tmp_path):
     assert list(lora.lycoris) == ["lora_unet_c"] and lora.network_type == "lokr"
     assert any("lora_unet_a.hada_w1_a (its hada_w2_a is missing)" in u for u in lora.unknown)
     assert any("lora_unet_b.lokr_w2_a (its lokr_w2 is missing)" in u for u in lora.unknown)
+
+
+def test_dora_resumes_bit_exactly(tmp_path, dataset, tiny_ckpt):
+    """The magnitude is part of peft's state dict: a run resumed from step 3 of 6 writes the unbroken run's file."""
+    from safetensors.torch import load_file
+
+    run = dict(RUN, max_train_steps=6, save_steps=3, verify_after_training=False, network_type="dora")
+    whole = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/whole", **run)))
+    resumed = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/resumed", **run)),
+                    resume=whole.output_dir / "checkpoints" / "step-3")
+    a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith(".dora_scale") for k in a)

@@ -65,10 +65,11 @@ class TrainConfig(BaseModel):
                                "A1111, ComfyUI and diffusers load); off when unset", "4-16", ge=1, le=1024)
     conv_alpha: float | None = _f(None, "kohya's conv_alpha: alpha of those 3x3 convolutions; default = conv_rank",
                                   "conv_rank or 1", gt=0)
-    network_type: Literal["lora", "locon", "loha", "lokr"] = _f(
+    network_type: Literal["lora", "locon", "loha", "lokr", "dora"] = _f(
         "lora", "lora = kohya's LoRA; locon = LoRA on the UNet's 3x3 convolutions too (conv_rank defaults to "
-        "lora_rank); loha / lokr = LyCORIS' Hadamard / Kronecker-product layers (more capacity per byte of file; "
-        "A1111 and ComfyUI load them; SD1.x, SD2 and SDXL)")
+        "lora_rank); loha / lokr = LyCORIS' Hadamard / Kronecker-product layers (more capacity per byte of file); "
+        "dora = LoRA with a learned magnitude per input channel (DoRA; with conv_rank: LoCon + DoRA); A1111 and "
+        "ComfyUI load all of them; loha/lokr/dora for SD1.x, SD2 and SDXL")
     lokr_factor: int = _f(-1, "LoKr: split each layer's sizes by this factor (-1 = as square as possible, LyCORIS' "
                           "default; 4-16 gives smaller files)", "-1 or 8", ge=-1)
     lora_dropout: float = _f(0.0, "dropout on the LoRA path during training", "0-0.1", ge=0, lt=1)
@@ -333,9 +334,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"lokr_factor = {self.lokr_factor}: " + ("use -1 (as square as possible) or a factor "
                              ">= 1" if self.lokr_factor == 0 else f"it applies to network_type: lokr, not "
                              f"{self.network_type}; remove it or set network_type: lokr"))
-        if self.save_format == "diffusers" and self.network_type in ("loha", "lokr"):
-            raise ValueError(f"save_format = diffusers with network_type: {self.network_type}: diffusers loads LoRA "
-                             "files only; use save_format: kohya (A1111 and ComfyUI load LoHa/LoKr)")
+        if self.network_type == "dora" and self.base_weight_dtype in ("int8", "nf4"):
+            raise ValueError(f"network_type = dora with base_weight_dtype = {self.base_weight_dtype}: DoRA reads the "
+                             "frozen weight every step; use base_weight_dtype: fp8 (or auto)")
+        if self.save_format == "diffusers" and self.network_type in ("loha", "lokr", "dora"):
+            raise ValueError(f"save_format = diffusers with network_type: {self.network_type}: diffusers reads "
+                             "plain LoRA only; use save_format: kohya (A1111 and ComfyUI load LoHa/LoKr/DoRA)")
         if self.lora_dropout and self.network_type in ("loha", "lokr"):
             raise ValueError(f"lora_dropout = {self.lora_dropout} with network_type: {self.network_type}: dropout "
                              "is for lora/locon layers; remove lora_dropout")

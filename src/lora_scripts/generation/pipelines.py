@@ -67,7 +67,7 @@ class LoraSet:
                 self.pipe.delete_adapters(name)
             del self.loaded[name]  # a failed reload below must not leave a name without its adapter
             self._stamps.pop(name, None)
-        if lora.lycoris:
+        if lora.lycoris or lora.network_type == "dora":
             self._load_lycoris(name, Path(path), lora)
             self.loaded[name] = Path(path)
             self._stamps[name] = stamp
@@ -103,22 +103,25 @@ class LoraSet:
                                          "conversion", path.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def _load_lycoris(self, name: str, path: Path, lora) -> None:
-        """LoHa/LoKr: each layer's weight change, by A1111/ComfyUI's rule, added to the weights at the strength
-        asked for (as A1111 applies them); the original weights are kept to go back to."""
-        if lora.modules:
+        """LoHa/LoKr/DoRA: each layer's weight change, by A1111/ComfyUI's rule, added to the weights at the
+        strength asked for (as A1111 applies them); the original weights are kept to go back to."""
+        if lora.lycoris and lora.modules:
             raise LoraFileError(f"{path} mixes LoRA and LyCORIS ({lora.network_type}) layers; this tool draws "
                                 "either kind, not both in one file")
         self._shapes()
-        missing = [n for n in lora.lycoris if n not in self._layer_paths]
+        modules = {**lora.lycoris, **lora.modules}
+        missing = [n for n in modules if n not in self._layer_paths]
         if missing:
             raise LoraFileError(f"{path}: {len(missing)} of its layers are not named as this tool names "
                                 f"{self.family.label} layers (e.g. {missing[0]}); it cannot be drawn here")
         layers = {}
-        for n, m in lora.lycoris.items():
+        for n, m in modules.items():
             component, layer = self._layer_paths[n]
             module = self.pipe.components[component].get_submodule(layer)
             module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            layers[n] = (module.weight, m.delta(tuple(module.weight.shape)))
+            weight = module.weight
+            change = m.delta(tuple(weight.shape)) if n in lora.lycoris else m.applied_delta(weight.detach())
+            layers[n] = (weight, change)
         self.patches.add(name, layers)
 
     def _forget(self, name: str) -> None:

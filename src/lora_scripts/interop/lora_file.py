@@ -42,6 +42,7 @@ class LoraModule:
     down: Tensor  # [rank, in] or [rank, in, kh, kw]
     up: Tensor  # [out, rank] or [out, rank, 1, 1]
     alpha: float | None = None  # None: the file has no alpha and every loader uses alpha = rank
+    dora_scale: Tensor | None = None  # DoRA's input-axis magnitude (formats/dora.py), where the file has one
 
     @property
     def rank(self) -> int:
@@ -57,6 +58,15 @@ class LoraModule:
         if self.down.dim() == 4:
             d = d.reshape(self.up.shape[0], *self.down.shape[1:])
         return d * self.scale
+
+    def applied_delta(self, base: Tensor) -> Tensor:
+        """The change A1111 and ComfyUI make to `base` (the layer's weight W0) at strength 1, in fp32: the LoRA
+        product, or for DoRA the decomposed weight minus W0."""
+        if self.dora_scale is None:
+            return self.delta().reshape(base.shape)
+        from ..formats.dora import dora_weight
+
+        return dora_weight(base, self.delta().reshape(base.shape), self.dora_scale) - base.float()
 
 
 @dataclass
@@ -101,8 +111,9 @@ class LoraFile:
 
     @property
     def network_type(self) -> str:
-        """lora, loha, lokr (or a + joined mix), what `inspect` reports."""
-        kinds = sorted({m.kind for m in self.lycoris.values()} | ({"lora"} if self.modules else set()))
+        """lora, dora, loha, lokr (or a + joined mix), what `inspect` reports."""
+        dora = any(m.dora_scale is not None for m in self.modules.values())
+        kinds = sorted({m.kind for m in self.lycoris.values()} | ({"dora" if dora else "lora"} if self.modules else set()))
         return "+".join(kinds) or "lora"
 
     def deltas(self) -> dict[str, Tensor]:
@@ -112,7 +123,7 @@ class LoraFile:
 
 def require_plain_lora(lora: LoraFile, path: Path, what: str) -> None:
     """Tools that work on LoRA's down/up factors (convert, resize, merge into a LoRA) refuse LoHa/LoKr by name."""
-    if lora.lycoris:
+    if lora.lycoris or lora.network_type == "dora":
         raise LoraFileError(f"{path} is a {lora.network_type} file (LyCORIS); {what} works on LoRA/LoCon files. "
                             "A1111 and ComfyUI load it as it is; `merge --base` bakes it into a checkpoint")
 
@@ -184,6 +195,11 @@ def nonfinite_tensors(lora: LoraFile) -> tuple[list[str], int]:
             total += 1
             if not math.isfinite(m.alpha):
                 bad.append(f"{name}.alpha")
+    for name, m in sorted(lora.modules.items()):
+        if m.dora_scale is not None:
+            total += 1
+            if not bool(torch.isfinite(m.dora_scale).all()):
+                bad.append(f"{name}.dora_scale")
     for name, m in sorted(lora.lycoris.items()):
         for suffix, t in m.tensors.items():
             total += 1
@@ -230,6 +246,7 @@ def update_shape(m: LoraModule) -> tuple[int, ...]:
 
 def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
     found, rest = _lycoris_parts(state)
+    dora = {k.removesuffix(".dora_scale"): rest.pop(k) for k in [k for k in rest if k.endswith(".dora_scale")]}
     parts, unknown = split_kohya(rest)  # a LyCORIS module's alpha lands here, with no down/up
     modules, lyco = {}, {}
     for name, tensors in found.items():
@@ -251,6 +268,11 @@ def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
             modules[name] = LoraModule(p["down"], p["up"], float(p["alpha"]) if "alpha" in p else None)
         else:
             unknown += [f"{name}.{k} (its partner is missing)" for k in p]
+    for name, scale in dora.items():
+        if name in modules and scale.numel() == modules[name].down.shape[1]:
+            modules[name].dora_scale = scale
+        else:
+            unknown.append(f"{name}.dora_scale (no LoRA layer of its width)")
     return LoraFile(modules, metadata, KOHYA, sorted(unknown), lycoris=lyco)
 
 

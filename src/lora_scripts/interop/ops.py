@@ -104,17 +104,22 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
         raise LoraFileError(f"{len(missing)} LoRA modules match no layer of {base.name} (first: {missing[0]}); "
                             "is the LoRA for another model family? Nothing was written.")
     deltas: dict[str, Tensor] = {}
+    base_meta, tensors = _base_tensors(Path(base))
     for lora, w in loras:
         for name, m in {**lora.modules, **lora.lycoris}.items():  # LoHa/LoKr too: A1111/ComfyUI's rule
             entry = table[name]
-            d = (m.delta() if name in lora.modules else m.delta(entry.shape)) * w
+            if name in lora.lycoris:
+                d = m.delta(entry.shape) * w
+            elif m.dora_scale is not None:  # DoRA's change depends on the base weight: read it now
+                d = m.applied_delta(_layer_weight(tensors, entry)) * w
+            else:
+                d = m.delta() * w
             if entry.rows is not None:  # one of the layers a single file fuses (SD2's q/k/v in_proj): its rows
                 fused = torch.zeros(entry.ldm_shape, dtype=d.dtype)
                 fused[entry.rows[0]:entry.rows[1]] = d
                 d = fused
             key = entry.ldm_key
             deltas[key] = deltas[key] + d if key in deltas else d
-    base_meta, tensors = _base_tensors(Path(base))
     # A file may keep its layout under a prefix (ComfyUI's Flux checkpoints: model.diffusion_model.double_blocks...).
     deltas = {_in_file(k, tensors): d for k, d in deltas.items()}
     absent = sorted(k for k in deltas if k not in tensors)
@@ -130,6 +135,12 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
             t = (t.float() + deltas[key]).to(t.dtype)
         state[key] = t
     return atomic_save_safetensors(state, out, {**base_meta, **(metadata or {})}), len(deltas)
+
+
+def _layer_weight(tensors: dict, entry: Entry) -> Tensor:
+    """A layer's weight W0 as the base file holds it (its rows of a fused weight), in fp32."""
+    weight = tensors[_in_file(entry.ldm_key, tensors)]().float()
+    return weight[entry.rows[0]:entry.rows[1]] if entry.rows is not None else weight.reshape(entry.shape)
 
 
 def _in_file(key: str, tensors: dict) -> str:

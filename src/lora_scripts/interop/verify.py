@@ -42,6 +42,7 @@ class VerifyReport:
     partial: list[str] = field(default_factory=list)  # layer groups a loader applies only whole (and skips here)
     max_rel_error: float = 0.0
     notes: list[str] = field(default_factory=list)  # loader limitations worked around (not failures)
+    effect_by: str = "by diffusers"  # how the effect was checked, for the summary
 
     @property
     def ok(self) -> bool:
@@ -58,7 +59,7 @@ class VerifyReport:
                              ("do not fit the base layer's shape", self.wrong_shape),
                              ("are not LoRA weights any loader applies", self.unknown_keys),
                              ("were not applied by diffusers", self.not_applied),
-                             ("were applied by diffusers at the wrong strength", self.wrong_strength)):
+                             ("were applied at the wrong strength", self.wrong_strength)):
             if items:
                 out.append(f"{len(items)} modules {label}, e.g. {items[0]}")
         out += self.partial
@@ -70,7 +71,7 @@ class VerifyReport:
         if self.ok:
             notes = "".join(f"\n  note: {n}" for n in self.notes)
             return (f"{self.path.name}: {self.modules} modules, 0 unmatched keys; every layer applied by name "
-                    f"(A1111/ComfyUI) and by diffusers, max deviation {self.max_rel_error:.1e}{notes}")
+                    f"(A1111/ComfyUI) and {self.effect_by}, max deviation {self.max_rel_error:.1e}{notes}")
         return f"{self.path.name} FAILED verification:\n" + "\n".join(f"  - {p}" for p in self.problems())
 
 
@@ -86,9 +87,9 @@ def verify(lora_path: Path, base_path: Path, loaded=None, files: dict[str, Path]
     report.zero = all(float(d.abs().max()) == 0.0 for d in lora.deltas().values())
     report.nonfinite = nonfinite_tensors(lora)[0]
     if not report.unmatched and not report.wrong_shape and not report.nonfinite:
-        if lora.modules:
+        if lora.modules and lora.network_type != "dora":
             _check_diffusers(lora, Path(lora_path), Path(base_path), table, report, loaded, files)
-        if lora.lycoris:
+        if lora.lycoris or lora.network_type == "dora":
             _check_lycoris(lora, table, report, loaded)
     return report
 
@@ -239,21 +240,21 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, table, report:
 
 
 def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> None:
-    """By effect for LoHa/LoKr (diffusers loads neither): the weight change A1111 and ComfyUI compute from the
-    file must equal what the trained peft layer applied (get_delta_weight). Only the run that trained the file
+    """By effect for LoHa/LoKr/DoRA (diffusers reads none of them as A1111/ComfyUI do): the weight change those
+    loaders compute from the file must equal what the trained layer applied. Only the run that trained the file
     has those layers; a file checked on its own is checked by name, shape and values."""
-    from peft.tuners.lycoris_utils import LycorisLayer
-
     networks = loaded[1] if loaded is not None else {}
     compared = 0
-    for name, m in sorted(lora.lycoris.items()):
+    dora = {n: m for n, m in lora.modules.items() if m.dora_scale is not None}
+    for name, m in sorted({**lora.lycoris, **dora}.items()):
         entry = table[name]
         layer = networks[entry.component].get_submodule(entry.path) if entry.component in networks else None
-        if not isinstance(layer, LycorisLayer) or "default" not in layer.r:
-            continue
         with torch.no_grad():
-            applied = layer.get_delta_weight("default").float().cpu()  # the trained layer may be on the GPU
-        expected = m.delta(tuple(applied.shape))
+            applied = _trained_change(layer, lora.dtype)
+        if applied is None:
+            continue
+        expected = m.delta(tuple(applied.shape)) if name in lora.lycoris else \
+            m.applied_delta(layer.get_base_layer().weight.detach().float().cpu())
         norm = float(expected.norm())
         if norm == 0.0:
             continue
@@ -262,6 +263,31 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> 
         report.max_rel_error = max(report.max_rel_error, rel)
         if rel > _RTOL:
             report.wrong_strength.append(f"{name} (off by {rel:.1%})")
-    if not compared:
+    if compared:
+        report.effect_by = "by A1111/ComfyUI's rule against the trained layers"
+    else:
+        report.effect_by = "its values checked (finite, not all zero)"
         report.notes.append(f"{lora.network_type}: checked by name, shape and values; its effect is checked against "
-                            "the trained layers at the end of the run that made it (diffusers loads no LoHa/LoKr)")
+                            "the trained layers at the end of the run that made it (diffusers reads no LoHa/LoKr/"
+                            "input-axis DoRA)")
+
+
+def _trained_change(layer, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight change a trained LoHa/LoKr or DoRA layer applies at strength 1 (fp32, on the CPU), or None.
+    DoRA's factors are first rounded to the file's dtype, as the file holds them: W' - W0 is small against W0,
+    so an fp16 magnitude alone moves it by tenths of a percent, which is the file's precision, not an error."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    from ..formats.dora import PEFT_KEY as DORA_KEY, dora_weight
+
+    if isinstance(layer, LycorisLayer) and "default" in layer.r:
+        return layer.get_delta_weight("default").float().cpu()
+    if isinstance(layer, LoraLayer) and hasattr(layer, DORA_KEY):
+        base = layer.get_base_layer().weight.detach().float().cpu()
+        a, b, m = (t.detach().cpu().to(dtype).float() for t in (layer.lora_A["default"].weight,
+                                                                layer.lora_B["default"].weight,
+                                                                getattr(layer, DORA_KEY)["default"]))
+        product = (b.flatten(1) @ a.flatten(1)).reshape(base.shape) * layer.scaling["default"]
+        return dora_weight(base, product, m) - base
+    return None

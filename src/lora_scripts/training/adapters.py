@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from diffusers import ModelMixin
@@ -10,6 +11,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..formats.dora import PEFT_KEY as DORA_KEY, column_norm
 from ..formats.lycoris import is_adapter_param
 
 def check_targets(family, modules: dict[str, nn.Module], config: TrainConfig, chosen: dict[str, list[str]]) -> None:
@@ -103,6 +105,8 @@ def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv:
         # transformers 5's CLIPTextModel.add_adapter demands peft >= 0.22, newer than the package index has;
         # peft's injector does the same job on any torch module.
         inject_adapter_in_model(cfg, model, adapter_name="default")
+    if config.network_type == "dora":
+        add_dora(model)
     for name, p in model.named_parameters():
         if is_adapter_param(name):
             p.data = p.data.float()
@@ -112,3 +116,42 @@ def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if is_adapter_param(n) and p.requires_grad]
+
+
+# --- DoRA on the input axis (network_type: dora) ------------------------------------------------------------
+# peft's use_dora puts the magnitude on the output axis, which A1111 and ComfyUI read differently (formats/dora.py);
+# on the input axis the decomposed weight W' = V · diag(m / ‖V‖_col) is the LoRA layer applied to the input
+# scaled per channel, so a forward pre-hook on peft's LoRA layer is all it takes: every LoRA path (state dicts,
+# resume, previews, export of lora_down/lora_up) stays peft's.
+def add_dora(model: nn.Module) -> int:
+    """Give every LoRA layer of `model` an input-axis magnitude, initialised to its base weight's column norms (so
+    step 0 equals the base model). Returns how many layers got one."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        weight = module.get_base_layer().weight
+        magnitude = nn.Parameter(column_norm(weight.detach().float()).to(weight.device))
+        setattr(module, DORA_KEY, nn.ParameterDict({"default": magnitude}))
+        module.register_forward_pre_hook(_dora_input)
+        count += 1
+    return count
+
+
+def _dora_input(module: nn.Module, args: tuple):
+    """Scale the layer's input per channel by m / ‖W0 + scale · B @ A‖_col (the norm detached, as the DoRA paper
+    and peft do: it saves a weight-sized tensor per layer for the backward pass and changes little)."""
+    if module.disable_adapters or "default" not in module.active_adapters:
+        return None
+    base = module.get_base_layer().weight
+    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    with torch.no_grad():
+        product = (b.float().flatten(1) @ a.float().flatten(1)).reshape(base.shape)
+        merged = base.float() + module.scaling["default"] * product
+        norm = column_norm(merged)
+    factor = getattr(module, DORA_KEY)["default"] / norm
+    x = args[0]
+    shape = (-1,) if x.dim() == 2 or not isinstance(module.get_base_layer(), nn.Conv2d) else (1, -1, 1, 1)
+    return (x * factor.reshape(shape).to(x.dtype),) + tuple(args[1:])

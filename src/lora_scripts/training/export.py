@@ -18,6 +18,7 @@ from ..dtypes import DTYPES
 from ..families import Family
 from ..formats.diffusers import peft_to_diffusers
 from ..formats.kohya import peft_to_kohya
+from ..formats.dora import PEFT_KEY as DORA_KEY, file_shape
 from ..formats.lycoris import peft_to_lycoris
 from ..hashes import modelspec_hash, sshs_hashes
 from .optimizers import optimizer_label
@@ -56,10 +57,13 @@ def network_args(config: TrainConfig) -> dict[str, Any]:
         args["algo"] = config.network_type
         if config.network_type == "lokr":
             args["factor"] = str(config.lokr_factor)
+    if config.network_type == "dora":  # LyCORIS' LoCon with weight decomposition on the input axis
+        args.update(algo="lora" if config.conv_rank is None else "locon", dora_wd="True", wd_on_output="False")
     return args
 
 
 LYCORIS_TYPES = ("loha", "lokr")
+DORA_SUFFIX = "." + DORA_KEY  # the magnitude's key in peft's state dict
 
 
 def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, max_steps: int) -> dict[str, str]:
@@ -67,7 +71,8 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, 
     ss: dict[str, Any] = {
         "ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at,
         "ss_training_finished_at": time.time(), "ss_output_name": config.name,
-        "ss_network_module": "lycoris.kohya" if config.network_type in LYCORIS_TYPES else "networks.lora", "ss_network_dim": config.lora_rank, "ss_network_alpha": config.alpha,
+        "ss_network_module": "lycoris.kohya" if config.network_type in LYCORIS_TYPES + ("dora",) else "networks.lora",
+        "ss_network_dim": config.lora_rank, "ss_network_alpha": config.alpha,
         "ss_network_dropout": config.lora_dropout, "ss_network_args": json.dumps(network_args(config)),
         "ss_base_model_version": base["ss_base_model_version"], "ss_v2": base["ss_v2"],
         "ss_sd_model_name": facts.base_model_name, "ss_new_sd_model_hash": facts.base_model_hash,
@@ -122,8 +127,14 @@ def kohya_file_contents(
     if config.network_type in LYCORIS_TYPES:
         kohya = peft_to_lycoris(states, scales or {}, facts.family.kohya_name)
     else:
-        kohya = peft_to_kohya(states, {c: config.alpha for c in states}, facts.family.kohya_name,
+        dora = {c: {k: v for k, v in s.items() if k.endswith(DORA_SUFFIX)} for c, s in states.items()}
+        plain = {c: {k: v for k, v in s.items() if not k.endswith(DORA_SUFFIX)} for c, s in states.items()}
+        kohya = peft_to_kohya(plain, {c: config.alpha for c in states}, facts.family.kohya_name,
                               config.conv_alpha_value, facts.family.fused_slot)
+        for component, scales in dora.items():  # input-axis magnitudes as A1111/ComfyUI read them
+            for key, scale in scales.items():
+                name = facts.family.kohya_name(component, key.removesuffix(DORA_SUFFIX))
+                kohya[f"{name}.dora_scale"] = file_shape(scale, kohya[f"{name}.lora_down.weight"].dim())
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(kohya.items())}
     meta = kohya_metadata(config, facts, step, epoch, max_steps)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(state, meta)

@@ -133,7 +133,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
 
     from peft import inject_adapter_in_model
 
-    from .adapters import choose_targets, is_adapter_param, lora_config
+    from .adapters import add_dora, choose_targets, is_adapter_param, lora_config
     from .offload import parse_offload, saved_bytes, unit_bytes
     from .weight_storage import storage_plan, store_frozen
 
@@ -170,6 +170,8 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
             lora = lora_config(config, targets, conv)
             lora.init_lora_weights = False
             inject_adapter_in_model(lora, modules[name])
+            if config.network_type == "dora":  # its magnitudes, and the scaled input each layer keeps
+                add_dora(modules[name])
     lora_params = sum(p.numel() for m in modules.values() for n, p in m.named_parameters() if is_adapter_param(n))
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -227,7 +227,7 @@ class Trainer:
         if cfg.conv_rank is not None and not any(c[1] for c in chosen.values()):
             raise ConfigError("the config", [f"conv_rank = {cfg.conv_rank}: the {family.label} {family.denoiser_label} "
                                              "has no 3x3 convolutions to train; remove conv_rank (and conv_alpha)"])
-        if cfg.network_type in ("loha", "lokr"):
+        if cfg.network_type in ("loha", "lokr", "dora"):
             fused = [m for n in names for m in chosen[n][0] if family.fused_slot(n, m) is not None]
             if fused:
                 raise ConfigError("the config", [
