@@ -82,6 +82,14 @@ def test_dora_layers_compute_the_weight_the_loaders_compute():
         product = (layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1)).reshape(w0.shape)
         want = dora_weight(w0, layer.scaling["default"] * product, getattr(layer, PEFT_KEY)["default"])
         torch.testing.assert_close(layer(x[name]), plain(name, want), rtol=1e-4, atol=1e-5)
+        # previews at a strength: the loaders' W0 + s (W' - W0); strength 0 is the base layer
+        from lora_scripts.training.previews import lora_strength
+
+        with torch.no_grad(), lora_strength([net], 0.5):
+            torch.testing.assert_close(layer(x[name]), plain(name, w0 + 0.5 * (want - w0)), rtol=1e-4, atol=1e-5)
+        with torch.no_grad(), lora_strength([net], 0.0):
+            torch.testing.assert_close(layer(x[name]), plain(name, w0), rtol=1e-5, atol=1e-6)
+        assert layer.dora_strength == 1.0
 
 
 def _keys(path):
@@ -192,6 +200,8 @@ def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_
     assert "save_format = diffusers with network_type: loha" in problem(tiny_ckpt, network_type="loha",
                                                                         save_format="diffusers")
     assert "lora_dropout = 0.1 with network_type: lokr" in problem(tiny_ckpt, network_type="lokr", lora_dropout=0.1)
+    assert "network_type = dora with text_encoder_weight_dtype = nf4" in problem(
+        tiny_ckpt, network_type="dora", train_text_encoder=True, text_encoder_weight_dtype="nf4")
     message = problem(tiny_flux_files["base_model"], network_type="loha", **flux_keys(tiny_flux_files))
     assert "network_type = loha: the Flux.1 file format fuses layers" in message and "use network_type: lora" in message
 
@@ -209,7 +219,8 @@ def test_locon_is_lora_with_the_convolutions(tmp_path):
 
 def test_an_incomplete_lycoris_layer_is_reported_as_dropped(tmp_path):
     """A LoHa layer without its second product (or a LoKr one without w2) is skipped by every loader: its keys are
-    listed as dropped, the rest of the file reads."""
+    listed as dropped, the rest of the file reads; an output-axis DoRA magnitude (which A1111 and ComfyUI apply
+    differently) is not read as an input-axis one, even on a square layer."""
     from safetensors.torch import save_file
 
     from lora_scripts.interop.lora_file import read_lora
@@ -217,10 +228,17 @@ def test_an_incomplete_lycoris_layer_is_reported_as_dropped(tmp_path):
     t = torch.ones
     save_file({"lora_unet_a.hada_w1_a": t(4, 2), "lora_unet_a.hada_w1_b": t(2, 4), "lora_unet_a.alpha": t(()),
                "lora_unet_b.lokr_w1": t(2, 2), "lora_unet_b.lokr_w2_a": t(2, 1), "lora_unet_b.alpha": t(()),
-               "lora_unet_c.lokr_w1": t(2, 2), "lora_unet_c.lokr_w2": t(2, 2), "lora_unet_c.alpha": t(())},
+               "lora_unet_c.lokr_w1": t(2, 2), "lora_unet_c.lokr_w2": t(2, 2), "lora_unet_c.alpha": t(()),
+               # DoRA magnitudes: per input channel (read), per output channel (LyCORIS' default: not read)
+               "lora_unet_d.lora_down.weight": t(2, 4), "lora_unet_d.lora_up.weight": t(4, 2),
+               "lora_unet_d.dora_scale": t(1, 4),
+               "lora_unet_e.lora_down.weight": t(2, 4), "lora_unet_e.lora_up.weight": t(4, 2),
+               "lora_unet_e.dora_scale": t(4, 1)},
               str(tmp_path / "x.safetensors"))
     lora = read_lora(tmp_path / "x.safetensors")
-    assert list(lora.lycoris) == ["lora_unet_c"] and lora.network_type == "lokr"
+    assert list(lora.lycoris) == ["lora_unet_c"] and lora.network_type == "dora+lokr"
+    assert lora.modules["lora_unet_d"].dora_scale is not None and lora.modules["lora_unet_e"].dora_scale is None
+    assert any("lora_unet_e.dora_scale (an output-axis DoRA magnitude" in u for u in lora.unknown)
     assert any("lora_unet_a.hada_w1_a (its hada_w2_a is missing)" in u for u in lora.unknown)
     assert any("lora_unet_b.lokr_w2_a (its lokr_w2 is missing)" in u for u in lora.unknown)
 

@@ -334,9 +334,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"lokr_factor = {self.lokr_factor}: " + ("use -1 (as square as possible) or a factor "
                              ">= 1" if self.lokr_factor == 0 else f"it applies to network_type: lokr, not "
                              f"{self.network_type}; remove it or set network_type: lokr"))
-        if self.network_type == "dora" and self.base_weight_dtype in ("int8", "nf4"):
-            raise ValueError(f"network_type = dora with base_weight_dtype = {self.base_weight_dtype}: DoRA reads the "
-                             "frozen weight every step; use base_weight_dtype: fp8 (or auto)")
+        if self.network_type == "dora":
+            for key in ("base_weight_dtype",) + (("text_encoder_weight_dtype",) if self.train_text_encoder else ()):
+                if getattr(self, key) in ("int8", "nf4"):
+                    raise ValueError(f"network_type = dora with {key} = {getattr(self, key)}: DoRA reads the "
+                                     f"frozen weight every step; use {key}: fp8 (or auto)")
         if self.save_format == "diffusers" and self.network_type in ("loha", "lokr", "dora"):
             raise ValueError(f"save_format = diffusers with network_type: {self.network_type}: diffusers reads "
                              "plain LoRA only; use save_format: kohya (A1111 and ComfyUI load LoHa/LoKr/DoRA)")

@@ -120,7 +120,8 @@ class LoraSet:
             module = self.pipe.components[component].get_submodule(layer)
             module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
             weight = module.weight
-            change = m.delta(tuple(weight.shape)) if n in lora.lycoris else m.applied_delta(weight.detach())
+            original = self.patches.originals.get(id(weight), (weight, weight.data))[1]  # W0, not W0 + another file
+            change = m.delta(tuple(weight.shape)) if n in lora.lycoris else m.applied_delta(original)
             layers[n] = (weight, change)
         self.patches.add(name, layers)
 

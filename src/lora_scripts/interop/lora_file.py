@@ -269,8 +269,12 @@ def _from_kohya(state: dict[str, Tensor], metadata: dict[str, str]) -> LoraFile:
         else:
             unknown += [f"{name}.{k} (its partner is missing)" for k in p]
     for name, scale in dora.items():
-        if name in modules and scale.numel() == modules[name].down.shape[1]:
+        width = modules[name].down.shape[1] if name in modules else None
+        if width is not None and scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] == width:
             modules[name].dora_scale = scale
+        elif width is not None and scale.dim() >= 2 and scale.shape[1] == 1:
+            unknown.append(f"{name}.dora_scale (an output-axis DoRA magnitude: A1111 and ComfyUI apply it "
+                           "differently; this tool does not read it)")
         else:
             unknown.append(f"{name}.dora_scale (no LoRA layer of its width)")
     return LoraFile(modules, metadata, KOHYA, sorted(unknown), lycoris=lyco)

@@ -135,7 +135,9 @@ def add_dora(model: nn.Module) -> int:
         weight = module.get_base_layer().weight
         magnitude = nn.Parameter(column_norm(weight.detach().float()).to(weight.device))
         setattr(module, DORA_KEY, nn.ParameterDict({"default": magnitude}))
+        module.dora_strength = 1.0  # previews' strength (training.previews.lora_strength)
         module.register_forward_pre_hook(_dora_input)
+        module.register_forward_hook(_dora_strength)
         count += 1
     return count
 
@@ -154,4 +156,16 @@ def _dora_input(module: nn.Module, args: tuple):
     factor = getattr(module, DORA_KEY)["default"] / norm
     x = args[0]
     shape = (-1,) if x.dim() == 2 or not isinstance(module.get_base_layer(), nn.Conv2d) else (1, -1, 1, 1)
+    if module.dora_strength != 1.0:
+        module.dora_unscaled = x  # for _dora_strength
     return (x * factor.reshape(shape).to(x.dtype),) + tuple(args[1:])
+
+
+def _dora_strength(module: nn.Module, args: tuple, output):
+    """At strength s != 1 (previews), the loaders' W0 + s (W' - W0): s x this layer's output + (1 - s) x the
+    base layer's on the unscaled input (scaling the LoRA product inside the norm would be another weight)."""
+    x = module.__dict__.pop("dora_unscaled", None)
+    if x is None:
+        return None
+    s = module.dora_strength
+    return output * s + module.get_base_layer()(x) * (1 - s)

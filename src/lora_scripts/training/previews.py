@@ -59,20 +59,27 @@ def plan_samples(config: TrainConfig) -> list[PlannedSample]:
 
 @contextlib.contextmanager
 def lora_strength(models: list[torch.nn.Module], strength: float):
-    """Scale every LoRA layer's output by `strength` for the duration (peft keeps alpha/r in `scaling`)."""
+    """Scale every LoRA layer's output by `strength` for the duration (peft keeps alpha/r in `scaling`); DoRA
+    layers give W0 + strength x (W' - W0), as A1111 and ComfyUI do."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lycoris_utils import LycorisLayer  # LoHa, LoKr: their delta weight is scaled by `scaling` too
 
     layers = [m for model in models for m in model.modules() if isinstance(m, (LoraLayer, LycorisLayer))]
+    dora = [m for m in layers if hasattr(m, "dora_strength")]  # DoRA: W0 + s (W' - W0), as A1111/ComfyUI
+    layers = [m for m in layers if not hasattr(m, "dora_strength")]
     saved = [dict(m.scaling) for m in layers]
     try:
         for m in layers:
             for name in m.scaling:
                 m.scaling[name] *= strength
+        for m in dora:
+            m.dora_strength = strength
         yield
     finally:
         for m, s in zip(layers, saved):
             m.scaling.update(s)
+        for m in dora:
+            m.dora_strength = 1.0
 
 
 class PreviewSampler:
