@@ -9,7 +9,8 @@ from conftest import REPO
 
 
 def test_the_gpu_suite_dry_run_fills_every_row(tmp_path):
-    rows = ["step_sd15", "memory_sd15", "memory_sdxl_fp8", "memory_flux_swap", "fp16_scaler", "bf16_vs_fp32", "compile"]
+    # one row of each kind (the other memory and step rows are the same code with other settings)
+    rows = ["step_sd15", "memory_flux_swap", "fp16_scaler", "bf16_vs_fp32", "compile"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(tmp_path),
                            "--rows", *rows], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
