@@ -204,6 +204,8 @@ def row_step(name: str, inputs: dict, tiny: bool) -> dict:
     cmd = [sys.executable, str(HERE / "train_step.py"), "--model", TINY_MODEL[model] if tiny else model,
            "--checkpoint", inputs[model], "--resolution", str((64 if model == "sdxl" else 32) if tiny else res), "--batch", str(2 if tiny else batch),
            "--steps", "1" if tiny else "3", "--device", _device(tiny), "--mixed-precision", "no" if tiny else "bf16"]
+    if tiny:  # the dry run: the reference and our default step (the other two are our step with other settings)
+        cmd += ["--variants", "ours_defaults"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("JSON ")), None)
     if line is None:

@@ -225,6 +225,8 @@ def main() -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpoint", help="use this checkpoint of --model's family instead of building a random one")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="run only these (the reference always runs: the ratios are against it)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -237,11 +239,12 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, data = build_inputs(args, Path(tmp))
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        variants = [v for v in VARIANTS if v == "reference" or v in args.variants]
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
         # A shared machine's speed drifts over minutes: rounds alternate the order (ABCD, DCBA, ...) so that
         # drift falls on every variant alike, and each variant's figure is its mean over the rounds.
         for r in range(args.rounds):
-            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            for variant in variants if r % 2 == 0 else variants[::-1]:
                 cmd = [sys.executable, __file__, "--worker", variant, "--inputs", f"{ckpt}{os.pathsep}{data}"] + \
                       [a for a in sys.argv[1:]]
                 out = subprocess.run(cmd, capture_output=True, text=True)

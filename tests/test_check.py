@@ -165,7 +165,7 @@ def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
     from lora_scripts.training.memory import too_big
 
     auto = cfg.model_copy(update={**changes, "offload": "auto"})
-    assert too_big(auto, 8 * 2**30, configs) is None and fitted.total < estimate_memory(auto, configs).total
+    assert too_big(auto, 8 * 2**30, configs) is None
 
 
 LONG = "sci_lab, " + ", ".join(f"glowing console number {i} with blue light" for i in range(14)) + ", trigger_at_end"
