@@ -33,7 +33,6 @@ LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 # Tucker (CP) cores: read and reported, never written (we train without use_effective_conv2d).
 CORE_KEYS = ("hada_t1", "hada_t2", "lokr_t2")
-KINDS = {"loha": LOHA_KEYS, "lokr": LOKR_KEYS}
 
 
 def kind_of(params: set[str]) -> str | None:

@@ -67,7 +67,7 @@ class LoraSet:
                 self.pipe.delete_adapters(name)
             del self.loaded[name]  # a failed reload below must not leave a name without its adapter
             self._stamps.pop(name, None)
-        if lora.lycoris or lora.network_type == "dora":
+        if lora.by_rule:
             self._load_lycoris(name, Path(path), lora)
             self.loaded[name] = Path(path)
             self._stamps[name] = stamp
@@ -109,7 +109,7 @@ class LoraSet:
             raise LoraFileError(f"{path} mixes LoRA and LyCORIS ({lora.network_type}) layers; this tool draws "
                                 "either kind, not both in one file")
         self._shapes()
-        modules = {**lora.lycoris, **lora.modules}
+        modules = {**lora.lycoris, **lora.modules}  # a DoRA file's layers without a magnitude too
         missing = [n for n in modules if n not in self._layer_paths]
         if missing:
             raise LoraFileError(f"{path}: {len(missing)} of its layers are not named as this tool names "

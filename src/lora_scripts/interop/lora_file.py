@@ -59,6 +59,10 @@ class LoraModule:
             d = d.reshape(self.up.shape[0], *self.down.shape[1:])
         return d * self.scale
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether the update has the layer's weight shape (computed from the factors' shapes alone)."""
+        return tuple(update_shape(self)) == tuple(shape)
+
     def applied_delta(self, base: Tensor) -> Tensor:
         """The change A1111 and ComfyUI make to `base` (the layer's weight W0) at strength 1, in fp32: the LoRA
         product, or for DoRA the decomposed weight minus W0."""
@@ -115,6 +119,12 @@ class LoraFile:
         dora = any(m.dora_scale is not None for m in self.modules.values())
         kinds = sorted({m.kind for m in self.lycoris.values()} | ({"dora" if dora else "lora"} if self.modules else set()))
         return "+".join(kinds) or "lora"
+
+    @property
+    def by_rule(self) -> dict:
+        """The modules only A1111/ComfyUI's own rule applies (LoHa, LoKr, DoRA), which diffusers does not read
+        as they do: our tools apply them by that rule (formats/lycoris.py, formats/dora.py)."""
+        return {**self.lycoris, **{n: m for n, m in self.modules.items() if m.dora_scale is not None}}
 
     def deltas(self) -> dict[str, Tensor]:
         """Every module's weight change at strength 1 (fp32, LoRA's shaped like its layer, LyCORIS' flat)."""

@@ -89,7 +89,7 @@ def verify(lora_path: Path, base_path: Path, loaded=None, files: dict[str, Path]
     if not report.unmatched and not report.wrong_shape and not report.nonfinite:
         if lora.modules and lora.network_type != "dora":
             _check_diffusers(lora, Path(lora_path), Path(base_path), table, report, loaded, files)
-        if lora.lycoris or lora.network_type == "dora":
+        if lora.by_rule:
             _check_lycoris(lora, table, report, loaded)
     return report
 
@@ -98,10 +98,9 @@ def _check_names(lora: LoraFile, base: Path, table, family, report: VerifyReport
     shapes = base_shapes(base, files)  # a diffusers folder's names in the single-file layout A1111/ComfyUI resolve
     for name, m in sorted({**lora.modules, **lora.lycoris}.items()):
         entry = table.get(name)
-        fits = (lambda shape: tuple(m.delta().shape) == shape) if isinstance(m, LoraModule) else m.fits
         if entry is None or entry.ldm_key not in shapes:
             report.unmatched.append(name)
-        elif not fits(entry.shape) or tuple(shapes[entry.ldm_key]) != entry.ldm_shape:
+        elif not m.fits(entry.shape) or tuple(shapes[entry.ldm_key]) != entry.ldm_shape:
             # entry.shape: the layer's; ldm_shape: the single file's weight it lives in (fused q/k/v: 3x the rows)
             report.wrong_shape.append(f"{name}: does not fit {tuple(shapes[entry.ldm_key])}")
     for component in (family.denoiser,) + family.text_encoders:
@@ -245,8 +244,7 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> 
     has those layers; a file checked on its own is checked by name, shape and values."""
     networks = loaded[1] if loaded is not None else {}
     compared = 0
-    dora = {n: m for n, m in lora.modules.items() if m.dora_scale is not None}
-    for name, m in sorted({**lora.lycoris, **dora}.items()):
+    for name, m in sorted(lora.by_rule.items()):
         entry = table[name]
         layer = networks[entry.component].get_submodule(entry.path) if entry.component in networks else None
         with torch.no_grad():
