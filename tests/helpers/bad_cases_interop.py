@@ -56,6 +56,13 @@ def _folder(root: Path, name: str = "loras") -> str:
     return str(root / name)
 
 
+def _image(root: Path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(root / "layout.png")
+    return str(root / "layout.png")
+
+
 def gen(root: Path, base: Path, *extra: str, prompt: str = "a lab") -> list[str]:
     """`generate` with a LoRA folder under root holding style.safetensors; few steps, tiny images."""
     lora(root / "loras", "style.safetensors")
@@ -213,6 +220,27 @@ COMMANDS: list[Command] = [
     _c("generate_sweep_nan", "generate --sweep with nan", lambda r, b: gen(r, b, "--sweep", "0,nan",
                                                                             prompt="a lab <lora:style>"),
        r"--sweep: strength nan is not a finite number"),
+    # --- generate with ControlNet / IP-Adapter ------------------------------------------------------------------
+    _c("generate_control_without_image", "generate --control without --control-image",
+       lambda r, b: gen(r, b, "--control", f"canny:{lora(r)}"),
+       r"1 --control given with 0 --control-image; give one image per ControlNet, in the same order"),
+    _c("generate_control_weight_range", "generate --control-weight 5",
+       lambda r, b: gen(r, b, "--control", f"canny:{lora(r)}", "--control-image", _image(r), "--control-weight", "5"),
+       r"--control-weight 5: use 0 to 2 \(1 = as trained, 0 = off\)"),
+    _c("generate_control_image_missing", "generate --control-image that does not exist",
+       lambda r, b: gen(r, b, "--control", f"canny:{lora(r)}", "--control-image", str(r / "layout.png")),
+       r"--control-image .*layout\.png does not exist"),
+    _c("generate_control_is_lora", "generate --control naming a LoRA file",
+       lambda r, b: gen(r, b, "--control", f"canny:{lora(r)}", "--control-image", _image(r)),
+       r"style\.safetensors is a LoRA \(use it as <lora:NAME:WEIGHT> in the prompt\)"),
+    _c("generate_control_unknown_type", "generate --control with an unknown preprocessor",
+       lambda r, b: gen(r, b, "--control", f"hed:{lora(r)}", "--control-image", _image(r)),
+       r"unknown preprocessor 'hed'; use one of canny, softedge, lineart, none"),
+    _c("generate_ip_adapter_without_encoder", "generate --ip-adapter with no image encoder beside it",
+       lambda r, b: gen(r, b, "--ip-adapter", lora(r, "ip-adapter_sd15.safetensors"), "--ip-image", _image(r)),
+       r"no image encoder for ip-adapter_sd15\.safetensors: .*image_encoder is not a folder.*--ip-encoder"),
+    _c("generate_ip_image_without_adapter", "generate --ip-image without --ip-adapter",
+       lambda r, b: gen(r, b, "--ip-image", _image(r)), r"--ip-image/--ip-scale/--ip-encoder need --ip-adapter MODEL"),
     _c("compare_missing_run", "compare a run folder that does not exist",
        lambda r, b: ["compare", str(r / "output" / "run"), "--prompt", "a lab"],
        r"run does not exist; give the output_dir folders of finished training runs"),

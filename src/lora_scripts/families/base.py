@@ -221,6 +221,26 @@ class Family:
         key = "lora_scripts.architecture"  # stable_diffusion.ARCHITECTURE_KEY (not imported: it imports this module)
         return json.loads(metadata[key]) if key in metadata else self.embedded_configs()
 
+    # --- generation with control -----------------------------------------------------------------------------
+    def load_controlnet(self, path: Path, model: Model) -> nn.Module:
+        """A ControlNet file or folder for this model, in its dtype and on its device."""
+        from ..errors import LoraScriptsError
+
+        raise LoraScriptsError(f"ControlNet is not available for {self.label} in this tool yet (SD1.x, SD2.x and "
+                               "SDXL have it)")
+
+    def attach_ip_adapter(self, pipe, path: Path, encoder: Path, model: Model) -> None:
+        """Load an IP-Adapter file and its image encoder (a local folder) into `pipe`."""
+        from ..errors import LoraScriptsError
+
+        raise LoraScriptsError(f"IP-Adapter is not available for {self.label} in this tool yet (SD1.x, SD2.x and "
+                               "SDXL have it)")
+
+    def control_pipeline(self, pipe, controlnets: list[nn.Module]):
+        """The family's ControlNet pipeline sharing `pipe`'s components (LoRAs and IP-Adapters loaded there
+        included), with these ControlNets."""
+        raise NotImplementedError
+
     def base_shapes(self, path: Path, files: Mapping[str, Path] | None = None) -> dict[str, tuple[int, ...]]:
         """Key -> shape of a single-file base, the names A1111 and ComfyUI resolve a LoRA's modules against."""
         from .loading import read_checkpoint_info

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 from torch import Tensor, nn
 
 from ..formats.kohya import UNET_PREFIX as KOHYA_UNET, kohya_module_name, text_encoder_name, unet_name_from_ldm
@@ -60,6 +60,7 @@ class SDXL(StableDiffusionFamily):
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
     pipeline_class = StableDiffusionXLPipeline
+    control_pipeline_class = StableDiffusionXLControlNetPipeline
     model_index = _MODEL_INDEX
     text_time = True
     # As sd-scripts writes them (library/sdxl_train_util.py, sai_model_spec.py): one architecture id for

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelLoadError
@@ -79,6 +79,7 @@ class StableDiffusionFamily(Family):
     # Tokenizer folder of each text encoder, and how that tokenizer pads (SDXL has two).
     tokenizer_folders = {"text_encoder": "tokenizer"}
     pipeline_class = StableDiffusionPipeline
+    control_pipeline_class = StableDiffusionControlNetPipeline
     model_index = _MODEL_INDEX
     text_time = False  # SDXL's UNet takes pooled text and size ids (label_emb in single files)
     base_model_version: str
@@ -428,6 +429,21 @@ class StableDiffusionFamily(Family):
     def pipeline_from_parts(self, modules: dict[str, nn.Module], tokenizers: dict[str, Any], scheduler):
         """The family's diffusers pipeline around these networks and tokenizers."""
         return self.pipeline_class(**modules, **tokenizers, scheduler=scheduler, **self._pipeline_extras())
+
+    def load_controlnet(self, path: Path, model: Model) -> nn.Module:
+        from .controlnet import load_controlnet
+
+        return load_controlnet(path, model.denoiser, self.label)
+
+    def attach_ip_adapter(self, pipe, path: Path, encoder: Path, model: Model) -> None:
+        from .ip_adapter import attach_ip_adapter
+
+        attach_ip_adapter(pipe, path, encoder, model.denoiser, self.label)
+
+    def control_pipeline(self, pipe, controlnets: list[nn.Module]):
+        out = self.control_pipeline_class.from_pipe(pipe, controlnet=list(controlnets))
+        out.set_progress_bar_config(disable=True)
+        return out
 
     # --- what a LoRA file says about its base ---------------------------------------------------------------
     def lora_metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:

@@ -100,3 +100,71 @@ def write_tiny_flux_files(folder: Path, seed: int = 0, dtype: torch.dtype = torc
                                   for k, v in vae_to_ldm(modules["vae"].state_dict()).items()}), paths["ae"])
     build_tiny_t5_tokenizer().save_pretrained(str(paths["tokenizer_dir"]))
     return paths
+
+
+def build_tiny_controlnet(unet: nn.Module, seed: int = 0) -> nn.Module:
+    """A ControlNet from a tiny UNet (diffusers' from_unet), its hint encoder downsampling as the tiny VAE does
+    (by 2), and its zero-initialised output convs set to small random values: a fresh ControlNet changes nothing,
+    a trained one does, and tests need the second."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            # The map's way in (hint encoder's last conv) stronger than the residuals' way out, so that the map
+            # decides more than the ControlNet's mere presence does.
+            if name.startswith("controlnet_cond_embedding.conv_out"):
+                p.normal_(0.0, 1.0) if name.endswith("weight") else p.zero_()
+            elif name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                p.normal_(0.0, 0.3) if name.endswith("weight") else p.zero_()
+    return net
+
+
+def write_tiny_controlnet(path: Path, unet: nn.Module, seed: int = 0, text_time: bool = False) -> Path:
+    """A tiny ControlNet as users have them: the original layout (.pth or .safetensors, as control_v11p_*), a
+    diffusers-layout single file (a name containing "diffusers"), or a diffusers folder (no suffix)."""
+    from ..formats.controlnet import controlnet_to_ldm
+
+    net = build_tiny_controlnet(unet, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.suffix:
+        net.save_pretrained(str(path))
+        return path
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if "diffusers" not in path.name:
+        state = controlnet_to_ldm(state, unet.config.layers_per_block, text_time)
+    if path.suffix == ".pth":
+        torch.save(state, path)
+        return path
+    return atomic_save_safetensors(state, path)
+
+
+def write_tiny_ip_adapter(path: Path, unet: nn.Module, seed: int = 0, projection_dim: int = 16) -> Path:
+    """A tiny plain IP-Adapter for this UNet as users keep it: the .safetensors file (image_proj.*, and
+    ip_adapter.N.to_k_ip/to_v_ip for the N-th cross-attention layer, N = 1, 3, 5, ...), and beside it the
+    image_encoder folder (a tiny CLIP vision tower with projection, in transformers' layout)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        projection_dim=projection_dim))
+    encoder.save_pretrained(str(Path(path).parent / "image_encoder"))
+    width, channels = unet.config.cross_attention_dim, list(unet.config.block_out_channels)
+    state = {"image_proj.proj.weight": torch.randn(4 * width, projection_dim) * 0.3,
+             "image_proj.proj.bias": torch.zeros(4 * width),
+             "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
+    cross = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
+    for k, name in enumerate(cross):
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = channels[::-1][int(name.split(".")[1])]
+        else:
+            hidden = channels[int(name.split(".")[1])]
+        for proj in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * k + 1}.{proj}.weight"] = torch.randn(hidden, width) * 0.3
+    return atomic_save_safetensors(state, Path(path))

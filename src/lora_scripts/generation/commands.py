@@ -118,6 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_out_folder(out)
     dirs = [Path(d) for d in args.lora_dir] if args.lora_dir else list(DEFAULT_DIRS)
     _check_prompts(prompts, dirs)
+    controls, ip_adapter = control_units(args)
     if strengths is not None:
         from .sweeps import with_strength
 
@@ -125,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             with_strength(p, 1.0)
     files, tokenizer_dir = base_files(args, base=Path(args.base))
     renderer = Renderer(Path(args.base), dirs, settings, args.prediction_type or "auto", args.zero_terminal_snr,
-                        files, tokenizer_dir)
+                        files, tokenizer_dir, controls, ip_adapter)
     if strengths is not None:
         sheet, results = strength_sweep(renderer, prompts, seeds, strengths)
     else:
@@ -140,8 +141,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for r in results:
         written.append(save_png(r.image, out / f"{index:05d}-{r.params.seed}.png", r.params))
         index += 1
-    print(f"wrote {len(written)} images to {out}" + (f"; sweep sheet: {sheet_path}" if strengths is not None else ""))
+    maps = write_control_maps(renderer, out, index) if args.control_preview else []
+    print(f"wrote {len(written)} images to {out}" + (f"; sweep sheet: {sheet_path}" if strengths is not None else "")
+          + (f"; control maps: {', '.join(str(p) for p in maps)}" if maps else ""))
     return 0
+
+
+def control_units(args: argparse.Namespace):
+    """The --control units and the --ip-adapter, every image opened once: a wrong path fails before the base
+    model loads."""
+    from .control import parse_units
+    from .ip_adapter import parse_unit
+
+    units = parse_units(args.control, args.control_image, args.control_weight, args.control_start, args.control_end,
+                        args.canny_thresholds)
+    for unit in units:
+        unit.read_image()
+    if args.control_preview and not units:
+        raise LoraScriptsError("--control-preview writes the maps of --control units; none was given")
+    return units, parse_unit(args.ip_adapter, args.ip_image, args.ip_scale, args.ip_encoder)
+
+
+def write_control_maps(renderer, out: Path, index: int) -> list[Path]:
+    """--control-preview: the maps the ControlNets saw, numbered after the images (never overwriting)."""
+    from ..atomic import atomic_write
+
+    size = renderer.settings.size or renderer.model.native_size
+    paths = []
+    for i, (unit, image) in enumerate(zip(renderer.controls, renderer.control_maps(size))):
+        path = out / f"{index:05d}-control-{i}-{unit.kind}.png"
+        paths.append(atomic_write(path, lambda p, im=image: im.save(p, format="PNG")))
+    return paths
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -163,7 +193,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ztsnr = args.zero_terminal_snr or any(r.config.get("zero_terminal_snr") for r in runs)
     # The runs' own component files (a Flux base kept as separate files), unless the command line names others.
     files, tokenizer_dir = base_files(args, next((r.config for r in runs if r.config.get("clip_l")), {}), base)
-    renderer = Renderer(base, [], settings, kind, ztsnr, files, tokenizer_dir)
+    controls, ip_adapter = control_units(args)
+    renderer = Renderer(base, [], settings, kind, ztsnr, files, tokenizer_dir, controls, ip_adapter)
     sheet = image_grid(renderer, runs, args.prompt, seeds, args.weight)
     paths = write_comparison(Path(args.out), sheet, runs)
     print(table_markdown(runs))
@@ -194,6 +225,28 @@ def _sampling_arguments(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("--zero-terminal-snr", action="store_true", help="the base was trained with a zero-terminal-SNR "
                    "schedule (as zero_terminal_snr: true in a config): sample it that way")
     add_base_file_args(p)
+    _control_arguments(p)
+
+
+def _control_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ControlNet (layout from a map; repeat --control for several, options in the same order)")
+    g.add_argument("--control", action="append", metavar="TYPE:MODEL", help="preprocessor (canny, softedge, lineart; "
+                   "none/depth/pose: the image is the map) and ControlNet file, folder or name in models/ControlNet")
+    g.add_argument("--control-image", action="append", metavar="IMG", help="one per --control")
+    g.add_argument("--control-weight", action="append", type=float, metavar="W", help="0 to 2 (default 1)")
+    g.add_argument("--control-start", action="append", type=float, metavar="S", help="share of the steps before "
+                   "the ControlNet acts (default 0)")
+    g.add_argument("--control-end", action="append", type=float, metavar="E", help="share of the steps after which "
+                   "it stops (default 1)")
+    g.add_argument("--canny-thresholds", action="append", metavar="LOW,HIGH", help="canny's thresholds (default "
+                   "100,200)")
+    g.add_argument("--control-preview", action="store_true", help="also write the maps the ControlNets saw")
+    g = p.add_argument_group("IP-Adapter (the look of a reference image)")
+    g.add_argument("--ip-adapter", metavar="MODEL", help="IP-Adapter file, e.g. ip-adapter_sd15.safetensors")
+    g.add_argument("--ip-image", metavar="IMG", help="the reference image")
+    g.add_argument("--ip-scale", type=float, metavar="S", help="0 to 2 (default 1; 0.5-0.8 keeps more of the prompt)")
+    g.add_argument("--ip-encoder", metavar="FOLDER", help="its CLIP vision encoder folder (default: image_encoder "
+                   "beside the IP-Adapter file)")
 
 
 def add_commands(sub) -> None:

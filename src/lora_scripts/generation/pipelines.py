@@ -6,8 +6,10 @@ we show is what a diffusers user gets; A1111/ComfyUI apply the same `W + w * sca
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -243,18 +245,49 @@ def _load_failure(path: Path, exc: Exception) -> str:
 
 @torch.no_grad()
 def generate(pipe, prompt: str, seeds: Sequence[int], size: tuple[int, int], steps: int = 30, cfg: float = 5.0,
-             negative: str = "") -> list[Image.Image]:
+             negative: str = "", **extra) -> list[Image.Image]:
     """One image per seed; each seed gets its own CPU generator, so results do not depend on batch size.
-    size: (height, width); a model's native size is `model.native_size`."""
+    size: (height, width); a model's native size is `model.native_size`. extra: the pipeline's own arguments
+    (a ControlNet pipeline's image and conditioning scales)."""
     height, width = size
     # Zero-terminal-SNR models over-expose under plain CFG; Lin et al. (2023) rescale the guided prediction (0.7).
     rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
+    native = "guidance_rescale" in inspect.signature(pipe.__call__).parameters
     images = []
     for seed in seeds:
         g = torch.Generator("cpu").manual_seed(seed)
         # guidance_rescale only where it applies: not every pipeline takes the argument.
-        extra = {"guidance_rescale": rescale} if rescale else {}
-        out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
-                   generator=g, height=height, width=width, output_type="pil", **extra)
+        kwargs = {"guidance_rescale": rescale} if rescale and native else {}
+        with rescaled_guidance(pipe, cfg, rescale if not native else 0.0):
+            out = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
+                       generator=g, height=height, width=width, output_type="pil", **kwargs, **extra)
         images.append(out.images[0])
     return images
+
+
+@contextmanager
+def rescaled_guidance(pipe, cfg: float, phi: float):
+    """Guidance rescale (Lin et al. 2023) for a pipeline without the argument (diffusers 0.42.1's ControlNet
+    pipelines): the UNet's text-conditioned half is replaced by the prediction that makes the pipeline's own
+    CFG sum, uncond + cfg (text - uncond), equal the rescaled one. Nothing changes where phi is 0 or there
+    is no guidance (cfg <= 1: the pipeline runs one half only)."""
+    if not phi or cfg <= 1:
+        yield
+        return
+
+    def hook(module, args, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        uncond, text = sample.chunk(2)
+        guided = uncond + cfg * (text - uncond)
+        dims = list(range(1, sample.ndim))
+        rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        target = phi * rescaled + (1 - phi) * guided
+        new = torch.cat([uncond, uncond + (target - uncond) / cfg])
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else type(output)(sample=new)
+
+    denoiser = next(pipe.components[n] for n in ("unet", "transformer") if pipe.components.get(n) is not None)
+    handle = denoiser.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class Parameters:
     model_name: str
     model_hash: str = ""  # A1111's short hash: the first 10 hex of the checkpoint's SHA-256
     lora_hashes: dict[str, str] = field(default_factory=dict)  # name -> first 12 hex of the addnet hash
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. "ControlNet 0" -> the unit, as its extension writes it
 
     def text(self) -> str:
         fields = [f"Steps: {self.steps}", f"Sampler: {SAMPLER_LABELS.get(self.sampler, self.sampler)}",
@@ -31,6 +33,7 @@ class Parameters:
         if self.model_hash:
             fields.append(f"Model hash: {self.model_hash}")
         fields.append(f"Model: {self.model_name}")
+        fields += [f"{k}: {_quote(v)}" for k, v in self.extra.items()]
         if self.lora_hashes:
             joined = ", ".join(f"{n}: {h}" for n, h in self.lora_hashes.items())
             fields.append(f'Lora hashes: "{joined}"')
@@ -40,6 +43,11 @@ class Parameters:
             lines.append(f"Negative prompt: {self.negative}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+def _quote(value: str) -> str:
+    """A1111's infotext quoting: a value holding a comma, colon or newline is written as a JSON string."""
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
 def save_png(image: Image.Image, path: Path, params: Parameters) -> Path:
@@ -65,13 +73,22 @@ def parse_parameters(text: str) -> dict[str, str]:
     last = rest[-1] if rest else ""
     buf, in_quotes = "", False
     for ch in last + ",":
-        if ch == '"':
+        if ch == '"' and not (in_quotes and buf.endswith("\\")):
             in_quotes = not in_quotes
         if ch == "," and not in_quotes:
             k, _, v = buf.strip().partition(": ")
             if k:
-                out[k] = v.strip('"')
+                out[k] = _unquote(v)
             buf = ""
         else:
             buf += ch
     return out
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value[1:-1]
+    return value

@@ -17,6 +17,8 @@ from ..config import SEED_MAX
 from ..errors import LoraScriptsError
 from ..families import LoadSettings
 from ..families.loading import load_base_model
+from .control import ControlUnit, model_hash as control_model_hash
+from .ip_adapter import IpAdapterUnit
 from .pipelines import SCHEDULERS, LoraSet, generate, make_pipeline
 from .lora_lookup import DEFAULT_DIRS, index_loras, resolve
 from .pnginfo import Parameters
@@ -96,6 +98,8 @@ class Renderer:
     zero_terminal_snr: bool = False
     files: dict[str, Path] = field(default_factory=dict)  # a base's other files (Flux.1: clip_l, t5xxl, ae)
     tokenizer_dir: Path | None = None
+    controls: list[ControlUnit] = field(default_factory=list)  # ControlNets every image is drawn with
+    ip_adapter: IpAdapterUnit | None = None  # a reference image's look, through an IP-Adapter
 
     def __post_init__(self) -> None:
         self.model = load_base_model(self.base, LoadSettings(self.prediction_type, self.zero_terminal_snr,
@@ -107,12 +111,44 @@ class Renderer:
                                 else defaults["steps"], cfg=self.settings.cfg if self.settings.cfg is not None
                                 else defaults["cfg"])
         self.pipe = make_pipeline(self.model, self.settings.scheduler)
+        self._attach_ip_adapter()  # before the ControlNet pipeline, which then shares the image encoder
+        self.control_pipe = self._control_pipeline()
         from ..interop.table import base_configs, module_table
 
         self.loras = LoraSet(self.pipe, self.model.family, module_table(base_configs(self.base)))
         self.index = index_loras(self.lora_dirs)
         self._model_hash: str | None = None
         self._lora_hashes: dict[tuple[Path, float], str] = {}  # by (file, mtime): a retrained file is hashed again
+
+    def _attach_ip_adapter(self) -> None:
+        unit = self.ip_adapter
+        if unit is None:
+            return
+        from .control import model_hash as legacy_hash
+
+        self.model.family.attach_ip_adapter(self.pipe, unit.model, unit.encoder_folder, self.model)
+        self.pipe.set_ip_adapter_scale(unit.scale)
+        self._ip_image = unit.read_image()
+        self._ip_info = unit.infotext(self.pipe.image_encoder.config.projection_dim, legacy_hash(unit.model))
+
+    def _control_pipeline(self):
+        """The family's ControlNet pipeline over the same components (the LoRAs set on self.pipe act in it too);
+        each ControlNet file loaded once however many units use it."""
+        if not self.controls:
+            return None
+        nets: dict[Path, object] = {}
+        for unit in self.controls:
+            if unit.model not in nets:
+                nets[unit.model] = self.model.family.load_controlnet(unit.model, self.model)
+        self._control_hashes = {p: control_model_hash(p) for p in nets}
+        self._maps: dict[tuple[int, int], list[Image.Image]] = {}
+        return self.model.family.control_pipeline(self.pipe, [nets[u.model] for u in self.controls])
+
+    def control_maps(self, size: tuple[int, int]) -> list[Image.Image]:
+        """The maps the ControlNets see at this image size (width, height), made once per size."""
+        if size not in self._maps:
+            self._maps[size] = [u.control_map(size) for u in self.controls]
+        return self._maps[size]
 
     def add_lora(self, name: str, path: Path) -> None:
         """Make a file known under a name (e.g. a run's LoRA for `compare`) without a folder scan."""
@@ -128,11 +164,23 @@ class Renderer:
         self.loras.apply(weights)
         s = self.settings
         size = s.size or self.model.native_size
-        images = generate(self.pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative,
-                          size=(size[1], size[0]))
+        pipe, extra, info = self.pipe, {}, {}
+        if self.controls:
+            pipe = self.control_pipe
+            extra = {"image": self.control_maps(size),
+                     "controlnet_conditioning_scale": [u.weight for u in self.controls],
+                     "control_guidance_start": [u.start for u in self.controls],
+                     "control_guidance_end": [u.end for u in self.controls]}
+            info = {f"ControlNet {i}": u.infotext(size, self._control_hashes[u.model])
+                    for i, u in enumerate(self.controls)}
+        if self.ip_adapter is not None:
+            extra["ip_adapter_image"] = self._ip_image
+            info[f"ControlNet {len(self.controls)}"] = self._ip_info  # the extension numbers it as a unit
+        images = generate(pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative, size=(size[1], size[0]),
+                          **extra)
         hashes = {r.name: self._lora_hash(r.name) for r in refs}
         return [Rendered(im, Parameters(prompt, s.negative, s.steps, s.scheduler, s.cfg, seed, size, self.base.stem,
-                                        self.model_hash(), hashes)) for im, seed in zip(images, seeds)]
+                                        self.model_hash(), hashes, info)) for im, seed in zip(images, seeds)]
 
     def model_hash(self) -> str:
         if self._model_hash is None:
