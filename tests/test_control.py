@@ -203,3 +203,30 @@ def test_unit_options_are_checked_before_anything_loads(sd15):
     units = parse_units([f"depth:{cn}", f"canny:{cn}"], [str(files["box"])] * 2, weights=[0.5], thresholds=["50,150"])
     assert [u.kind for u in units] == ["none", "canny"] and [u.weight for u in units] == [0.5, 0.5]
     assert units[1].low == 50 and units[1].high == 150
+
+
+def test_the_studio_draws_with_a_controlnet_and_an_ip_adapter_from_the_workspace(sd15, tiny_ckpt, tmp_path):
+    import shutil
+
+    from test_ui_api import HEADERS, client
+
+    ws = tmp_path / "ws"
+    (ws / "models").mkdir(parents=True)
+    root, _, files = sd15
+    shutil.copy(tiny_ckpt, ws / "models" / "base.safetensors")
+    shutil.copy(files["cn"], ws / "models" / "control.pth")
+    shutil.copytree(files["ip"].parent, ws / "ipadapter")
+    shutil.copy(files["box"], ws / "box.png")
+    shutil.copy(root / "red.png", ws / "red.png")
+    c = client(ws)
+    body = {"base_model": "models/base.safetensors", "prompt": "a lab", "seed": 1, "steps": 2, "sampler": "ddim",
+            "control": [{"type": "canny", "model": "models/control.pth", "image": "box.png", "weight": 0.9}],
+            "ip_adapter": "ipadapter/ip-adapter_tiny.safetensors", "ip_image": "red.png", "ip_scale": 0.6}
+    r = c.post("/api/generate", headers=HEADERS, json=body)
+    assert r.status_code == 200, r.text
+    info = parse_parameters(read_parameters(ws / r.json()["image"]))
+    assert "Weight: 0.9" in info["ControlNet 0"] and "Weight: 0.6" in info["ControlNet 1"]
+    outside = c.post("/api/generate", headers=HEADERS, json={**body, "ip_image": str(root / "red.png")})
+    assert outside.status_code == 403 and "give a path inside the workspace" in outside.text
+    half = c.post("/api/generate", headers=HEADERS, json={**body, "ip_image": None})
+    assert half.status_code == 400 and "reference image" in half.text

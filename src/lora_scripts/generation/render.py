@@ -128,7 +128,6 @@ class Renderer:
 
         self.model.family.attach_ip_adapter(self.pipe, unit.model, unit.encoder_folder, self.model)
         self.pipe.set_ip_adapter_scale(unit.scale)
-        self._ip_image = unit.read_image()
         self._ip_info = unit.infotext(self.pipe.image_encoder.config.projection_dim, legacy_hash(unit.model))
 
     def _control_pipeline(self):
@@ -141,14 +140,15 @@ class Renderer:
             if unit.model not in nets:
                 nets[unit.model] = self.model.family.load_controlnet(unit.model, self.model)
         self._control_hashes = {p: control_model_hash(p) for p in nets}
-        self._maps: dict[tuple[int, int], list[Image.Image]] = {}
+        self._maps: dict[tuple, list[Image.Image]] = {}
         return self.model.family.control_pipeline(self.pipe, [nets[u.model] for u in self.controls])
 
     def control_maps(self, size: tuple[int, int]) -> list[Image.Image]:
         """The maps the ControlNets see at this image size (width, height), made once per size."""
-        if size not in self._maps:
-            self._maps[size] = [u.control_map(size) for u in self.controls]
-        return self._maps[size]
+        key = (size, tuple(u.image.stat().st_mtime_ns for u in self.controls))  # an image replaced on disk: anew
+        if key not in self._maps:
+            self._maps[key] = [u.control_map(size) for u in self.controls]
+        return self._maps[key]
 
     def add_lora(self, name: str, path: Path) -> None:
         """Make a file known under a name (e.g. a run's LoRA for `compare`) without a folder scan."""
@@ -174,7 +174,7 @@ class Renderer:
             info = {f"ControlNet {i}": u.infotext(size, self._control_hashes[u.model])
                     for i, u in enumerate(self.controls)}
         if self.ip_adapter is not None:
-            extra["ip_adapter_image"] = self._ip_image
+            extra["ip_adapter_image"] = self.ip_adapter.read_image()
             info[f"ControlNet {len(self.controls)}"] = self._ip_info  # the extension numbers it as a unit
         images = generate(pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative, size=(size[1], size[0]),
                           **extra)

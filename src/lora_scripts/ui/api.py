@@ -117,6 +117,16 @@ class CompareBody(BaseModel):
     size: str | None = None  # "WIDTHxHEIGHT"; None: the model's native size
 
 
+class ControlBody(BaseModel):
+    """One ControlNet unit, as `generate --control TYPE:MODEL --control-image IMG ...`; paths in the workspace."""
+    type: str = "canny"  # canny | softedge | lineart | none (depth, pose: the image is the map)
+    model: str
+    image: str
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
 class GenerateBody(BaseFiles):
     base_model: str
     prompt: str
@@ -130,6 +140,11 @@ class GenerateBody(BaseFiles):
     strengths: list[float] | None = None  # a strength sweep of the prompt's first <lora:...> tag
     # What the base predicts where its file does not say (SD2 single files), as prediction_type in a config.
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    control: list[ControlBody] = Field(default_factory=list, max_length=4)  # layout from maps (ControlNet)
+    ip_adapter: str | None = None  # the look of a reference image (IP-Adapter file)
+    ip_image: str | None = None
+    ip_scale: float = 1.0
+    ip_encoder: str | None = None  # its image encoder folder; None: image_encoder beside the file
 
 
 # --- config editor -------------------------------------------------------------------------------------------
@@ -441,11 +456,36 @@ def generate(request: Request, body: GenerateBody) -> dict:
     settings = Settings(steps=body.steps, cfg=body.cfg, scheduler=body.sampler, negative=body.negative,
                         size=_size(body.size))
     files, tokenizer_dir = _base_files(ws, base, body)
+    guides = _guides(ws, body)
     if body.strengths:
         return {"image": studio.sweep(base, body.prompt, body.seed, body.strengths, settings, body.prediction_type,
-                                      files, tokenizer_dir)}
+                                      files, tokenizer_dir, guides)}
     return {"image": studio.generate(base, body.prompt, body.seed, settings, body.prediction_type, files,
-                                     tokenizer_dir)}
+                                     tokenizer_dir, guides)}
+
+
+def _guides(ws: Workspace, body: GenerateBody):
+    """The ControlNet units and the IP-Adapter of a request: every file a workspace path that exists."""
+    from ..generation.control import ControlUnit, parse_units
+    from ..generation.ip_adapter import IpAdapterUnit
+
+    units: list[ControlUnit] = []
+    for c in body.control:
+        model, image = ws.path(c.model, must_exist=True), ws.path(c.image, must_exist=True)
+        units += parse_units([f"{c.type}:{model}"], [str(image)], [c.weight], [c.start], [c.end])
+    for unit in units:
+        unit.read_image()
+    ip = None
+    if body.ip_adapter or body.ip_image:
+        if not (body.ip_adapter and body.ip_image):
+            raise HTTPException(400, "an IP-Adapter needs both its file (ip_adapter) and a reference image (ip_image)")
+        encoder = ws.path(body.ip_encoder, must_exist=True) if body.ip_encoder else None
+        ip = IpAdapterUnit(ws.path(body.ip_adapter, must_exist=True), ws.path(body.ip_image, must_exist=True),
+                           body.ip_scale, encoder)
+        if not ws.contains(ip.encoder_folder):
+            raise OutsideWorkspace(f"image encoder {ip.encoder_folder}: outside the workspace")
+        ip.read_image()
+    return units, ip
 
 
 

@@ -14,6 +14,8 @@ from safetensors import safe_open
 from ..interop.describe import describe
 from ..generation.lora_lookup import index_loras, is_base_checkpoint
 from ..generation.pnginfo import save_png
+from ..generation.control import ControlUnit
+from ..generation.ip_adapter import IpAdapterUnit
 from ..generation.render import Renderer, Settings
 from ..generation.sweeps import strength_sweep
 from .workspace import STATE_DIR, Workspace
@@ -84,12 +86,18 @@ class Studio:
         return cached[1]
 
     def _renderer_for(self, base: Path, settings: Settings, prediction_type: str = "auto",
-                      files: dict[str, Path] | None = None, tokenizer_dir: Path | None = None) -> Renderer:
+                      files: dict[str, Path] | None = None, tokenizer_dir: Path | None = None,
+                      guides: tuple[list[ControlUnit], IpAdapterUnit | None] = ([], None)) -> Renderer:
         r, files = self._renderer, files or {}
+        controls, ip = guides
+        # ControlNets and an IP-Adapter live in the pipeline (and the IP-Adapter in the UNet): other ones, or
+        # none after some, take a fresh renderer.
         if (r is None or r.base != base or r.settings.scheduler != settings.scheduler
-                or r.prediction_type != prediction_type or r.files != files or r.tokenizer_dir != tokenizer_dir):
+                or r.prediction_type != prediction_type or r.files != files or r.tokenizer_dir != tokenizer_dir
+                or r.controls != controls or r.ip_adapter != ip):
+            self._renderer = None  # the old one's memory is freed before the new one loads
             r = self._renderer = Renderer(base, [self.ws.root], settings, prediction_type, files=files,
-                                          tokenizer_dir=tokenizer_dir)
+                                          tokenizer_dir=tokenizer_dir, controls=controls, ip_adapter=ip)
         # Steps and guidance the request leaves open: the model's own (Renderer resolved them on creation).
         r.settings = replace(settings, steps=settings.steps or r.defaults["steps"],
                              cfg=settings.cfg if settings.cfg is not None else r.defaults["cfg"])
@@ -97,9 +105,9 @@ class Studio:
         return r
 
     def generate(self, base: Path, prompt: str, seed: int, settings: Settings, prediction_type: str = "auto",
-                 files: dict[str, Path] | None = None, tokenizer_dir: Path | None = None) -> str:
+                 files: dict[str, Path] | None = None, tokenizer_dir: Path | None = None, guides=([], None)) -> str:
         with self.lock:
-            renderer = self._renderer_for(base, settings, prediction_type, files, tokenizer_dir)
+            renderer = self._renderer_for(base, settings, prediction_type, files, tokenizer_dir, guides)
             rendered = renderer.render(prompt, [seed])[0]
             path = self._new_path()
             save_png(rendered.image, path, rendered.params)
@@ -107,9 +115,9 @@ class Studio:
 
     def sweep(self, base: Path, prompt: str, seed: int, strengths: list[float], settings: Settings,
               prediction_type: str = "auto", files: dict[str, Path] | None = None,
-              tokenizer_dir: Path | None = None) -> str:
+              tokenizer_dir: Path | None = None, guides=([], None)) -> str:
         with self.lock:
-            renderer = self._renderer_for(base, settings, prediction_type, files, tokenizer_dir)
+            renderer = self._renderer_for(base, settings, prediction_type, files, tokenizer_dir, guides)
             sheet, _ = strength_sweep(renderer, [prompt], [seed], strengths)
             path = self._new_path()
             sheet.save(path)

@@ -331,6 +331,13 @@ function baseFiles() {
   const v = (id) => $(id).value.trim() || null;
   return { clip_l: v("#gen-clip-l"), t5xxl: v("#gen-t5xxl"), ae: v("#gen-ae"), tokenizer_dir: v("#gen-tokenizer-dir") };
 }
+// The ControlNet unit and IP-Adapter of the "Layout and look" box, where filled in.
+function guides() {
+  const v = (id) => $(id).value.trim();
+  const control = v("#gen-cn-model") || v("#gen-cn-image")
+    ? [{ type: $("#gen-cn-type").value, model: v("#gen-cn-model"), image: v("#gen-cn-image"), weight: +$("#gen-cn-weight").value }] : [];
+  return { control, ip_adapter: v("#gen-ip-model") || null, ip_image: v("#gen-ip-image") || null, ip_scale: +$("#gen-ip-scale").value };
+}
 const numberOrNull = (id) => ($(id).value.trim() === "" ? null : +$(id).value);
 async function runGenerate(sweep) {
   setStatus($("#gen-status"), sweep ? "drawing the sweep…" : "drawing…");
@@ -339,7 +346,7 @@ async function runGenerate(sweep) {
     const r = await api("POST", "/api/generate", { base_model: $("#gen-base").value, prompt: $("#gen-prompt").value,
       negative: $("#gen-negative").value, seed: +$("#gen-seed").value, steps: numberOrNull("#gen-steps"), cfg: numberOrNull("#gen-cfg"),
       size: $("#gen-size").value.trim() || null,
-      prediction_type: $("#gen-prediction").value, strengths: sweep ? [0, 0.25, 0.5, 0.75, 1] : null, ...baseFiles() });
+      prediction_type: $("#gen-prediction").value, strengths: sweep ? [0, 0.25, 0.5, 0.75, 1] : null, ...baseFiles(), ...guides() });
     $("#gen-out").prepend(el("img", { src: fileUrl(r.image), title: r.image, className: "generated" }));
     setStatus($("#gen-status"), `done in ${((performance.now() - t0) / 1000).toFixed(1)} s: ${r.image}`, "good");
   } catch (e) { setStatus($("#gen-status"), e.message, "bad"); }
