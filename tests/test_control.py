@@ -230,3 +230,26 @@ def test_the_studio_draws_with_a_controlnet_and_an_ip_adapter_from_the_workspace
     assert outside.status_code == 403 and "give a path inside the workspace" in outside.text
     half = c.post("/api/generate", headers=HEADERS, json={**body, "ip_image": None})
     assert half.status_code == 400 and "reference image" in half.text
+
+
+def test_flux_draws_with_a_diffusers_layout_controlnet_and_families_do_not_mix(sd15, tiny_flux_files, tmp_path):
+    from lora_scripts.families.base import LoadSettings
+    from lora_scripts.families.tiny import write_tiny_flux_controlnet
+
+    _, sd, files = sd15
+    other = {k: v for k, v in tiny_flux_files.items() if k in ("clip_l", "t5xxl", "ae")}
+    base, tokenizer = tiny_flux_files["base_model"], tiny_flux_files["tokenizer_dir"]
+    flux = load_base_model(base, LoadSettings(files=other, tokenizer_dir=tokenizer))
+    net = write_tiny_flux_controlnet(tmp_path / "flux-canny-tiny.safetensors", flux.denoiser)
+    settings = Settings(steps=2, size=(64, 64))
+    r = Renderer(base, [], settings, files=other, tokenizer_dir=tokenizer,
+                 controls=[ControlUnit("canny", net, files["box"])])
+    out = np.asarray(r.render("a lab", [1])[0].image, dtype=np.int16)
+    plain = np.asarray(generate(r.pipe, "a lab", [1], (64, 64), steps=2, cfg=r.settings.cfg)[0], dtype=np.int16)
+    assert np.abs(out - plain).mean() > 1.0
+    with pytest.raises(ControlNetError, match=r"flux-canny-tiny\.safetensors is a ControlNet for Flux\.1, but the "
+                                              r"base model is SD1\.x"):
+        load_controlnet(net, sd.denoiser, "SD1.x")
+    with pytest.raises(ControlNetError, match=r"control_tiny_canny\.pth is a ControlNet for a model with "
+                                              r"cross-attention width 32, but the base model is Flux\.1"):
+        flux.family.load_controlnet(files["cn"], flux)

@@ -128,6 +128,21 @@ def _cmd_toy_build_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toy_build_controlnet(args: argparse.Namespace) -> int:
+    from .toy.assets import toy_base_path, toy_controlnet_asset
+    from .toy.controlnet import QUICK_BUILD, build_controlnet
+
+    path = build_controlnet(Path(args.out), Path(args.base) if args.base else toy_base_path(), seed=args.seed,
+                            **(QUICK_BUILD if args.quick else {}))
+    print(f"toy ControlNet written: {path}")
+    if args.install:
+        import shutil
+
+        shutil.copyfile(path, toy_controlnet_asset())
+        print(f"installed as {toy_controlnet_asset()}")
+    return 0
+
+
 def _cmd_toy_sets(args: argparse.Namespace) -> int:
     from .toy.scenes import write_arm_set, write_neon_set
 
@@ -193,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true", help="also pack it into the package as the shipped base")
     p.add_argument("--reuse-vae", type=Path, help="take the VAE from an earlier toy checkpoint instead of training one")
     p.set_defaults(func=_cmd_toy_build_base)
+    p = toy.add_parser("build-controlnet", help="train the toy base's canny ControlNet (~20 min on 2 CPU cores)")
+    p.add_argument("--out", default="toy-controlnet-canny.safetensors")
+    p.add_argument("--base", help="the toy base to train it for (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline")
+    p.add_argument("--install", action="store_true", help="also ship it in the package as the toy ControlNet")
+    p.set_defaults(func=_cmd_toy_build_controlnet)
     p = toy.add_parser("sets", help="write the two toy target sets (neon style, robotic-arm subject)")
     p.add_argument("--out", default="toy_sets")
     p.add_argument("--count", type=int, default=60)

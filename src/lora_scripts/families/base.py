@@ -226,8 +226,13 @@ class Family:
         """A ControlNet file or folder for this model, in its dtype and on its device."""
         from ..errors import LoraScriptsError
 
-        raise LoraScriptsError(f"ControlNet is not available for {self.label} in this tool yet (SD1.x, SD2.x and "
-                               "SDXL have it)")
+        raise LoraScriptsError(f"ControlNet is not available for {self.label} in this tool yet (SD1.x, SD2.x, "
+                               "SDXL and Flux.1 have it)")
+
+    def control_call(self, maps: list, weights: list[float], starts: list[float], ends: list[float]) -> dict[str, Any]:
+        """The ControlNet pipeline's arguments for these units (one map, weight, start and end each)."""
+        return {"image": maps, "controlnet_conditioning_scale": weights, "control_guidance_start": starts,
+                "control_guidance_end": ends}
 
     def attach_ip_adapter(self, pipe, path: Path, encoder: Path, model: Model) -> None:
         """Load an IP-Adapter file and its image encoder (a local folder) into `pipe`."""

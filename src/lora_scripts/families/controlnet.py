@@ -74,6 +74,9 @@ def load_controlnet(path: Path, unet: nn.Module, label: str) -> nn.Module:
     else:
         state = keys.strip_prefix(read_state(path))
         layout = keys.file_kind(state)
+        if layout == "flux":
+            raise ControlNetError(f"{path.name} is a ControlNet for Flux.1, but the base model is {label}; use a "
+                                  f"ControlNet made for {label}")
         if layout not in ("ldm", "diffusers"):
             raise ControlNetError(f"{path.name} is {layout}")
         shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -128,3 +131,58 @@ def _from_state(path: Path, state: dict[str, Tensor], shapes: dict[str, tuple[in
                               "folder (config.json beside the weights)")
     net.load_state_dict(wanted, strict=True, assign=True)
     return net
+
+
+def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.Module:
+    """A Flux ControlNet in diffusers' layout (a folder, or its weights file alone: the block counts, guidance,
+    union modes and hint encoder are read from the keys, the rest is the base transformer's)."""
+    from diffusers import FluxControlNetModel
+
+    path = Path(path)
+    if not path.exists():
+        raise ControlNetError(f"ControlNet {path} does not exist; give a .safetensors file or a diffusers folder")
+    if path.is_dir():
+        from .loading import quiet_loading
+
+        if not (path / "config.json").is_file():
+            raise ControlNetError(f"{path} is a folder without config.json; give a diffusers ControlNet folder or "
+                                  "the ControlNet file itself")
+        with quiet_loading():
+            net = FluxControlNetModel.from_pretrained(str(path), local_files_only=True)
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    else:
+        state = read_state(path)
+        layout = keys.file_kind(state)
+        if layout in ("ldm", "diffusers"):
+            shapes = {k: tuple(v.shape) for k, v in keys.strip_prefix(state).items()}
+            made = _made_for(keys.context_width(shapes), keys.has_text_time(keys.strip_prefix(state)))
+            raise ControlNetError(f"{path.name} is a ControlNet for {made}, but the base model is {label}; use a "
+                                  f"ControlNet made for {label}")
+        if layout != "flux":
+            raise ControlNetError(f"{path.name} is {layout}")
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        net = None
+    cfg = transformer.config
+    width, text = cfg.num_attention_heads * cfg.attention_head_dim, cfg.joint_attention_dim
+    has = (shapes["x_embedder.weight"][0], shapes["context_embedder.weight"][1])
+    if has != (width, text):
+        raise ControlNetError(f"{path.name} is a Flux ControlNet of width {has[0]} reading text of width {has[1]}; "
+                              f"this {label} base has {width} and {text}: it was made for another model")
+    if net is None:
+        double, single = keys.flux_block_counts(state)
+        hint = shapes.get("input_hint_block.conv_out.weight")
+        config = {**cfg, "num_layers": double, "num_single_layers": single,
+                  "guidance_embeds": any("guidance_embedder" in k for k in state),
+                  "num_mode": shapes["controlnet_mode_embedder.weight"][0] if "controlnet_mode_embedder.weight" in shapes
+                  else None, "conditioning_embedding_channels": hint[0] if hint else None}
+        with torch.device("meta"):
+            net = FluxControlNetModel.from_config(config)
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        missing = [k for k in expected if k not in state]
+        wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in expected if k in state and shapes[k] != expected[k]]
+        if missing or wrong:
+            problem = f"{len(missing)} expected keys missing (e.g. {missing[0]})" if missing else \
+                f"{len(wrong)} keys of other shapes (e.g. {wrong[0]})"
+            raise ControlNetError(f"{path.name} does not fit this {label} base's ControlNet layout: {problem}")
+        net.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    return net.to(transformer.device, transformer.dtype).eval().requires_grad_(False)

@@ -502,6 +502,24 @@ class Flux(Family):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def load_controlnet(self, path: Path, model: Model) -> nn.Module:
+        from .controlnet import load_flux_controlnet
+
+        return load_flux_controlnet(path, model.denoiser, self.label)
+
+    def control_pipeline(self, pipe, controlnets: list[nn.Module]):
+        from diffusers import FluxControlNetPipeline
+
+        out = FluxControlNetPipeline.from_pipe(pipe, controlnet=list(controlnets))
+        out.set_progress_bar_config(disable=True)
+        return out
+
+    def control_call(self, maps, weights, starts, ends) -> dict[str, Any]:
+        # diffusers' Flux pipeline names the maps control_image; the other arguments as for SD.
+        call = super().control_call(maps, weights, starts, ends)
+        call["control_image"] = call.pop("image")
+        return call
+
     def pipeline_from_parts(self, modules: dict[str, nn.Module], tokenizers: dict[str, Any], scheduler):
         return FluxPipeline(scheduler=scheduler, **{k: modules[k] for k in ("transformer", "vae", "text_encoder",
                                                                             "text_encoder_2")}, **tokenizers)

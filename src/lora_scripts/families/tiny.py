@@ -168,3 +168,26 @@ def write_tiny_ip_adapter(path: Path, unet: nn.Module, seed: int = 0, projection
         for proj in ("to_k_ip", "to_v_ip"):
             state[f"ip_adapter.{2 * k + 1}.{proj}.weight"] = torch.randn(hidden, width) * 0.3
     return atomic_save_safetensors(state, Path(path))
+
+
+def write_tiny_flux_controlnet(path: Path, transformer: nn.Module, seed: int = 0) -> Path:
+    """A tiny Flux ControlNet in diffusers' layout (as InstantX publishes theirs): one double and one single
+    block from the tiny transformer, its zero-initialised input and output projections set to random values.
+    A folder where `path` has no suffix, else the weights file alone."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    cfg = transformer.config
+    net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=cfg.attention_head_dim,
+                                               num_attention_heads=cfg.num_attention_heads)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_x_embedder", "controlnet_blocks", "controlnet_single_blocks")):
+                p.normal_(0.0, 0.3) if name.endswith("weight") else p.zero_()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.suffix:
+        net.save_pretrained(str(path))
+        return path
+    return atomic_save_safetensors({k: v.contiguous() for k, v in net.state_dict().items()}, path)

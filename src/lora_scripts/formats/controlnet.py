@@ -60,7 +60,8 @@ def strip_prefix(state: Mapping[str, object]) -> dict[str, object]:
 
 def file_kind(keys: Iterable[str]) -> str:
     """What a file given as a ControlNet is, from its keys: "ldm" or "diffusers" (a ControlNet of the SD
-    families, in either layout), or what else it is, for the message that refuses it."""
+    families, in either layout), "flux" (diffusers' Flux layout), or what else it is, for the message that
+    refuses it."""
     keys = list(keys)
     has = lambda *parts: any(any(p in k for p in parts) for k in keys)  # noqa: E731
     if has("input_hint_block.") and has("zero_convs."):
@@ -73,8 +74,11 @@ def file_kind(keys: Iterable[str]) -> str:
         return "a LoRA (use it as <lora:NAME:WEIGHT> in the prompt)"
     if has("lllite"):
         return "a ControlNet-LLLite (kohya's lightweight control), which this tool does not run"
-    if has("controlnet_blocks.", "controlnet_x_embedder", "controlnet_single_blocks"):
-        return "a Flux ControlNet, which this tool does not run yet"
+    if has("controlnet_x_embedder.") and has("transformer_blocks."):
+        return "flux"  # diffusers' FluxControlNetModel layout (InstantX, Shakker-Labs)
+    if has("controlnet_blocks.") and has("double_blocks."):
+        return ("an XLabs-layout Flux ControlNet, which this tool does not read yet (a diffusers-layout one, as "
+                "InstantX and Shakker-Labs publish, works)")
     if has("body.0.", "adapter.body"):
         return "a T2I-Adapter, which this tool does not run"
     if has("model.diffusion_model.", "first_stage_model."):
@@ -124,3 +128,11 @@ def transformer_depths(keys: Iterable[str], down_blocks: int, layers_per_block: 
         if m and block < down_blocks:
             depth[block] = max(depth[block], int(m[2]) + 1)
     return depth
+
+
+def flux_block_counts(keys: Iterable[str]) -> tuple[int, int]:
+    """(double, single) transformer blocks of a diffusers-layout Flux ControlNet (InstantX's canny: 5, 10)."""
+    keys = list(keys)
+    count = lambda prefix: 1 + max((int(m[1]) for k in keys if (m := re.match(prefix + r"\.(\d+)\.", k))),  # noqa: E731
+                                   default=-1)
+    return count("transformer_blocks"), count("single_transformer_blocks")

@@ -165,12 +165,13 @@ class Renderer:
         s = self.settings
         size = s.size or self.model.native_size
         pipe, extra, info = self.pipe, {}, {}
-        if self.controls:
+        # Every ControlNet at weight 0 is no ControlNet: drawn without one (diffusers' Flux ControlNet pipeline
+        # would otherwise draw the seed's noise after encoding the maps, another picture at weight 0).
+        if any(u.weight for u in self.controls):
             pipe = self.control_pipe
-            extra = {"image": self.control_maps(size),
-                     "controlnet_conditioning_scale": [u.weight for u in self.controls],
-                     "control_guidance_start": [u.start for u in self.controls],
-                     "control_guidance_end": [u.end for u in self.controls]}
+            extra = self.model.family.control_call(self.control_maps(size), [u.weight for u in self.controls],
+                                                   [u.start for u in self.controls], [u.end for u in self.controls])
+        if self.controls:
             info = {f"ControlNet {i}": u.infotext(size, self._control_hashes[u.model])
                     for i, u in enumerate(self.controls)}
         if self.ip_adapter is not None:

@@ -44,3 +44,11 @@ def pack_toy_base(src: Path, dest_dir: Path, build: dict) -> Path:
     info = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "build": build}
     atomic_write_bytes(dest_dir / INFO, (json.dumps(info, indent=2) + "\n").encode())
     return dest_dir / ASSET
+
+
+CONTROLNET = "toy-controlnet-canny.safetensors"  # 1.3 MB in fp16: shipped as it is, in the original layout
+
+
+def toy_controlnet_asset() -> Path:
+    """The shipped toy canny ControlNet (`lora-scripts toy build-controlnet --install` writes it)."""
+    return Path(str(resources.files("lora_scripts.assets.toy").joinpath(CONTROLNET)))

@@ -154,10 +154,41 @@ def scene_attributes(image: Image.Image) -> tuple[str, str]:
     return colour, background
 
 
+def shape_position(image: Image.Image) -> str | None:
+    """Where the drawn shape is: the horizontal centre of the pixels that differ from the background (the median
+    border pixel), as one of the captions' three positions; None for an empty picture."""
+    arr = np.asarray(image.convert("RGB"), np.float32)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    ys, xs = np.nonzero(np.linalg.norm(arr - np.median(border, axis=0), axis=-1) > 60)
+    if len(xs) < 4:
+        return None
+    centre = (xs.mean() + 0.5) / arr.shape[1]
+    return min(POSITIONS, key=lambda p: abs(POSITIONS[p] - centre))
+
+
+def edge_agreement(image: Image.Image, edges: Image.Image) -> float:
+    """How well a picture's outlines follow a control map (white edges on black): the F1 of its canny edges
+    against the map's, an edge pixel counted as matched when the other side has one within a pixel."""
+    from ..generation.control_maps import control_map
+
+    drawn = np.asarray(control_map(image, "canny", image.size))[:, :, 0] > 127
+    wanted = np.asarray(edges.convert("L").resize(image.size)) > 127
+
+    def grow(mask):
+        padded = np.pad(mask, 1)
+        return np.max([padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]] for dy in range(3) for dx in range(3)], 0)
+
+    if not drawn.any() or not wanted.any():
+        return 0.0
+    precision = (drawn & grow(wanted)).sum() / drawn.sum()
+    recall = (wanted & grow(drawn)).sum() / wanted.sum()
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
 def progress(value: float, start: float, target: float) -> float:
     """How far `value` went from `start` (base model) towards `target` (training set): 0 = none, 1 = all the way."""
     return (value - start) / (target - start) if target != start else float("nan")
 
 
 __all__ = ["CLASSES", "arm_probability", "class_probabilities", "colour_histogram", "darkness", "neon_fraction",
-           "progress", "scene_attributes", "style_distance", "train_shape_classifier"]
+           "edge_agreement", "progress", "shape_position", "scene_attributes", "style_distance", "train_shape_classifier"]
