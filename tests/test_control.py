@@ -93,6 +93,30 @@ def test_wrong_files_and_families_are_refused_by_name(sd15, tiny_sdxl_ckpt, tmp_
         attach_ip_adapter(None, files["cn"], files["ip"].parent / "image_encoder", model.denoiser, "SD1.x")
 
 
+def test_variants_and_damaged_files_are_refused_not_half_loaded(sd15, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, model, files = sd15
+    state = load_file(write_tiny_controlnet(tmp_path / "cn_diffusers.safetensors", model.denoiser))
+    save_file({**state, "task_embedding": torch.zeros(8, 32)}, str(tmp_path / "union_diffusers.safetensors"))
+    with pytest.raises(ControlNetError, match=r"holds 1 weights a plain ControlNet has no place for \(e\.g\. "
+                                              r"task_embedding\): a variant \(a union ControlNet\?\)"):
+        load_controlnet(tmp_path / "union_diffusers.safetensors", model.denoiser, "SD1.x")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "cn_diffusers.safetensors").read_bytes()[:5000])
+    with pytest.raises(ControlNetError, match=r"cut\.safetensors: not a complete \.safetensors file"):
+        load_controlnet(cut, model.denoiser, "SD1.x")
+
+
+def test_pnginfo_quoting_round_trips_backslashes_and_quotes():
+    from lora_scripts.generation.pnginfo import Parameters
+
+    value = 'Module: none, Model: C:\\models\\ [ab], Note: "x"\\'
+    params = Parameters("p", "", 2, "ddim", 5.0, 1, (64, 64), "m", extra={"ControlNet 0": value, "Other": "a, b"})
+    info = parse_parameters(params.text())
+    assert info["ControlNet 0"] == value and info["Other"] == "a, b" and info["Seed"] == "1"
+
+
 def test_control_maps():
     im = Image.new("RGB", (80, 60), "white")
     ImageDraw.Draw(im).rectangle((20, 15, 60, 45), outline="black", width=2)
@@ -226,6 +250,11 @@ def test_the_studio_draws_with_a_controlnet_and_an_ip_adapter_from_the_workspace
     assert r.status_code == 200, r.text
     info = parse_parameters(read_parameters(ws / r.json()["image"]))
     assert "Weight: 0.9" in info["ControlNet 0"] and "Weight: 0.6" in info["ControlNet 1"]
+    renderer = c.app.state.studio._renderer
+    body["control"][0]["weight"], body["ip_scale"] = 0.4, 0.3
+    again = parse_parameters(read_parameters(ws / c.post("/api/generate", headers=HEADERS, json=body).json()["image"]))
+    assert "Weight: 0.4" in again["ControlNet 0"] and "Weight: 0.3" in again["ControlNet 1"]
+    assert c.app.state.studio._renderer is renderer  # a slider moved: nothing loaded again
     outside = c.post("/api/generate", headers=HEADERS, json={**body, "ip_image": str(root / "red.png")})
     assert outside.status_code == 403 and "give a path inside the workspace" in outside.text
     half = c.post("/api/generate", headers=HEADERS, json={**body, "ip_image": None})
@@ -253,3 +282,15 @@ def test_flux_draws_with_a_diffusers_layout_controlnet_and_families_do_not_mix(s
     with pytest.raises(ControlNetError, match=r"control_tiny_canny\.pth is a ControlNet for a model with "
                                               r"cross-attention width 32, but the base model is Flux\.1"):
         flux.family.load_controlnet(files["cn"], flux)
+    folder = write_tiny_flux_controlnet(tmp_path / "flux-folder", flux.denoiser)
+    with pytest.raises(ControlNetError, match=r"flux-folder is a ControlNet for Flux\.1; the base model is SD1\.x"):
+        load_controlnet(folder, sd.denoiser, "SD1.x")
+    union = write_tiny_flux_controlnet(tmp_path / "flux-union.safetensors", flux.denoiser, num_mode=3)
+    with pytest.raises(LoraScriptsError, match=r"flux-union\.safetensors is a union ControlNet with 3 control types: "
+                                               r"choose one with --control-mode N"):
+        Renderer(base, [], settings, files=other, tokenizer_dir=tokenizer,
+                 controls=[ControlUnit("canny", union, files["box"])])
+    by_mode = [np.asarray(Renderer(base, [], settings, files=other, tokenizer_dir=tokenizer, controls=[
+        ControlUnit("canny", union, files["box"], mode=m)]).render("a lab", [1])[0].image, dtype=np.int16)
+        for m in (0, 2)]
+    assert not np.array_equal(by_mode[0], by_mode[1])  # the mode is passed and used (ignored: bit-identical)

@@ -47,15 +47,9 @@ def file_sha256(path, block: int = 1 << 20) -> str:
 
 
 def legacy_model_hash(path) -> str:
-    """A1111's old 8-hex checkpoint hash (ss_sd_model_hash): SHA-256 of 64 KiB at offset 1 MiB of the file."""
+    """A1111's old 8-hex checkpoint hash (ss_sd_model_hash): SHA-256 of 64 KiB at offset 1 MiB of the file. The
+    ControlNet extension names its models by it too (`control_v11p_sd15_canny [d14c016b]`)."""
     with open(path, "rb") as f:
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
-
-def legacy_file_hash(path) -> str:
-    """A1111's old model hash: SHA-256 of the 64 KiB at offset 1 MiB of the file, 8 hex digits. The ControlNet
-    extension names models by it (`control_v11p_sd15_canny [d14c016b]`)."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

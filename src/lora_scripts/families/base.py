@@ -229,8 +229,10 @@ class Family:
         raise LoraScriptsError(f"ControlNet is not available for {self.label} in this tool yet (SD1.x, SD2.x, "
                                "SDXL and Flux.1 have it)")
 
-    def control_call(self, maps: list, weights: list[float], starts: list[float], ends: list[float]) -> dict[str, Any]:
-        """The ControlNet pipeline's arguments for these units (one map, weight, start and end each)."""
+    def control_call(self, maps: list, weights: list[float], starts: list[float], ends: list[float],
+                     modes: list[int | None]) -> dict[str, Any]:
+        """The ControlNet pipeline's arguments for these units (one map, weight, start, end and union mode each;
+        the SD pipelines have no union modes: check_mode refuses one there)."""
         return {"image": maps, "controlnet_conditioning_scale": weights, "control_guidance_start": starts,
                 "control_guidance_end": ends}
 

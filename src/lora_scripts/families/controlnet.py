@@ -33,7 +33,11 @@ def read_state(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error is no OSError
+            raise ControlNetError(f"{path}: not a complete .safetensors file ({str(exc)[:160]}); an interrupted "
+                                  "download or copy? Download it again") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable pickle gets the same answer
@@ -43,6 +47,14 @@ def read_state(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ControlNetError(f"{path}: holds no tensors by name; it is not a ControlNet file")
     return state
+
+
+def _refuse_leftovers(path: Path, leftover: list[str]) -> None:
+    """Weights the layout has no place for belong to a variant (xinsir's union ControlNets, ...): drawing without
+    them would be a wrong picture with no error."""
+    if leftover:
+        raise ControlNetError(f"{path.name} holds {len(leftover)} weights a plain ControlNet has no place for (e.g. "
+                              f"{leftover[0]}): a variant (a union ControlNet?) this tool does not run")
 
 
 def _made_for(width: int | None, text_time: bool) -> str:
@@ -68,7 +80,7 @@ def load_controlnet(path: Path, unet: nn.Module, label: str) -> nn.Module:
     if not path.exists():
         raise ControlNetError(f"ControlNet {path} does not exist; give a .safetensors/.pth file or a diffusers folder")
     if path.is_dir():
-        net = _from_folder(path)
+        net = _from_folder(path, ControlNetModel, label)
         check_family(path, net.config.cross_attention_dim, net.config.get("addition_embed_type") == "text_time",
                      unet, label)
     else:
@@ -85,16 +97,29 @@ def load_controlnet(path: Path, unet: nn.Module, label: str) -> nn.Module:
     return net.to(unet.device, unet.dtype).eval().requires_grad_(False)
 
 
-def _from_folder(path: Path):
-    from diffusers import ControlNetModel
+def _from_folder(path: Path, cls, label: str):
+    """A diffusers folder of this class (its config.json says which), refused by name before loading otherwise."""
+    import json
 
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not config.is_file():
         raise ControlNetError(f"{path} is a folder without config.json; give a diffusers ControlNet folder or the "
                               "ControlNet file itself")
+    try:
+        kind = json.loads(config.read_text()).get("_class_name", "?")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ControlNetError(f"{config} is not a readable diffusers config") from None
+    if kind != cls.__name__:
+        made = {"ControlNetModel": "SD1.x/SD2.x/SDXL", "FluxControlNetModel": "Flux.1"}.get(kind)
+        what = f"a ControlNet for {made}" if made else f"a {kind}, which this tool does not run"
+        raise ControlNetError(f"{path.name} is {what}; the base model is {label}")
     from .loading import quiet_loading
 
-    with quiet_loading():
-        return ControlNetModel.from_pretrained(str(path), local_files_only=True)
+    try:
+        with quiet_loading():
+            return cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ControlNetError(f"{path}: cannot be loaded as a diffusers {kind} ({str(exc).splitlines()[0][:200]})") from None
 
 
 def _from_state(path: Path, state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], layout: str,
@@ -129,6 +154,9 @@ def _from_state(path: Path, state: dict[str, Tensor], shapes: dict[str, tuple[in
         raise ControlNetError(f"{path.name} does not fit this base model's ControlNet layout: {problem}. If it is a "
                               "variant with its own config (an SDXL 'mid'/'small' ControlNet), give its diffusers "
                               "folder (config.json beside the weights)")
+    used = set(wanted) if layout == "diffusers" else {
+        keys.controlnet_ldm_key(k, cfg.layers_per_block, blocks, text_time) for k in wanted}
+    _refuse_leftovers(path, [k for k in state if k not in used])
     net.load_state_dict(wanted, strict=True, assign=True)
     return net
 
@@ -142,13 +170,7 @@ def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.M
     if not path.exists():
         raise ControlNetError(f"ControlNet {path} does not exist; give a .safetensors file or a diffusers folder")
     if path.is_dir():
-        from .loading import quiet_loading
-
-        if not (path / "config.json").is_file():
-            raise ControlNetError(f"{path} is a folder without config.json; give a diffusers ControlNet folder or "
-                                  "the ControlNet file itself")
-        with quiet_loading():
-            net = FluxControlNetModel.from_pretrained(str(path), local_files_only=True)
+        net = _from_folder(path, FluxControlNetModel, label)
         shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     else:
         state = read_state(path)
@@ -171,7 +193,8 @@ def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.M
     if net is None:
         double, single = keys.flux_block_counts(state)
         hint = shapes.get("input_hint_block.conv_out.weight")
-        config = {**cfg, "num_layers": double, "num_single_layers": single,
+        # Without diffusers' bookkeeping keys: `_use_default_values` would put the defaults back over these.
+        config = {**{k: v for k, v in cfg.items() if not k.startswith("_")}, "num_layers": double, "num_single_layers": single,
                   "guidance_embeds": any("guidance_embedder" in k for k in state),
                   "num_mode": shapes["controlnet_mode_embedder.weight"][0] if "controlnet_mode_embedder.weight" in shapes
                   else None, "conditioning_embedding_channels": hint[0] if hint else None}
@@ -184,5 +207,6 @@ def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.M
             problem = f"{len(missing)} expected keys missing (e.g. {missing[0]})" if missing else \
                 f"{len(wrong)} keys of other shapes (e.g. {wrong[0]})"
             raise ControlNetError(f"{path.name} does not fit this {label} base's ControlNet layout: {problem}")
+        _refuse_leftovers(path, [k for k in state if k not in expected])
         net.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
     return net.to(transformer.device, transformer.dtype).eval().requires_grad_(False)

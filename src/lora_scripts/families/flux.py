@@ -514,10 +514,13 @@ class Flux(Family):
         out.set_progress_bar_config(disable=True)
         return out
 
-    def control_call(self, maps, weights, starts, ends) -> dict[str, Any]:
-        # diffusers' Flux pipeline names the maps control_image; the other arguments as for SD.
-        call = super().control_call(maps, weights, starts, ends)
+    def control_call(self, maps, weights, starts, ends, modes) -> dict[str, Any]:
+        # diffusers' Flux pipeline names the maps control_image; the other arguments as for SD, and the union
+        # ControlNets' modes (None for a plain one in the list).
+        call = super().control_call(maps, weights, starts, ends, modes)
         call["control_image"] = call.pop("image")
+        if any(m is not None for m in modes):
+            call["control_mode"] = list(modes)
         return call
 
     def pipeline_from_parts(self, modules: dict[str, nn.Module], tokenizers: dict[str, Any], scheduler):

@@ -16,8 +16,10 @@ from torch import Tensor, nn
 from ..errors import LoraScriptsError
 
 _WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-# The encoders the common files were trained with, by their projection width: for messages.
-_ENCODERS = {1024: "ViT-H (models/image_encoder)", 1280: "ViT-bigG (sdxl_models/image_encoder)"}
+# The encoders the common files were trained with, for messages: by the projection width plain adapters read,
+# and by the hidden width the Plus/full-face ones read.
+_BY_PROJECTION = {1024: "ViT-H (models/image_encoder)", 1280: "ViT-bigG (sdxl_models/image_encoder)"}
+_BY_HIDDEN = {1280: "ViT-H (models/image_encoder)", 1664: "ViT-bigG (sdxl_models/image_encoder)"}
 
 
 class IpAdapterError(LoraScriptsError):
@@ -31,7 +33,11 @@ def read_ip_adapter(path: Path) -> dict[str, dict[str, Tensor]]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        flat = load_file(str(path))
+        try:
+            flat = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error is no OSError
+            raise IpAdapterError(f"{path}: not a complete .safetensors file ({str(exc)[:160]}); an interrupted "
+                                 "download or copy? Download it again") from None
         state = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
                  for part in ("image_proj", "ip_adapter")}
     else:
@@ -42,7 +48,7 @@ def read_ip_adapter(path: Path) -> dict[str, dict[str, Tensor]]:
     if not isinstance(state, dict) or not state.get("image_proj") or not state.get("ip_adapter"):
         from ..formats.controlnet import file_kind
 
-        keys = list(state) if isinstance(state, dict) else []
+        keys = list(flat if path.suffix == ".safetensors" else state) if isinstance(state, dict) else []
         what = file_kind(keys) if keys else "not a file of named tensors"
         raise IpAdapterError(f"{path.name} is not an IP-Adapter (no image_proj/ip_adapter weights): "
                              f"{'a ControlNet (give it to --control TYPE:MODEL)' if what in ('ldm', 'diffusers') else what}")
@@ -72,7 +78,8 @@ def check_fits(path: Path, state: dict[str, dict[str, Tensor]], unet: nn.Module,
     wants = next((v.shape[-1] for k, v in proj.items() if k in ("proj.weight", "proj_in.weight", "proj.0.weight")), None)
     has = encoder.config.projection_dim if "proj.weight" in proj else encoder.config.hidden_size
     if wants is not None and wants != has:
-        hint = f" ({_ENCODERS[wants]})" if wants in _ENCODERS else ""
+        known = _BY_PROJECTION if "proj.weight" in proj else _BY_HIDDEN
+        hint = f" ({known[wants]})" if wants in known else ""
         raise IpAdapterError(f"{path.name} reads image features of width {wants}; the image encoder given gives {has}. "
                              f"Give the encoder it was trained with{hint} via --ip-encoder")
 
@@ -87,8 +94,12 @@ def load_encoder(folder: Path, device, dtype) -> nn.Module:
                              "repository) with --ip-encoder")
     from .loading import quiet_loading
 
-    with quiet_loading():
-        encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+    try:
+        with quiet_loading():
+            encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise IpAdapterError(f"image encoder {folder}: cannot be loaded as a CLIP vision encoder "
+                             f"({str(exc).splitlines()[0][:200]})") from None
     return encoder.to(device, dtype).eval().requires_grad_(False)
 
 

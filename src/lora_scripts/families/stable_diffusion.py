@@ -441,7 +441,9 @@ class StableDiffusionFamily(Family):
         attach_ip_adapter(pipe, path, encoder, model.denoiser, self.label)
 
     def control_pipeline(self, pipe, controlnets: list[nn.Module]):
-        out = self.control_pipeline_class.from_pipe(pipe, controlnet=list(controlnets))
+        # The pipeline's own options (SDXL: no watermark) are not components: from_pipe would take the defaults.
+        extras = {k: v for k, v in self._pipeline_extras().items() if k not in pipe.components}
+        out = self.control_pipeline_class.from_pipe(pipe, controlnet=list(controlnets), **extras)
         out.set_progress_bar_config(disable=True)
         return out
 

@@ -170,7 +170,7 @@ def write_tiny_ip_adapter(path: Path, unet: nn.Module, seed: int = 0, projection
     return atomic_save_safetensors(state, Path(path))
 
 
-def write_tiny_flux_controlnet(path: Path, transformer: nn.Module, seed: int = 0) -> Path:
+def write_tiny_flux_controlnet(path: Path, transformer: nn.Module, seed: int = 0, num_mode: int | None = None) -> Path:
     """A tiny Flux ControlNet in diffusers' layout (as InstantX publishes theirs): one double and one single
     block from the tiny transformer, its zero-initialised input and output projections set to random values.
     A folder where `path` has no suffix, else the weights file alone."""
@@ -181,9 +181,13 @@ def write_tiny_flux_controlnet(path: Path, transformer: nn.Module, seed: int = 0
     net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
                                                attention_head_dim=cfg.attention_head_dim,
                                                num_attention_heads=cfg.num_attention_heads)
+    if num_mode:  # a union ControlNet: one learned embedding per control type
+        net = FluxControlNetModel.from_config({**{k: v for k, v in net.config.items() if not k.startswith("_")},
+                                               "num_mode": num_mode})
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if name.startswith(("controlnet_x_embedder", "controlnet_blocks", "controlnet_single_blocks")):
+            if name.startswith(("controlnet_x_embedder", "controlnet_blocks", "controlnet_single_blocks",
+                                "controlnet_mode_embedder")):
                 p.normal_(0.0, 0.3) if name.endswith("weight") else p.zero_()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,8 @@ def file_kind(keys: Iterable[str]) -> str:
     refuses it."""
     keys = list(keys)
     has = lambda *parts: any(any(p in k for p in parts) for k in keys)  # noqa: E731
+    if has("input_hint_block.") and any(k.endswith((".up", ".down")) for k in keys):
+        return "a Control-LoRA (Stability AI's low-rank ControlNet), which this tool does not run"
     if has("input_hint_block.") and has("zero_convs."):
         return "ldm"
     if has("controlnet_cond_embedding.") and has("controlnet_down_blocks."):

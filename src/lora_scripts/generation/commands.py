@@ -154,7 +154,7 @@ def control_units(args: argparse.Namespace):
     from .ip_adapter import parse_unit
 
     units = parse_units(args.control, args.control_image, args.control_weight, args.control_start, args.control_end,
-                        args.canny_thresholds)
+                        args.canny_thresholds, args.control_mode)
     for unit in units:
         unit.read_image()
     if args.control_preview and not units:
@@ -240,6 +240,8 @@ def _control_arguments(p: argparse.ArgumentParser) -> None:
                    "it stops (default 1)")
     g.add_argument("--canny-thresholds", action="append", metavar="LOW,HIGH", help="canny's thresholds (default "
                    "100,200)")
+    g.add_argument("--control-mode", action="append", type=int, metavar="N", help="a union ControlNet's control "
+                   "type (InstantX/Shakker-Labs Flux union: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray)")
     g.add_argument("--control-preview", action="store_true", help="also write the maps the ControlNets saw")
     g = p.add_argument_group("IP-Adapter (the look of a reference image)")
     g.add_argument("--ip-adapter", metavar="MODEL", help="IP-Adapter file, e.g. ip-adapter_sd15.safetensors")

@@ -28,6 +28,7 @@ class ControlUnit:
     end: float = 1.0
     low: float = 100.0  # canny's thresholds (A1111's Threshold A / B)
     high: float = 200.0
+    mode: int | None = None  # a union ControlNet's control type (InstantX's Flux union: 0 canny, 2 depth, ...)
 
     def __post_init__(self) -> None:
         problems = []
@@ -39,6 +40,8 @@ class ControlUnit:
         for flag, v in (("--control-start", self.start), ("--control-end", self.end)):
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 problems.append(f"{flag} {v:g}: use 0 to 1, the share of the sampling steps")
+        if self.mode is not None and self.mode < 0:
+            problems.append(f"--control-mode {self.mode}: a union ControlNet's modes count from 0")
         if not problems and self.start >= self.end:
             problems.append(f"--control-start {self.start:g} is not before --control-end {self.end:g}; the "
                             "ControlNet would never act")
@@ -76,12 +79,12 @@ class ControlUnit:
 
 def model_hash(path: Path) -> str:
     """The extension's hash of a model (A1111's old 8-hex one); of a diffusers folder, its weights file's."""
-    from ..hashes import legacy_file_hash
+    from ..hashes import legacy_model_hash
 
     if path.is_dir():
         weights = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
-        return legacy_file_hash(weights[0]) if weights else ""
-    return legacy_file_hash(path)
+        return legacy_model_hash(weights[0]) if weights else ""
+    return legacy_model_hash(path)
 
 
 def resolve_model(text: str, dirs: tuple[Path, ...] = DEFAULT_DIRS) -> Path:
@@ -99,11 +102,11 @@ def resolve_model(text: str, dirs: tuple[Path, ...] = DEFAULT_DIRS) -> Path:
 
 def parse_units(specs: list[str], images: list[str] | None, weights: list[float] | None = None,
                 starts: list[float] | None = None, ends: list[float] | None = None,
-                thresholds: list[str] | None = None) -> list[ControlUnit]:
+                thresholds: list[str] | None = None, modes: list[int] | None = None) -> list[ControlUnit]:
     """--control TYPE:MODEL (repeatable) with its --control-image, and per-unit options: each option given once
     applies to every unit, or once per unit in the same order."""
     if not specs:
-        if images or weights or starts or ends or thresholds:
+        if images or weights or starts or ends or thresholds or modes:
             raise LoraScriptsError("--control-image/--control-weight/--control-start/--control-end need a --control "
                                    "TYPE:MODEL (e.g. --control canny:control_v11p_sd15_canny.pth)")
         return []
@@ -124,15 +127,16 @@ def parse_units(specs: list[str], images: list[str] | None, weights: list[float]
 
     lows_highs = [_thresholds(t) for t in per_unit("--canny-thresholds", thresholds, "100,200")]
     units = []
-    for spec, image, w, s, e, (lo, hi) in zip(specs, images, per_unit("--control-weight", weights, 1.0),
-                                              per_unit("--control-start", starts, 0.0),
-                                              per_unit("--control-end", ends, 1.0), lows_highs):
+    for spec, image, w, s, e, (lo, hi), mode in zip(specs, images, per_unit("--control-weight", weights, 1.0),
+                                                    per_unit("--control-start", starts, 0.0),
+                                                    per_unit("--control-end", ends, 1.0), lows_highs,
+                                                    per_unit("--control-mode", modes, None)):
         kind, sep, model = spec.partition(":")
         if not sep or not model:
             raise LoraScriptsError(f"--control {spec!r}: expected TYPE:MODEL, e.g. canny:control_v11p_sd15_canny.pth "
                                    f"(TYPE: {', '.join(PREPROCESSORS)})")
         kind = "none" if kind.lower() in AS_IS_ALIASES else kind.lower()
-        units.append(ControlUnit(kind, resolve_model(model), Path(image), w, s, e, lo, hi))
+        units.append(ControlUnit(kind, resolve_model(model), Path(image), w, s, e, lo, hi, mode))
     return units
 
 
@@ -144,3 +148,17 @@ def _thresholds(text: str) -> tuple[float, float]:
     if not (1 <= low <= 255 and 1 <= high <= 255 and low <= high):
         raise LoraScriptsError(f"--canny-thresholds {text}: use 1 to 255, low first (A1111's default: 100,200)")
     return low, high
+
+
+def check_mode(unit: ControlUnit, net) -> None:
+    """A union ControlNet (several control types in one file) needs its mode; a plain one takes none."""
+    modes = net.config.get("num_mode")
+    name = unit.model.name
+    if modes and unit.mode is None:
+        raise LoraScriptsError(f"{name} is a union ControlNet with {modes} control types: choose one with "
+                               "--control-mode N (InstantX/Shakker-Labs Flux union: 0 canny, 1 tile, 2 depth, 3 blur, "
+                               "4 pose, 5 gray, 6 low quality)")
+    if unit.mode is not None and not modes:
+        raise LoraScriptsError(f"--control-mode {unit.mode}: {name} is not a union ControlNet; leave the mode out")
+    if unit.mode is not None and unit.mode >= modes:
+        raise LoraScriptsError(f"--control-mode {unit.mode}: {name} has control types 0 to {modes - 1}")

@@ -73,7 +73,7 @@ def parse_parameters(text: str) -> dict[str, str]:
     last = rest[-1] if rest else ""
     buf, in_quotes = "", False
     for ch in last + ",":
-        if ch == '"' and not (in_quotes and buf.endswith("\\")):
+        if ch == '"' and not (in_quotes and (len(buf) - len(buf.rstrip("\\"))) % 2):  # an odd run escapes it
             in_quotes = not in_quotes
         if ch == "," and not in_quotes:
             k, _, v = buf.strip().partition(": ")

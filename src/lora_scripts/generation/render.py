@@ -17,7 +17,7 @@ from ..config import SEED_MAX
 from ..errors import LoraScriptsError
 from ..families import LoadSettings
 from ..families.loading import load_base_model
-from .control import ControlUnit, model_hash as control_model_hash
+from .control import ControlUnit, check_mode, model_hash as control_model_hash
 from .ip_adapter import IpAdapterUnit
 from .pipelines import SCHEDULERS, LoraSet, generate, make_pipeline
 from .lora_lookup import DEFAULT_DIRS, index_loras, resolve
@@ -128,7 +128,22 @@ class Renderer:
 
         self.model.family.attach_ip_adapter(self.pipe, unit.model, unit.encoder_folder, self.model)
         self.pipe.set_ip_adapter_scale(unit.scale)
-        self._ip_info = unit.infotext(self.pipe.image_encoder.config.projection_dim, legacy_hash(unit.model))
+        self._ip_hash = legacy_hash(unit.model)
+
+    def retune(self, controls: list[ControlUnit], ip_adapter: IpAdapterUnit | None) -> bool:
+        """Take other weights, step ranges and IP-Adapter scale without loading anything again (the web UI's
+        sliders). False, changing nothing, where the units differ otherwise (other files, images, maps)."""
+        def key(u):
+            return replace(u, weight=1.0, start=0.0, end=1.0)
+
+        ip_key = lambda u: None if u is None else replace(u, scale=1.0)  # noqa: E731
+        if [key(u) for u in controls] != [key(u) for u in self.controls] or ip_key(ip_adapter) != ip_key(self.ip_adapter):
+            return False
+        self.controls = list(controls)
+        if ip_adapter is not None:
+            self.pipe.set_ip_adapter_scale(ip_adapter.scale)
+        self.ip_adapter = ip_adapter
+        return True
 
     def _control_pipeline(self):
         """The family's ControlNet pipeline over the same components (the LoRAs set on self.pipe act in it too);
@@ -139,6 +154,7 @@ class Renderer:
         for unit in self.controls:
             if unit.model not in nets:
                 nets[unit.model] = self.model.family.load_controlnet(unit.model, self.model)
+            check_mode(unit, nets[unit.model])
         self._control_hashes = {p: control_model_hash(p) for p in nets}
         self._maps: dict[tuple, list[Image.Image]] = {}
         return self.model.family.control_pipeline(self.pipe, [nets[u.model] for u in self.controls])
@@ -170,13 +186,15 @@ class Renderer:
         if any(u.weight for u in self.controls):
             pipe = self.control_pipe
             extra = self.model.family.control_call(self.control_maps(size), [u.weight for u in self.controls],
-                                                   [u.start for u in self.controls], [u.end for u in self.controls])
+                                                   [u.start for u in self.controls], [u.end for u in self.controls],
+                                                   [u.mode for u in self.controls])
         if self.controls:
             info = {f"ControlNet {i}": u.infotext(size, self._control_hashes[u.model])
                     for i, u in enumerate(self.controls)}
         if self.ip_adapter is not None:
             extra["ip_adapter_image"] = self.ip_adapter.read_image()
-            info[f"ControlNet {len(self.controls)}"] = self._ip_info  # the extension numbers it as a unit
+            info[f"ControlNet {len(self.controls)}"] = self.ip_adapter.infotext(  # the extension's numbering
+                self.pipe.image_encoder.config.projection_dim, self._ip_hash)
         images = generate(pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative, size=(size[1], size[0]),
                           **extra)
         hashes = {r.name: self._lora_hash(r.name) for r in refs}

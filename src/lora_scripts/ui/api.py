@@ -119,12 +119,13 @@ class CompareBody(BaseModel):
 
 class ControlBody(BaseModel):
     """One ControlNet unit, as `generate --control TYPE:MODEL --control-image IMG ...`; paths in the workspace."""
-    type: str = "canny"  # canny | softedge | lineart | none (depth, pose: the image is the map)
+    type: Literal["canny", "softedge", "lineart", "none", "depth", "pose"] = "canny"  # depth, pose: as none
     model: str
     image: str
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: int | None = None  # a union ControlNet's control type
 
 
 class GenerateBody(BaseFiles):
@@ -466,13 +467,14 @@ def generate(request: Request, body: GenerateBody) -> dict:
 
 def _guides(ws: Workspace, body: GenerateBody):
     """The ControlNet units and the IP-Adapter of a request: every file a workspace path that exists."""
-    from ..generation.control import ControlUnit, parse_units
+    from ..generation.control import ControlUnit
     from ..generation.ip_adapter import IpAdapterUnit
 
     units: list[ControlUnit] = []
     for c in body.control:
-        model, image = ws.path(c.model, must_exist=True), ws.path(c.image, must_exist=True)
-        units += parse_units([f"{c.type}:{model}"], [str(image)], [c.weight], [c.start], [c.end])
+        kind = "none" if c.type in ("depth", "pose") else c.type
+        units.append(ControlUnit(kind, ws.path(c.model, must_exist=True), ws.path(c.image, must_exist=True),
+                                 c.weight, c.start, c.end, mode=c.mode))
     for unit in units:
         unit.read_image()
     ip = None

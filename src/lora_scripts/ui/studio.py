@@ -4,6 +4,7 @@ changed on disk since it was loaded (a run trained again) is loaded afresh."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import replace
@@ -94,8 +95,9 @@ class Studio:
         # none after some, take a fresh renderer.
         if (r is None or r.base != base or r.settings.scheduler != settings.scheduler
                 or r.prediction_type != prediction_type or r.files != files or r.tokenizer_dir != tokenizer_dir
-                or r.controls != controls or r.ip_adapter != ip):
-            self._renderer = None  # the old one's memory is freed before the new one loads
+                or not r.retune(controls, ip)):
+            r = self._renderer = None  # the old one's memory is freed before the new one loads
+            gc.collect()
             r = self._renderer = Renderer(base, [self.ws.root], settings, prediction_type, files=files,
                                           tokenizer_dir=tokenizer_dir, controls=controls, ip_adapter=ip)
         # Steps and guidance the request leaves open: the model's own (Renderer resolved them on creation).
