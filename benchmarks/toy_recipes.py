@@ -31,6 +31,19 @@ RECIPES: dict[str, dict] = {
     "loha": {"network_type": "loha", "lora_rank": 4},
     "lokr": {"network_type": "lokr"},
     "dora": {"network_type": "dora"},
+    # the learning-rate sweep for a recipe whose strength 1.0 is the closest to the training set
+    "adamw_2e-4": {"learning_rate": 2e-4},
+    "adamw_5e-4": {"learning_rate": 5e-4},
+    "adamw_160_steps": {"max_train_steps": 160},
+    "locon_3e-4": {"network_type": "locon", "learning_rate": 3e-4},
+    "locon_5e-4": {"network_type": "locon", "learning_rate": 5e-4},
+    "lion_3e-5": {"optimizer": "lion", "learning_rate": 3e-5, "weight_decay": 0.1},
+    "lion_3e-4": {"optimizer": "lion", "learning_rate": 3e-4, "weight_decay": 0.1},
+    "locon_lion_1e-4": {"network_type": "locon", "optimizer": "lion", "learning_rate": 1e-4, "weight_decay": 0.1},
+    # the same two recipes from another training seed: is the difference the recipe's?
+    "adamw_seed1": {"seed": 1},
+    "locon_lion_1e-4_seed1": {"network_type": "locon", "optimizer": "lion", "learning_rate": 1e-4, "weight_decay": 0.1,
+                              "seed": 1},
 }
 
 

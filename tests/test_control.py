@@ -44,7 +44,7 @@ def sd15(tmp_path_factory, tiny_ckpt):
     return root, model, files
 
 
-def test_controlnets_load_from_every_layout_users_have(sd15, tiny_sdxl_ckpt, tmp_path):
+def test_controlnets_load_from_every_layout_users_have(sd15, tiny_sdxl_ckpt, tiny_sd2_ckpt, tmp_path):
     """lllyasviel's original layout (.pth, and inside a ControlNet-1.0 checkpoint under control_model.), diffusers'
     single file and folder; SDXL's (label_emb) too: every tensor arrives where the ControlNet was built with it."""
     _, model, _ = sd15
@@ -59,9 +59,11 @@ def test_controlnets_load_from_every_layout_users_have(sd15, tiny_sdxl_ckpt, tmp
     save_file({**inside, "model.diffusion_model.out.0.weight": torch.ones(4)}, str(tmp_path / "control_sd15_v10.safetensors"))
     net = load_controlnet(tmp_path / "control_sd15_v10.safetensors", model.denoiser, "SD1.x")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in expected.items())
-    xl = load_base_model(tiny_sdxl_ckpt)
-    net = load_controlnet(write_tiny_controlnet(tmp_path / "xl.safetensors", xl.denoiser, text_time=True), xl.denoiser, "SDXL")
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in build_tiny_controlnet(xl.denoiser).state_dict().items())
+    for fixture, text_time in ((tiny_sdxl_ckpt, True), (tiny_sd2_ckpt, False)):
+        other = load_base_model(fixture)
+        path = write_tiny_controlnet(tmp_path / f"{fixture.stem}-cn.safetensors", other.denoiser, text_time=text_time)
+        net = load_controlnet(path, other.denoiser, other.family.label)
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in build_tiny_controlnet(other.denoiser).state_dict().items())
 
 
 def test_original_layout_is_the_one_diffusers_own_converter_reads(sd15):
@@ -138,6 +140,11 @@ def test_control_image_steers_the_picture_weight_zero_is_none_and_pnginfo_names_
     px = {k: np.asarray(r.render("a lab", [3])[0].image, dtype=np.int16) for k, r in
           (("box", box), ("ring", ring), ("off", off), ("late", late))}
     assert np.array_equal(px["off"], np.asarray(plain.image, dtype=np.int16))  # weight 0: no ControlNet at all
+    # ... also through the ControlNet itself at scale 0 (the renderer skips it then): its residuals add nothing.
+    size = (64, 64)
+    zero = generate(box.control_pipe, "a lab", [3], size, steps=2, cfg=5.0,
+                    **box.model.family.control_call(box.control_maps(size), [0.0], [0.0], [1.0], [None]))[0]
+    assert np.array_equal(np.asarray(zero, dtype=np.int16), np.asarray(plain.image, dtype=np.int16))
     assert np.abs(px["box"] - px["ring"]).mean() > 0.5  # the layout decides (1.4 measured; none: exactly 0)
     assert np.abs(px["box"] - px["late"]).mean() > 0.3  # so does when it acts
     again = box.render("a lab", [3])[0]
@@ -188,15 +195,23 @@ def test_ip_adapter_reference_steers_and_scale_zero_is_none(sd15, tiny_ckpt):
     assert np.abs(px["red"] - px["blue"]).mean() > 1.0
 
 
-def test_sdxl_draws_with_a_controlnet(tiny_sdxl_ckpt, tmp_path):
+def test_sdxl_draws_with_a_controlnet_and_an_ip_adapter(tiny_sdxl_ckpt, tmp_path):
     xl = load_base_model(tiny_sdxl_ckpt)
     net = write_tiny_controlnet(tmp_path / "control_xl.safetensors", xl.denoiser, text_time=True)
-    r = Renderer(tiny_sdxl_ckpt, [], FAST, controls=[ControlUnit("softedge", net, _drawing(tmp_path / "b.png", "box"))])
+    ip = write_tiny_ip_adapter(tmp_path / "ip" / "ip-adapter_xl.safetensors", xl.denoiser)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    r = Renderer(tiny_sdxl_ckpt, [], FAST, controls=[ControlUnit("softedge", net, _drawing(tmp_path / "b.png", "box"))],
+                 ip_adapter=IpAdapterUnit(ip, tmp_path / "red.png"))
     out = r.render("a lab", [1])[0]
+    assert r.retune(r.controls, IpAdapterUnit(ip, tmp_path / "red.png", 0.0))
+    no_ip = r.render("a lab", [1])[0]
     size = r.model.native_size
+    r.pipe.unload_ip_adapter()
     plain = generate(r.pipe, "a lab", [1], (size[1], size[0]), steps=2, cfg=5.0)[0]
-    assert np.abs(np.asarray(out.image, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).mean() > 1.0
-    assert "Module: softedge_sobel" in out.params.text()
+    pixels = lambda im: np.asarray(im, dtype=np.int16)  # noqa: E731
+    assert np.abs(pixels(no_ip.image) - pixels(plain)).mean() > 1.0  # the ControlNet
+    assert np.abs(pixels(out.image) - pixels(no_ip.image)).mean() > 1.0  # the IP-Adapter
+    assert "Module: softedge_sobel" in out.params.text() and "ControlNet 1" in out.params.text()
 
 
 def test_guidance_rescale_where_the_pipeline_has_none_equals_diffusers_own(tiny_sd2_ckpt):

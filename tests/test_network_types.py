@@ -204,6 +204,9 @@ def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_
         tiny_ckpt, network_type="dora", train_text_encoder=True, text_encoder_weight_dtype="nf4")
     message = problem(tiny_flux_files["base_model"], network_type="loha", **flux_keys(tiny_flux_files))
     assert "network_type = loha: the Flux.1 file format fuses layers" in message and "use network_type: lora" in message
+    message = problem(tiny_flux_files["base_model"], network_type="locon", **flux_keys(tiny_flux_files))
+    assert "network_type = locon trains the 3x3 convolutions too: the Flux.1 transformer has no 3x3 convolutions" \
+        in message and "use network_type: lora" in message
 
 
 def test_locon_is_lora_with_the_convolutions(tmp_path):

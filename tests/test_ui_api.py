@@ -726,7 +726,10 @@ def test_flux_as_comfyui_keeps_it_trains_draws_verifies_and_compares_in_the_ui(w
         (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_flux_files[key], comfy / rel)
     shutil.copytree(tiny_flux_files["tokenizer_dir"], comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    # The workspace's demo config trains LoCon, which a transformer without convolutions refuses: a Flux config
+    # says lora (and the demo's Lion learning rate goes with it).
     cfg = write_config(ws, "fx", **{k: f"./ComfyUI/{v}" for k, v in layout.items()}, max_train_steps=2,
+                       network_type="lora",
                        resolution=32, lora_rank=4)
     with client(ws) as c:
         job = c.post("/api/jobs", headers=HEADERS, json={"config": cfg}).json()
