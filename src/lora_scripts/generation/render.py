@@ -136,7 +136,9 @@ class Renderer:
         def key(u):
             return replace(u, weight=1.0, start=0.0, end=1.0)
 
-        ip_key = lambda u: None if u is None else replace(u, scale=1.0)  # noqa: E731
+        def ip_key(u):
+            return None if u is None else replace(u, scale=1.0)
+
         if [key(u) for u in controls] != [key(u) for u in self.controls] or ip_key(ip_adapter) != ip_key(self.ip_adapter):
             return False
         self.controls = list(controls)
@@ -160,10 +162,11 @@ class Renderer:
         return self.model.family.control_pipeline(self.pipe, [nets[u.model] for u in self.controls])
 
     def control_maps(self, size: tuple[int, int]) -> list[Image.Image]:
-        """The maps the ControlNets see at this image size (width, height), made once per size."""
+        """The maps the ControlNets see at this image size (width, height), made again only for another size or
+        a control image changed on disk."""
         key = (size, tuple(u.image.stat().st_mtime_ns for u in self.controls))  # an image replaced on disk: anew
         if key not in self._maps:
-            self._maps[key] = [u.control_map(size) for u in self.controls]
+            self._maps = {key: [u.control_map(size) for u in self.controls]}  # the latest only: a UI lives long
         return self._maps[key]
 
     def add_lora(self, name: str, path: Path) -> None:
