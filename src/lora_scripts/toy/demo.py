@@ -52,9 +52,9 @@ def prepare_demo(folder: Path) -> Path:
     return config_path
 
 
-def style_report(base: Path, lora: Path, name: str) -> tuple[list[list], dict]:
+def style_report(base: Path, lora: Path, name: str, cfg: float = 5.0) -> tuple[list[list], dict]:
     sampler = Sampler.open(base, {name: lora})
-    columns = [sampler.images(SHEET_PROMPTS, SHEET_SEEDS, {name: w}) for w in STRENGTHS]
+    columns = [sampler.images(SHEET_PROMPTS, SHEET_SEEDS, {name: w}, cfg=cfg) for w in STRENGTHS]
     train_set = [im for im, _ in neon_items(60, 32, seed=0)]
     stats = {"training_set": {"neon_fraction": neon_fraction(train_set), "darkness": darkness(train_set),
                               "style_distance": 0.0}}
