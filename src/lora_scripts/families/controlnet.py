@@ -86,7 +86,7 @@ def load_controlnet(path: Path, unet: nn.Module, label: str) -> nn.Module:
     else:
         state = keys.strip_prefix(read_state(path))
         layout = keys.file_kind(state)
-        if layout == "flux":
+        if layout == "transformer":
             raise ControlNetError(f"{path.name} is a ControlNet for Flux.1, but the base model is {label}; use a "
                                   f"ControlNet made for {label}")
         if layout not in ("ldm", "diffusers"):
@@ -180,7 +180,7 @@ def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.M
             made = _made_for(keys.context_width(shapes), keys.has_text_time(keys.strip_prefix(state)))
             raise ControlNetError(f"{path.name} is a ControlNet for {made}, but the base model is {label}; use a "
                                   f"ControlNet made for {label}")
-        if layout != "flux":
+        if layout != "transformer":
             raise ControlNetError(f"{path.name} is {layout}")
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         net = None
@@ -191,7 +191,7 @@ def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.M
         raise ControlNetError(f"{path.name} is a Flux ControlNet of width {has[0]} reading text of width {has[1]}; "
                               f"this {label} base has {width} and {text}: it was made for another model")
     if net is None:
-        double, single = keys.flux_block_counts(state)
+        double, single = keys.transformer_block_counts(state)
         hint = shapes.get("input_hint_block.conv_out.weight")
         # Without diffusers' bookkeeping keys: `_use_default_values` would put the defaults back over these.
         config = {**{k: v for k, v in cfg.items() if not k.startswith("_")}, "num_layers": double, "num_single_layers": single,

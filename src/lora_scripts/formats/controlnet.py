@@ -60,8 +60,8 @@ def strip_prefix(state: Mapping[str, object]) -> dict[str, object]:
 
 def file_kind(keys: Iterable[str]) -> str:
     """What a file given as a ControlNet is, from its keys: "ldm" or "diffusers" (a ControlNet of the SD
-    families, in either layout), "flux" (diffusers' Flux layout), or what else it is, for the message that
-    refuses it."""
+    families, in either layout), "transformer" (diffusers' transformer ControlNet layout: double and single
+    blocks, as InstantX publishes theirs), or what else it is, for the message that refuses it."""
     keys = list(keys)
     has = lambda *parts: any(any(p in k for p in parts) for k in keys)  # noqa: E731
     if has("input_hint_block.") and any(k.endswith((".up", ".down")) for k in keys):
@@ -77,7 +77,7 @@ def file_kind(keys: Iterable[str]) -> str:
     if has("lllite"):
         return "a ControlNet-LLLite (kohya's lightweight control), which this tool does not run"
     if has("controlnet_x_embedder.") and has("transformer_blocks."):
-        return "flux"  # diffusers' FluxControlNetModel layout (InstantX, Shakker-Labs)
+        return "transformer"  # diffusers' FluxControlNetModel layout (InstantX, Shakker-Labs)
     if has("controlnet_blocks.") and has("double_blocks."):
         return ("an XLabs-layout Flux ControlNet, which this tool does not read yet (a diffusers-layout one, as "
                 "InstantX and Shakker-Labs publish, works)")
@@ -132,8 +132,8 @@ def transformer_depths(keys: Iterable[str], down_blocks: int, layers_per_block: 
     return depth
 
 
-def flux_block_counts(keys: Iterable[str]) -> tuple[int, int]:
-    """(double, single) transformer blocks of a diffusers-layout Flux ControlNet (InstantX's canny: 5, 10)."""
+def transformer_block_counts(keys: Iterable[str]) -> tuple[int, int]:
+    """(double, single) transformer blocks of a transformer ControlNet (InstantX's Flux canny: 5, 10)."""
     keys = list(keys)
     count = lambda prefix: 1 + max((int(m[1]) for k in keys if (m := re.match(prefix + r"\.(\d+)\.", k))),  # noqa: E731
                                    default=-1)

@@ -49,33 +49,44 @@ class ControlUnit:
             raise LoraScriptsError("; ".join(problems))
 
     def read_image(self) -> Image.Image:
-        try:
-            with Image.open(self.image) as im:
-                im.load()
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise LoraScriptsError(f"--control-image {self.image} does not exist") from None
-        except IsADirectoryError:
-            raise LoraScriptsError(f"--control-image {self.image} is a folder; give one image") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise LoraScriptsError(f"--control-image {self.image} is not a readable image ({exc})") from None
+        return read_rgb(self.image, "--control-image")
 
     def control_map(self, size: tuple[int, int]) -> Image.Image:
         """The map the ControlNet sees at this image size (width, height)."""
         return control_map(self.read_image(), self.kind, size, self.low, self.high)
 
     def infotext(self, size: tuple[int, int], model_hash: str) -> str:
-        """One unit as the extension writes it (v1.1.4xx: these 11 fields, in this order; floats as Python
-        prints them). Processor Res: the short side, where this tool runs the filter."""
+        """This unit in PNG info; Processor Res: the short side, where this tool runs the filter."""
         name = self.model.stem if self.model.is_file() else self.model.name
         thresholds = (self.low, self.high) if self.kind == "canny" else (0.5, 0.5)
-        fields = [("Module", PREPROCESSORS[self.kind][1]), ("Model", f"{name} [{model_hash}]" if model_hash else name),
-                  ("Weight", float(self.weight)), ("Resize Mode", "Crop and Resize"), ("Processor Res", min(size)),
-                  ("Threshold A", float(thresholds[0])), ("Threshold B", float(thresholds[1])),
-                  ("Guidance Start", float(self.start)), ("Guidance End", float(self.end)),
-                  ("Pixel Perfect", False), ("Control Mode", "Balanced")]
-        return ", ".join(f"{k}: {v}" for k, v in fields)
+        return unit_infotext(PREPROCESSORS[self.kind][1], f"{name} [{model_hash}]" if model_hash else name,
+                             self.weight, min(size), thresholds, self.start, self.end)
 
+
+def unit_infotext(module: str, model: str, weight: float, processor_res: int,
+                  thresholds: tuple[float, float] = (0.5, 0.5), start: float = 0.0, end: float = 1.0) -> str:
+    """A unit as A1111's ControlNet extension writes it (v1.1.4xx: these 11 fields, in this order; floats as
+    Python prints them). An IP-Adapter is such a unit too."""
+    fields = [("Module", module), ("Model", model), ("Weight", float(weight)), ("Resize Mode", "Crop and Resize"),
+              ("Processor Res", processor_res), ("Threshold A", float(thresholds[0])),
+              ("Threshold B", float(thresholds[1])), ("Guidance Start", float(start)), ("Guidance End", float(end)),
+              ("Pixel Perfect", False), ("Control Mode", "Balanced")]
+    return ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def read_rgb(path: Path, flag: str) -> Image.Image:
+    """An image named on the command line, read as training reads images (data.images.open_rgb: EXIF-rotated,
+    transparency on white), or a message naming the flag."""
+    from ..data.images import open_rgb
+
+    try:
+        return open_rgb(path)
+    except FileNotFoundError:
+        raise LoraScriptsError(f"{flag} {path} does not exist") from None
+    except IsADirectoryError:
+        raise LoraScriptsError(f"{flag} {path} is a folder; give one image") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise LoraScriptsError(f"{flag} {path} is not a readable image ({exc})") from None
 
 def model_hash(path: Path) -> str:
     """The extension's hash of a model (A1111's old 8-hex one); of a diffusers folder, its weights file's."""

@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import LoraScriptsError
+from .control import read_rgb, unit_infotext
 
 # The extension's preprocessor for each encoder, by its projection width (ViT-H: SD1.5 and the *_vit-h files).
 _MODULES = {1024: "ip-adapter_clip_h", 1280: "ip-adapter_clip_g"}
@@ -40,24 +41,12 @@ class IpAdapterUnit:
         return self.encoder or self.model.parent / "image_encoder"
 
     def read_image(self) -> Image.Image:
-        try:
-            with Image.open(self.image) as im:
-                im.load()
-                return im.convert("RGB")
-        except (FileNotFoundError, IsADirectoryError):
-            raise LoraScriptsError(f"--ip-image {self.image} is not an image file") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise LoraScriptsError(f"--ip-image {self.image} is not a readable image ({exc})") from None
+        return read_rgb(self.image, "--ip-image")
 
     def infotext(self, projection_dim: int, model_hash: str) -> str:
         """As the extension writes an IP-Adapter unit: a ControlNet unit whose module is the image encoder."""
-        name = f"{self.model.stem} [{model_hash}]"
-        fields = [("Module", _MODULES.get(projection_dim, "ip-adapter-auto")), ("Model", name),
-                  ("Weight", float(self.scale)), ("Resize Mode", "Crop and Resize"), ("Processor Res", 512),
-                  ("Threshold A", 0.5), ("Threshold B", 0.5), ("Guidance Start", 0.0), ("Guidance End", 1.0),
-                  ("Pixel Perfect", False), ("Control Mode", "Balanced")]
-        return ", ".join(f"{k}: {v}" for k, v in fields)
-
+        return unit_infotext(_MODULES.get(projection_dim, "ip-adapter-auto"), f"{self.model.stem} [{model_hash}]",
+                             self.scale, 512)
 
 def parse_unit(model: str | None, image: str | None, scale: float | None, encoder: str | None) -> IpAdapterUnit | None:
     if model is None:
