@@ -33,6 +33,11 @@ def family_by_label(label: str) -> Family | None:
     return next((f for f in FAMILIES.values() if f.lora_label == label), None)
 
 
+def family_by_width(width: int | None):
+    """The family whose real text encoder has this cross-attention width (768 SD1, 1024 SD2, 2048 SDXL), or None."""
+    return next((f for f in FAMILIES.values() if width and getattr(f, "cross_attention_dim", None) == width), None)
+
+
 def guess_lora_family(module_names: list[str], cross_attention_widths: list[int],
                       metadata: dict[str, str] | None = None) -> str:
     """The label of the family a LoRA file was trained on, from its module names and the input width of its
@@ -43,7 +48,7 @@ def guess_lora_family(module_names: list[str], cross_attention_widths: list[int]
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in module_names):
         return "sdxl"
     width = cross_attention_widths[0] if cross_attention_widths else None
-    family = next((f for f in FAMILIES.values() if width and getattr(f, "cross_attention_dim", None) == width), None)
+    family = family_by_width(width)
     if family is not None:
         return family.lora_label
     version = (metadata or {}).get("ss_base_model_version", "")

@@ -20,8 +20,6 @@ from torch import Tensor, nn
 from ..errors import LoraScriptsError
 from ..formats import controlnet as keys
 
-# Cross-attention width -> the family whose text encoder has it (real sizes), for messages.
-_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 
 class ControlNetError(LoraScriptsError):
@@ -60,7 +58,10 @@ def _refuse_leftovers(path: Path, leftover: list[str]) -> None:
 def _made_for(width: int | None, text_time: bool) -> str:
     if text_time:
         return "SDXL" if width in (None, 2048) else f"an SDXL-like model (cross-attention width {width})"
-    return _WIDTHS.get(width, f"a model with cross-attention width {width}")
+    from . import family_by_width
+
+    family = family_by_width(width)
+    return family.label if family else f"a model with cross-attention width {width}"
 
 
 def check_family(path: Path, width: int | None, text_time: bool, unet: nn.Module, label: str) -> None:

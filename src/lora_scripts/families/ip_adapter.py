@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ..errors import LoraScriptsError
 
-_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 # The encoders the common files were trained with, for messages: by the projection width plain adapters read,
 # and by the hidden width the Plus/full-face ones read.
 _BY_PROJECTION = {1024: "ViT-H (models/image_encoder)", 1280: "ViT-bigG (sdxl_models/image_encoder)"}
@@ -67,7 +66,10 @@ def check_fits(path: Path, state: dict[str, dict[str, Tensor]], unet: nn.Module,
     widths = {tuple(v.shape)[-1] for k, v in keys.items() if k.endswith("to_k_ip.weight")}
     width = unet.config.cross_attention_dim
     if widths and widths != {width}:
-        made = _WIDTHS.get(min(widths), f"a model with text width {min(widths)}")
+        from . import family_by_width
+
+        family = family_by_width(min(widths))
+        made = family.label if family else f"a model with text width {min(widths)}"
         raise IpAdapterError(f"{path.name} is an IP-Adapter for {made}, but the base model is {label} (text width "
                              f"{width}); use an IP-Adapter made for {label}")
     pairs, layers = sum(1 for k in keys if k.endswith("to_k_ip.weight")), cross_attention_layers(unet)

@@ -55,16 +55,16 @@ def control_report(base: Path, controlnet: Path, lora_name: str, lora_path: Path
         for j in range(len(seeds)):
             grid[i * len(seeds) + j].append(maps[-1])
     plain = Renderer(base, [], SETTINGS)
-    plain.add_lora(lora_name, lora_path)
+    # One ControlNet renderer per layout, for every controlled column (its LoRA strength is set per prompt).
+    guided = [Renderer(base, [], SETTINGS, controls=[ControlUnit("canny", controlnet, folder / f"layout-{i}.png")])
+              for i in range(len(layouts))]
+    for renderer in [plain, *guided]:
+        renderer.add_lora(lora_name, lora_path)
     stats = {}
     for label, strength, controlled in plan:
         images: list[tuple[int, Image.Image]] = []
         for i in range(len(layouts)):
-            renderer = plain
-            if controlled:
-                renderer = Renderer(base, [], SETTINGS, controls=[ControlUnit("canny", controlnet,
-                                                                              folder / f"layout-{i}.png")])
-                renderer.add_lora(lora_name, lora_path)
+            renderer = guided[i] if controlled else plain
             prompt = f"{PROMPT}, <lora:{lora_name}:{strength:g}>" if strength else PROMPT
             for j, r in enumerate(renderer.render(prompt, list(seeds))):
                 grid[i * len(seeds) + j].append(r.image)

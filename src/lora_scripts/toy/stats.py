@@ -141,12 +141,16 @@ def arm_probability(net: ShapeNet, images: Sequence[Image.Image]) -> float:
     return float(class_probabilities(net, images)[:, CLASSES.index("robotic arm")].mean())
 
 
+def _background(arr: np.ndarray) -> np.ndarray:
+    """The background colour of a toy picture: its median border pixel."""
+    return np.median(np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]), axis=0)
+
+
 def scene_attributes(image: Image.Image) -> tuple[str, str]:
     """(colour, background) read off a flat-style image: the background is the median border pixel, the colour
     the mean of the pixels that differ from it, each matched to the nearest palette entry."""
     arr = np.asarray(image.convert("RGB"), np.float32)
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    bg = np.median(border, axis=0)
+    bg = _background(arr)
     fg = arr[np.linalg.norm(arr - bg, axis=-1) > 60]
     mean = fg.mean(axis=0) if len(fg) else bg
     colour = min(COLOURS, key=lambda c: np.linalg.norm(mean - np.array(COLOURS[c])))
@@ -158,8 +162,7 @@ def shape_position(image: Image.Image) -> str | None:
     """Where the drawn shape is: the horizontal centre of the pixels that differ from the background (the median
     border pixel), as one of the captions' three positions; None for an empty picture."""
     arr = np.asarray(image.convert("RGB"), np.float32)
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    ys, xs = np.nonzero(np.linalg.norm(arr - np.median(border, axis=0), axis=-1) > 60)
+    ys, xs = np.nonzero(np.linalg.norm(arr - _background(arr), axis=-1) > 60)
     if len(xs) < 4:
         return None
     centre = (xs.mean() + 0.5) / arr.shape[1]
