@@ -92,6 +92,107 @@ def test_dora_layers_compute_the_weight_the_loaders_compute():
         assert layer.dora_strength == 1.0
 
 
+class _FusedFamily:
+    """A stand-in family whose file fuses four layers into one (Flux's linear1: q, k, v and the MLP input, 1:1:1:4)."""
+
+    SLOTS = {"q": 0, "k": 1, "v": 2, "mlp": 3}
+
+    def fused_slot(self, component, path):
+        return (self.SLOTS[path], (1, 1, 1, 4)) if path in self.SLOTS else None
+
+    def kohya_name(self, component, path):
+        return "lora_unet_linear1" if path in self.SLOTS else f"lora_unet_{path}"
+
+    def target_layers(self, component, module):
+        return [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _fused_net():
+    torch.manual_seed(0)
+    return nn.ModuleDict({"q": nn.Linear(24, 8), "k": nn.Linear(24, 8), "v": nn.Linear(24, 8),
+                          "mlp": nn.Linear(24, 32), "out": nn.Linear(24, 8)})
+
+
+@pytest.mark.parametrize("config,factor", [
+    (LoHaConfig(r=4, alpha=2, target_modules=["q", "k", "v", "mlp", "out"]), -1),
+    (LoHaConfig(r=3, alpha=3, target_modules=["q", "v"]), -1),  # a part without: zero rows
+    (LoKrConfig(r=4, alpha=2, target_modules=["q", "k", "v", "mlp"]), -1),  # w2 full; peft splits 8 and 32 apart
+    (LoKrConfig(r=2, alpha=1, target_modules=["q", "k", "v", "mlp"]), -1),  # w2 decomposed (shared a and b)
+    (LoKrConfig(r=2, alpha=1, target_modules=["mlp"], decompose_factor=2), 2),  # only the 4x part: w2 re-made
+], ids=["loha", "loha_partial", "lokr", "lokr_w2ab", "lokr_mlp_only"])
+def test_fused_parts_train_and_write_one_lycoris_module(config, factor):
+    """Where the file fuses layers diffusers keeps apart (Flux), LoHa/LoKr parts share the factors that span the
+    input (training.fused_adapters): the one fused module written has, by the loaders' rule, exactly the parts'
+    changes stacked in row order, and a layer the file does not fuse is written as before."""
+    from peft import get_peft_model_state_dict
+
+    from lora_scripts.training.fused_adapters import share_fused
+
+    net, family = _fused_net(), _FusedFamily()
+    inject_adapter_in_model(config, net)
+    kind = "loha" if isinstance(config, LoHaConfig) else "lokr"
+    assert share_fused(family, "transformer", net, kind, factor) == 1
+    with torch.no_grad():
+        for p in net.parameters():  # a trained state: every factor random (tied ones stay one tensor)
+            if p.requires_grad:
+                p.normal_()
+    shared = ("hada_w1_b", "hada_w2_b") if kind == "loha" else ("lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    trained = [n for n in _FusedFamily.SLOTS if n in config.target_modules]
+    for attribute in shared:
+        tensors = [getattr(net[n], attribute).get("default") for n in trained]
+        assert all(t is tensors[0] for t in tensors)
+    state = get_peft_model_state_dict(net)
+    written = lycoris.peft_to_lycoris({"transformer": state}, {"transformer": adapter_scales(net)}, family.kohya_name,
+                                      family.fused_slot)
+    tensors = {k.split(".", 1)[1]: v for k, v in written.items() if k.startswith("lora_unet_linear1.")}
+    alpha = float(tensors.pop("alpha"))
+    got = lycoris.delta(kind, tensors, alpha, (56, 24))
+    want = torch.cat([net[n].get_delta_weight("default") if n in trained else torch.zeros(net[n].weight.shape)
+                      for n in _FusedFamily.SLOTS])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if "out" in config.target_modules:
+        out = {k.split(".", 1)[1]: v for k, v in written.items() if k.startswith("lora_unet_out.") and "alpha" not in k}
+        torch.testing.assert_close(lycoris.delta(kind, out, alpha, (8, 24)), net["out"].get_delta_weight("default"))
+
+
+def test_fused_dora_parts_share_one_magnitude_and_norm():
+    """DoRA on a fused layer: every part scales its input by the one magnitude over the fused weight's column
+    norms, so each part's output is the plain layer with its rows of the loaders' W' of the fused weight; step 0
+    is the base; previews at a strength give W0 + s (W' - W0) per part."""
+    from peft import LoraConfig
+
+    from lora_scripts.formats.dora import PEFT_KEY, dora_weight
+    from lora_scripts.training.adapters import add_dora
+    from lora_scripts.training.fused_adapters import share_fused
+    from lora_scripts.training.previews import lora_strength
+
+    net, family = _fused_net(), _FusedFamily()
+    parts = list(_FusedFamily.SLOTS)
+    base = {n: (net[n].weight.detach().clone(), net[n].bias.detach().clone()) for n in parts}
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=parts), net)
+    add_dora(net)
+    assert share_fused(family, "transformer", net, "dora") == 1
+    x = torch.randn(3, 5, 24)
+    for n in parts:
+        torch.testing.assert_close(net[n](x), nn.functional.linear(x, *base[n]), rtol=1e-5, atol=1e-5)
+    magnitude = getattr(net["q"], PEFT_KEY)["default"]
+    assert all(getattr(net[n], PEFT_KEY)["default"] is magnitude for n in parts)
+    with torch.no_grad():
+        for n in parts:
+            nn.init.normal_(net[n].lora_B["default"].weight, std=0.1)
+        magnitude.mul_(1 + 0.2 * torch.rand_like(magnitude))
+    w0 = torch.cat([base[n][0] for n in parts])
+    product = torch.cat([net[n].scaling["default"] * net[n].lora_B["default"].weight @ net[n].lora_A["default"].weight
+                         for n in parts])
+    want = torch.split(dora_weight(w0, product, magnitude).detach(), [8, 8, 8, 32])
+    for n, rows in zip(parts, want):
+        torch.testing.assert_close(net[n](x), nn.functional.linear(x, rows, base[n][1]), rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), lora_strength([net], 0.5):
+        for n, rows in zip(parts, want):
+            torch.testing.assert_close(net[n](x), nn.functional.linear(x, base[n][0] + 0.5 * (rows - base[n][0]),
+                                                                      base[n][1]), rtol=1e-4, atol=1e-5)
+
+
 def _keys(path):
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -107,9 +208,17 @@ RUN = dict(max_train_steps=4, batch_size=2, lora_rank=4, save_precision="fp32", 
     ("tiny_ckpt", "lokr", dict(conv_rank=2, lokr_factor=4)),
     ("tiny_sdxl_ckpt", "loha", {}),
     ("tiny_sd2_ckpt", "lokr", {}),
+    ("tiny_flux_files", "loha", {}),
+    ("tiny_flux_files", "lokr", dict(lora_targets="attn")),  # linear1's MLP part untrained: zero rows
+    ("tiny_flux_files", "dora", dict(lora_targets="attn")),  # the magnitude's fused layer trains whole
 ])
 def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, dataset, base, kind, extra, request):
-    result = train(load_config(seed_config(tmp_path, request.getfixturevalue(base), network_type=kind, **RUN, **extra)))
+    fixture = request.getfixturevalue(base)
+    if base == "tiny_flux_files":  # Flux's fused modules (qkv, linear1) as one module (training.fused_adapters)
+        from conftest import flux_keys
+
+        fixture, extra = fixture["base_model"], {**extra, **flux_keys(fixture)}
+    result = train(load_config(seed_config(tmp_path, fixture, network_type=kind, **RUN, **extra)))
     state, meta = _keys(result.lora_path)
     params = {k.split(".", 1)[1] for k in state}
     names = {k.split(".", 1)[0] for k in state}
@@ -132,6 +241,13 @@ def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, d
         assert any("resnets" in n and "conv1" in n for n in names)
     if extra.get("train_text_encoder"):
         assert any(n.startswith("lora_te_") for n in names)
+    if base == "tiny_flux_files":
+        assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= names
+        linear1 = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("lora_unet_single_blocks_0_linear1.")}
+        rows = {"lokr": "lokr_w1", "dora": "lora_up.weight"}.get(kind)
+        if rows:  # q, k, v, mlp at 1:1:1:4: the MLP part's rows are the last 4/7
+            mlp = linear1[rows][linear1[rows].shape[0] * 3 // 7:]
+            assert (mlp.abs().max() == 0) == (kind == "lokr")
 
 
 @pytest.mark.parametrize("kind", ["loha", "dora"])
@@ -186,6 +302,47 @@ def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt, kind):
             call()
 
 
+@pytest.mark.parametrize("kind", ["lokr", "dora"])
+def test_a_flux_lycoris_file_draws_and_bakes_as_one_fused_module(tmp_path, dataset, tiny_flux_files, kind):
+    """generate draws a Flux LoKr/DoRA file by the loaders' rule on the fused weight, split back into diffusers'
+    layers (strength 0 = the base bit for bit, 1 changes the image); merge --base adds the same change to the
+    BFL file's fused weight; inspect names the type."""
+    from conftest import flux_keys
+    from lora_scripts.generation.render import Renderer, Settings
+    from lora_scripts.interop.describe import describe
+    from lora_scripts.interop.lora_file import read_lora
+    from lora_scripts.interop.ops import bake
+    from lora_scripts.interop.table import base_configs, module_table
+
+    base = tiny_flux_files["base_model"]
+    result = train(load_config(seed_config(tmp_path, base, network_type=kind, **dict(RUN, max_train_steps=2),
+                                           verify_after_training=False, **flux_keys(tiny_flux_files))))
+    path = result.lora_path
+    assert describe(path).network_type == kind
+    files = {k: v for k, v in tiny_flux_files.items() if k in ("clip_l", "t5xxl", "ae")}
+    renderer = Renderer(base, [path.parent], Settings(steps=2, size=(32, 32)), files=files,
+                        tokenizer_dir=tiny_flux_files["tokenizer_dir"])
+    plain = np.asarray(renderer.render("a lab", [3])[0].image, dtype=np.int16)
+    at0 = np.asarray(renderer.render(f"a lab <lora:{path.stem}:0>", [3])[0].image, dtype=np.int16)
+    at1 = np.asarray(renderer.render(f"a lab <lora:{path.stem}:1>", [3])[0].image, dtype=np.int16)
+    assert (at0 == plain).all() and np.abs(at1 - plain).max() > 0
+    # the drawn change of a fused module is the loaders' change of the fused weight, split by rows
+    lora, table = read_lora(path), module_table(base_configs(base))
+    name = "lora_unet_single_blocks_0_linear1"
+    entry, module = table[name], (lora.lycoris or lora.modules)[name]
+    net = renderer.pipe.components["transformer"]
+    baked, _ = bake(base, [(lora, 1.0)], table, tmp_path / "baked.safetensors")
+    before, after = _keys(base)[0], _keys(baked)[0]
+    w0 = before[entry.ldm_key].float()
+    want = module.delta(w0.shape) if kind == "lokr" else module.applied_delta(w0)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(after[entry.ldm_key].float() - w0, want, rtol=1e-4, atol=1e-6)
+    layers = [net.get_submodule(p) for p, _ in entry.parts]
+    renderer.loras.apply({path.stem: 1.0})
+    drawn = torch.cat([m.weight.detach().float() for m in layers]) - w0
+    torch.testing.assert_close(drawn, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_files):
     from conftest import flux_keys
     from lora_scripts.training.trainer import Trainer
@@ -202,8 +359,6 @@ def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_
     assert "lora_dropout = 0.1 with network_type: lokr" in problem(tiny_ckpt, network_type="lokr", lora_dropout=0.1)
     assert "network_type = dora with text_encoder_weight_dtype = nf4" in problem(
         tiny_ckpt, network_type="dora", train_text_encoder=True, text_encoder_weight_dtype="nf4")
-    message = problem(tiny_flux_files["base_model"], network_type="loha", **flux_keys(tiny_flux_files))
-    assert "network_type = loha: the Flux.1 file format fuses layers" in message and "use network_type: lora" in message
     message = problem(tiny_flux_files["base_model"], network_type="locon", **flux_keys(tiny_flux_files))
     assert "network_type = locon trains the 3x3 convolutions too: the Flux.1 transformer has no 3x3 convolutions" \
         in message and "use network_type: lora" in message
@@ -246,14 +401,21 @@ def test_an_incomplete_lycoris_layer_is_reported_as_dropped(tmp_path):
     assert any("lora_unet_b.lokr_w2_a (its lokr_w2 is missing)" in u for u in lora.unknown)
 
 
-def test_dora_resumes_bit_exactly(tmp_path, dataset, tiny_ckpt):
-    """The magnitude is part of peft's state dict: a run resumed from step 3 of 6 writes the unbroken run's file."""
+@pytest.mark.parametrize("base,kind", [("tiny_ckpt", "dora"), ("tiny_flux_files", "lokr")])
+def test_dora_and_fused_lokr_resume_bit_exactly(tmp_path, dataset, base, kind, request):
+    """The magnitude is part of peft's state dict, and Flux's fused LoKr (factors re-shaped and shared between
+    parts) resumes into the same shapes and ties: a run resumed from step 3 of 6 writes the unbroken run's file."""
     from safetensors.torch import load_file
 
-    run = dict(RUN, max_train_steps=6, save_steps=3, verify_after_training=False, network_type="dora")
-    whole = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/whole", **run)))
-    resumed = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/resumed", **run)),
+    fixture, extra = request.getfixturevalue(base), {}
+    if base == "tiny_flux_files":
+        from conftest import flux_keys
+
+        fixture, extra = fixture["base_model"], flux_keys(fixture)
+    run = dict(RUN, max_train_steps=6, save_steps=3, verify_after_training=False, network_type=kind, **extra)
+    whole = train(load_config(seed_config(tmp_path, fixture, output_dir="./out/whole", **run)))
+    resumed = train(load_config(seed_config(tmp_path, fixture, output_dir="./out/resumed", **run)),
                     resume=whole.output_dir / "checkpoints" / "step-3")
     a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(k.endswith(".dora_scale") for k in a)
+    assert any(k.endswith(".dora_scale" if kind == "dora" else ".lokr_w1") for k in a)

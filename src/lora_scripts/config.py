@@ -69,7 +69,7 @@ class TrainConfig(BaseModel):
         "lora", "lora = kohya's LoRA; locon = LoRA on the UNet's 3x3 convolutions too (conv_rank defaults to "
         "lora_rank); loha / lokr = LyCORIS' Hadamard / Kronecker-product layers (more capacity per byte of file); "
         "dora = LoRA with a learned magnitude per input channel (DoRA; with conv_rank: LoCon + DoRA); A1111 and "
-        "ComfyUI load all of them; loha/lokr/dora for SD1.x, SD2 and SDXL")
+        "ComfyUI load all of them; every family (on Flux.1 a fused q/k/v or linear1 layer trains as one module)")
     lokr_factor: int = _f(-1, "LoKr: split each layer's sizes by this factor (-1 = as square as possible, LyCORIS' "
                           "default; 4-16 gives smaller files)", "-1 or 8", ge=-1)
     lora_dropout: float = _f(0.0, "dropout on the LoRA path during training", "0-0.1", ge=0, lt=1)

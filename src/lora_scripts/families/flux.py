@@ -159,8 +159,11 @@ class Flux(Family):
         return configs
 
     def training_metadata(self, config) -> dict[str, Any]:
-        """As sd-scripts' flux_train_network records its options (its network module is networks.lora_flux)."""
-        return {"ss_network_module": "networks.lora_flux", "ss_guidance_scale": config.guidance_scale,
+        """As sd-scripts' flux_train_network records its options (its network module is networks.lora_flux; a
+        LyCORIS type keeps lycoris.kohya, as LyCORIS' wrapper writes it for Flux too)."""
+        lycoris = config.network_type in ("loha", "lokr", "dora")
+        return {"ss_network_module": "lycoris.kohya" if lycoris else "networks.lora_flux",
+                "ss_guidance_scale": config.guidance_scale,
                 "ss_timestep_sampling": config.timestep_sampling, "ss_sigmoid_scale": config.sigmoid_scale,
                 "ss_discrete_flow_shift": config.discrete_flow_shift, "ss_weighting_scheme": config.loss_weighting,
                 "ss_model_prediction_type": "raw", "ss_apply_t5_attn_mask": False,

@@ -68,4 +68,36 @@ def split(down: Tensor, up: Tensor, alpha: float, sizes: list[int]) -> list[Part
     return [(down, u, alpha) for u in ups]
 
 
-__all__ = ["Part", "fuse", "fuse_slots", "split"]
+# --- LoHa / LoKr on a fused layer (training.fused_adapters trains them with shared factors) -------------------
+# Per part: the factors whose rows are the part's rows; shared: the factors every part holds the same tensor of.
+_OWN_ROWS = {"hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w1_a"}
+
+
+def fuse_lycoris(ratios: tuple[int, ...], parts: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The fused module of per-part LoHa/LoKr factors (slot index -> {param: tensor}) trained with shared factors:
+    the parts' own rows stacked in slot order, a slot without a part given zero rows (its rows of ΔW are zero),
+    the shared factors once. ΔW of the result is the parts' ΔW stacked, by both loaders' rules."""
+    first = parts[min(parts)]
+    shared = {k: v for k, v in first.items() if k not in _OWN_ROWS}
+    for index, tensors in parts.items():
+        if set(tensors) != set(first):
+            raise ValueError("the parts of a fused layer hold different LoHa/LoKr factors")
+        for key, value in shared.items():
+            if not torch.equal(tensors[key], value):
+                raise ValueError(f"the parts of a fused layer differ in {key}, which they must share")
+    own = sorted(set(first) & _OWN_ROWS)
+    index = min(parts)
+    unit = first[own[0]].shape[0] // ratios[index]  # rows of w1_a / w1 per unit of the slot ratios
+    if unit * ratios[index] != first[own[0]].shape[0]:
+        raise ValueError("a part's rows do not divide by its share of the fused layer")
+    out = dict(shared)
+    for key in own:
+        rows = []
+        for slot, ratio in enumerate(ratios):
+            tensor = parts[slot][key] if slot in parts else first[key].new_zeros((ratio * unit,) + first[key].shape[1:])
+            rows.append(tensor)
+        out[key] = torch.cat(rows, dim=0)
+    return out
+
+
+__all__ = ["Part", "fuse", "fuse_lycoris", "fuse_slots", "split"]

@@ -105,11 +105,17 @@ def update_rows_and_size(kind: str, tensors: dict[str, Tensor]) -> tuple[int, in
 
 
 def peft_to_lycoris(states: dict[str, dict[str, Tensor]], scales: dict[str, dict[str, tuple[int, float]]],
-                    name_of: Callable[[str, str], str]) -> dict[str, Tensor]:
+                    name_of: Callable[[str, str], str],
+                    slot_of: Callable[[str, str], tuple[int, tuple[int, ...]] | None] | None = None) -> dict[str, Tensor]:
     """`states`: component -> peft LoHa/LoKr state dict (keys `<module path>.hada_w1_a`, ...); `scales`:
-    component -> module path -> (peft's r, alpha) of that layer; name_of: the family's kohya name. Returns the
+    component -> module path -> (peft's r, alpha) of that layer; name_of: the family's kohya name; slot_of
+    (Family.fused_slot): where a layer is one part of a fused kohya module, whose parts were trained with shared
+    factors (training.fused_adapters) and are written as one module (formats/fused.fuse_lycoris). Returns the
     LyCORIS kohya keys, every module with its alpha."""
+    from .fused import fuse_lycoris
+
     out: dict[str, Tensor] = {}
+    fused: dict[str, tuple[tuple[int, ...], dict[int, dict[str, Tensor]], tuple[int, float]]] = {}
     for component, state in states.items():
         modules: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -118,12 +124,21 @@ def peft_to_lycoris(states: dict[str, dict[str, Tensor]], scales: dict[str, dict
                 raise ValueError(f"{key!r} is not a peft LoHa/LoKr parameter (Tucker cores are not written)")
             modules.setdefault(path, {})[param] = value
         for path, tensors in modules.items():
-            r, alpha = scales[component][path]
-            if kind_of(set(tensors)) == "lokr" and lokr_rank(tensors) is None:
-                # Neither factor decomposed: the loaders use scale 1 and ignore alpha, peft used alpha / r.
-                tensors = {**tensors, "lokr_w1": tensors["lokr_w1"] * (alpha / r)}
             name = name_of(component, path)
-            for param, value in tensors.items():
-                out[f"{name}.{param}"] = value
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+            slot = slot_of(component, path) if slot_of else None
+            if slot is not None:
+                fused.setdefault(name, (slot[1], {}, scales[component][path]))[1][slot[0]] = tensors
+            else:
+                _write(out, name, tensors, *scales[component][path])
+    for name, (ratios, parts, (r, alpha)) in fused.items():
+        _write(out, name, fuse_lycoris(ratios, parts), r, alpha)
     return out
+
+
+def _write(out: dict[str, Tensor], name: str, tensors: dict[str, Tensor], r: int, alpha: float) -> None:
+    if kind_of(set(tensors)) == "lokr" and lokr_rank(tensors) is None:
+        # Neither factor decomposed: the loaders use scale 1 and ignore alpha, peft used alpha / r.
+        tensors = {**tensors, "lokr_w1": tensors["lokr_w1"] * (alpha / r)}
+    for param, value in tensors.items():
+        out[f"{name}.{param}"] = value
+    out[f"{name}.alpha"] = torch.tensor(float(alpha))

@@ -112,20 +112,24 @@ class LoraSet:
                                 "either kind, not both in one file")
         self._shapes()
         modules = {**lora.lycoris, **lora.modules}  # a DoRA file's layers without a magnitude too
-        missing = [n for n in modules if n not in self._layer_paths]
+        missing = [n for n in modules if n not in self._layer_paths and n not in self._fused_paths]
         if missing:
             raise LoraFileError(f"{path}: {len(missing)} of its layers are not named as this tool names "
                                 f"{self.family.label} layers (e.g. {missing[0]}); it cannot be drawn here")
         layers = {}
         for n, m in modules.items():
-            component, layer = self._layer_paths[n]
-            module = self.pipe.components[component].get_submodule(layer)
-            module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            weight = module.weight
-            original = self.patches.originals.get(id(weight), (weight, weight.data))[1]  # W0, not W0 + another file
-            change = m.delta(tuple(weight.shape)) if n in lora.lycoris else m.applied_delta(original)
-            layers[n] = (weight, change)
+            weights = [self._weight(c, layer) for c, layer in self._fused_paths.get(n, [self._layer_paths.get(n)])]
+            # W0, not W0 + another file; a fused module (Flux's qkv) changes its layers' weights stacked in row order
+            originals = [self.patches.originals.get(id(w), (w, w.data))[1] for w in weights]
+            original = originals[0] if len(originals) == 1 else torch.cat(originals, dim=0)
+            change = m.delta(tuple(original.shape)) if n in lora.lycoris else m.applied_delta(original)
+            for i, (weight, rows) in enumerate(zip(weights, torch.split(change, [w.shape[0] for w in weights]))):
+                layers[n if len(weights) == 1 else f"{n}#{i}"] = (weight, rows)
         self.patches.add(name, layers)
+
+    def _weight(self, component: str, layer: str) -> torch.nn.Parameter:
+        module = self.pipe.components[component].get_submodule(layer)
+        return (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight
 
     def _forget(self, name: str) -> None:
         """A failed load may leave half an adapter (the UNet's) behind; a long-lived pipeline must not keep it."""
@@ -160,18 +164,23 @@ class LoraSet:
         if self._layer_shapes is None:
             shapes = {}
             self._layer_paths: dict[str, tuple[str, str]] = {}  # kohya name -> (component, path) of an unfused layer
+            self._fused_paths: dict[str, list[tuple[str, str]]] = {}  # kohya name -> its layers, in row order
+            slots: dict[str, dict[int, tuple[str, str]]] = {}
             for component in (self.family.denoiser,) + self.family.text_encoders:
                 for path, m in self.pipe.components[component].named_modules():
                     # A layer already wrapped by peft shows as `<path>.base_layer`; its lora_A/B are not layers.
                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in path:
                         layer = path.replace(".base_layer", "")
                         name, shape = self.family.kohya_name(component, layer), tuple(m.weight.shape)
-                        if self.family.fused_slot(component, layer) is not None:
+                        slot = self.family.fused_slot(component, layer)
+                        if slot is not None:
+                            slots.setdefault(name, {})[slot[0]] = (component, layer)
                             if name in shapes:  # a fused kohya module (Flux's qkv): its layers' rows stacked
                                 shape = (shapes[name][0] + shape[0],) + shape[1:]
                         else:
                             self._layer_paths[name] = (component, layer)
                         shapes[name] = shape
+            self._fused_paths = {n: [parts[i] for i in sorted(parts)] for n, parts in slots.items()}
             self._layer_shapes = shapes
         return self._layer_shapes
 

@@ -246,13 +246,14 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> 
     compared = 0
     for name, m in sorted(lora.by_rule.items()):
         entry = table[name]
-        layer = networks[entry.component].get_submodule(entry.path) if entry.component in networks else None
+        paths = [p for p, _ in entry.parts] or [entry.path]  # a fused module (Flux's qkv): its layers in row order
+        layers = [networks[entry.component].get_submodule(p) for p in paths] if entry.component in networks else []
         with torch.no_grad():
-            applied = _trained_change(layer, lora.dtype)
+            applied = _trained_change(layers, lora.dtype)
         if applied is None:
             continue
         expected = m.delta(tuple(applied.shape)) if name in lora.lycoris else \
-            m.applied_delta(layer.get_base_layer().weight.detach().float().cpu())
+            m.applied_delta(torch.cat([layer.get_base_layer().weight.detach().float().cpu() for layer in layers]))
         norm = float(expected.norm())
         if norm == 0.0:
             continue
@@ -270,22 +271,32 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> 
                             "input-axis DoRA)")
 
 
-def _trained_change(layer, dtype: torch.dtype) -> torch.Tensor | None:
-    """The weight change a trained LoHa/LoKr or DoRA layer applies at strength 1 (fp32, on the CPU), or None.
-    DoRA's factors are first rounded to the file's dtype, as the file holds them: W' - W0 is small against W0,
-    so an fp16 magnitude alone moves it by tenths of a percent, which is the file's precision, not an error."""
+def _trained_change(layers: list, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight change trained LoHa/LoKr or DoRA layers apply at strength 1 (fp32, on the CPU), or None; the
+    layers of a fused module (their factors shared, training.fused_adapters) stacked in row order, DoRA's norm
+    then taken over all of them. DoRA's factors are first rounded to the file's dtype, as the file holds them:
+    W' - W0 is small against W0, so an fp16 magnitude alone moves it by tenths of a percent, which is the file's
+    precision, not an error."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lycoris_utils import LycorisLayer
 
     from ..formats.dora import PEFT_KEY as DORA_KEY, dora_weight
 
-    if isinstance(layer, LycorisLayer) and "default" in layer.r:
-        return layer.get_delta_weight("default").float().cpu()
-    if isinstance(layer, LoraLayer) and hasattr(layer, DORA_KEY):
-        base = layer.get_base_layer().weight.detach().float().cpu()
-        a, b, m = (t.detach().cpu().to(dtype).float() for t in (layer.lora_A["default"].weight,
-                                                                layer.lora_B["default"].weight,
-                                                                getattr(layer, DORA_KEY)["default"]))
-        product = (b.flatten(1) @ a.flatten(1)).reshape(base.shape) * layer.scaling["default"]
-        return dora_weight(base, product, m) - base
+    def lycoris(layer) -> bool:
+        return isinstance(layer, LycorisLayer) and "default" in layer.r
+
+    if any(lycoris(layer) for layer in layers):  # a part without one (not among the targets) adds zero rows
+        return torch.cat([layer.get_delta_weight("default").float().cpu() if lycoris(layer)
+                          else torch.zeros(layer.weight.shape) for layer in layers])
+    if layers and all(isinstance(layer, LoraLayer) and hasattr(layer, DORA_KEY) for layer in layers):
+        bases, products = [], []
+        for layer in layers:
+            base = layer.get_base_layer().weight.detach().float().cpu()
+            a, b = (t.detach().cpu().to(dtype).float() for t in (layer.lora_A["default"].weight,
+                                                                 layer.lora_B["default"].weight))
+            bases.append(base)
+            products.append((b.flatten(1) @ a.flatten(1)).reshape(base.shape) * layer.scaling["default"])
+        m = getattr(layers[0], DORA_KEY)["default"].detach().cpu().to(dtype).float()
+        base = torch.cat(bases)
+        return dora_weight(base, torch.cat(products), m) - base
     return None

@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..formats.dora import PEFT_KEY as DORA_KEY, column_norm
 from ..formats.lycoris import is_adapter_param
+from .fused_adapters import share_fused, whole_groups
 
 def check_targets(family, modules: dict[str, nn.Module], config: TrainConfig, chosen: dict[str, list[str]]) -> None:
     """An explicit lora_targets list is checked name by name before anything is injected, so a typo or a list
@@ -49,6 +50,8 @@ def choose_targets(family, component: str, module: nn.Module, config: TrainConfi
     samplers (Family.conv_targets)."""
     if chosen is None:
         chosen = family.target_modules(component, module, config.lora_targets)
+    if config.network_type == "dora":  # a magnitude belongs to the whole fused weight: every part of it trains
+        chosen = whole_groups(family, component, module, chosen)
     if config.conv_rank is None:
         return chosen, []
     linear, conv = family.conv_targets(component, module)
@@ -91,9 +94,11 @@ def adapter_scales(model: nn.Module) -> dict[str, tuple[int, float]]:
             if isinstance(m, LycorisLayer) and "default" in m.r}
 
 
-def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv: list[str] = ()):
+def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv: list[str] = (), family=None,
+                component: str = ""):
     """Freeze the model, add LoRA layers and keep them fp32 so tiny updates survive fp16/bf16 bases. conv: the
-    3x3 convolutions among `modules`, at conv_rank / conv_alpha."""
+    3x3 convolutions among `modules`, at conv_rank / conv_alpha. family/component: where the family's file fuses
+    layers (Flux), LoHa/LoKr/DoRA parts are tied into one fused module (training.fused_adapters)."""
     if not modules:
         raise ValueError(f"lora_targets = {config.lora_targets!r} matches no layer of {type(model).__name__}")
     model.requires_grad_(False)
@@ -107,6 +112,8 @@ def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv:
         inject_adapter_in_model(cfg, model, adapter_name="default")
     if config.network_type == "dora":
         add_dora(model)
+    if family is not None:
+        share_fused(family, component, model, config.network_type, config.lokr_factor)
     for name, p in model.named_parameters():
         if is_adapter_param(name):
             p.data = p.data.float()
@@ -147,18 +154,26 @@ def _dora_input(module: nn.Module, args: tuple):
     and peft do: it saves a weight-sized tensor per layer for the backward pass and changes little)."""
     if module.disable_adapters or "default" not in module.active_adapters:
         return None
-    base = module.get_base_layer().weight
-    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    group = getattr(module, "dora_group", None)  # the parts of a fused layer (training.fused_adapters)
     with torch.no_grad():
-        product = (b.float().flatten(1) @ a.float().flatten(1)).reshape(base.shape)
-        merged = base.float() + module.scaling["default"] * product
-        norm = column_norm(merged)
+        if group is None:
+            norm = column_norm(_merged(module))
+        else:  # the fused weight's column norms: over every part's rows
+            norm = torch.stack([column_norm(_merged(m)) for m in group]).pow(2).sum(0).sqrt()
     factor = getattr(module, DORA_KEY)["default"] / norm
     x = args[0]
     shape = (-1,) if x.dim() == 2 or not isinstance(module.get_base_layer(), nn.Conv2d) else (1, -1, 1, 1)
     if module.dora_strength != 1.0:
         module.dora_unscaled = x  # for _dora_strength
     return (x * factor.reshape(shape).to(x.dtype),) + tuple(args[1:])
+
+
+def _merged(module: nn.Module) -> torch.Tensor:
+    """W0 + scale · B @ A of a LoRA layer, in fp32."""
+    base = module.get_base_layer().weight
+    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    product = (b.float().flatten(1) @ a.float().flatten(1)).reshape(base.shape)
+    return base.float() + module.scaling["default"] * product
 
 
 def _dora_strength(module: nn.Module, args: tuple, output):

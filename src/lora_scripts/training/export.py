@@ -125,7 +125,7 @@ def kohya_file_contents(
     scales: for LoHa/LoKr, each layer's (r, alpha) (training.adapters.adapter_scales)."""
     dtype = DTYPES[config.save_precision]
     if config.network_type in LYCORIS_TYPES:
-        kohya = peft_to_lycoris(states, scales or {}, facts.family.kohya_name)
+        kohya = peft_to_lycoris(states, scales or {}, facts.family.kohya_name, facts.family.fused_slot)
     else:
         dora = {c: {k: v for k, v in s.items() if k.endswith(DORA_SUFFIX)} for c, s in states.items()}
         plain = {c: {k: v for k, v in s.items() if not k.endswith(DORA_SUFFIX)} for c, s in states.items()}

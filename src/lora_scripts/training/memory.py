@@ -134,6 +134,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     from peft import inject_adapter_in_model
 
     from .adapters import add_dora, choose_targets, is_adapter_param, lora_config
+    from .fused_adapters import share_fused
     from .offload import parse_offload, saved_bytes, unit_bytes
     from .weight_storage import storage_plan, store_frozen
 
@@ -172,6 +173,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
             inject_adapter_in_model(lora, modules[name])
             if config.network_type == "dora":  # its magnitudes, and the scaled input each layer keeps
                 add_dora(modules[name])
+            share_fused(family, name, modules[name], config.network_type, config.lokr_factor)
     lora_params = sum(p.numel() for m in modules.values() for n, p in m.named_parameters() if is_adapter_param(n))
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

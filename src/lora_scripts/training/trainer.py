@@ -231,15 +231,14 @@ class Trainer:
                    else "remove conv_rank (and conv_alpha)")
             raise ConfigError("the config", [f"{what}: the {family.label} {family.denoiser_label} has no 3x3 "
                                              f"convolutions to train; {fix}"])
-        if cfg.network_type in ("loha", "lokr", "dora"):
-            fused = [m for n in names for m in chosen[n][0] if family.fused_slot(n, m) is not None]
-            if fused:
-                raise ConfigError("the config", [
-                    f"network_type = {cfg.network_type}: the {family.label} file format fuses layers that "
-                    f"{family.label} in diffusers keeps apart (e.g. {fused[0]}), and a {cfg.network_type} "
-                    "product of separate layers cannot be written as one; use network_type: lora"])
+        grown = [m for n in names for m in sorted(set(chosen[n][0]) - set(listed[n]))
+                 if family.fused_slot(n, m) is not None]
+        if cfg.network_type == "dora" and grown and self.accelerator.is_main_process:
+            log.info("network_type dora: %d more layers train, the other parts of fused %s layers the targets are "
+                     "in (one magnitude scales the whole fused weight; e.g. %s)", len(grown), family.label, grown[0])
         self.target_modules = {n: c[0] for n, c in chosen.items()}
-        self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n]) for n in names}
+        self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n], family=family, component=n)
+                             for n in names}
         for n in names:  # in the file (as sd-scripts writes them) but never reached by the loss: not trained, and
             # not handed to DDP, which refuses parameters without a gradient
             idle = tuple(f"{m}." for m in family.idle_modules(n, model.modules[n], self.target_modules[n]))
