@@ -118,14 +118,17 @@ def _fused_net():
     (LoHaConfig(r=3, alpha=3, target_modules=["q", "v"]), -1),  # a part without: zero rows
     (LoKrConfig(r=4, alpha=2, target_modules=["q", "k", "v", "mlp"]), -1),  # w2 full; peft splits 8 and 32 apart
     (LoKrConfig(r=2, alpha=1, target_modules=["q", "k", "v", "mlp"]), -1),  # w2 decomposed (shared a and b)
-    (LoKrConfig(r=2, alpha=1, target_modules=["mlp"], decompose_factor=2), 2),  # only the 4x part: w2 re-made
-], ids=["loha", "loha_partial", "lokr", "lokr_w2ab", "lokr_mlp_only"])
+    # lokr_factor 4: above the square root of out's 8 rows, where peft's split (4, 2) is not LyCORIS' (2, 4)
+    (LoKrConfig(r=2, alpha=1, target_modules=["q", "k", "v", "mlp", "out"], decompose_factor=4), 4),
+], ids=["loha", "loha_partial", "lokr", "lokr_w2ab", "lokr_factor4"])
 def test_fused_parts_train_and_write_one_lycoris_module(config, factor):
-    """Where the file fuses layers diffusers keeps apart (Flux), LoHa/LoKr parts share the factors that span the
-    input (training.fused_adapters): the one fused module written has, by the loaders' rule, exactly the parts'
-    changes stacked in row order, and a layer the file does not fuse is written as before."""
+    """Where the file fuses layers diffusers keeps apart (Flux), LoHa parts share the factors that span the input
+    and LoKr parts the whole product (training.fused_adapters): the one fused module written has, by the
+    loaders' rule, exactly the parts' changes stacked in row order, and LyCORIS' own modules rebuild every
+    module of the file (split as LyCORIS splits) and give the same change."""
     from peft import get_peft_model_state_dict
 
+    from lora_scripts.interop.lycoris_reference import reference_change
     from lora_scripts.training.fused_adapters import share_fused
 
     net, family = _fused_net(), _FusedFamily()
@@ -136,7 +139,7 @@ def test_fused_parts_train_and_write_one_lycoris_module(config, factor):
         for p in net.parameters():  # a trained state: every factor random (tied ones stay one tensor)
             if p.requires_grad:
                 p.normal_()
-    shared = ("hada_w1_b", "hada_w2_b") if kind == "loha" else ("lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    shared = ("hada_w1_b", "hada_w2_b") if kind == "loha" else ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
     trained = [n for n in _FusedFamily.SLOTS if n in config.target_modules]
     for attribute in shared:
         tensors = [getattr(net[n], attribute).get("default") for n in trained]
@@ -150,9 +153,14 @@ def test_fused_parts_train_and_write_one_lycoris_module(config, factor):
     want = torch.cat([net[n].get_delta_weight("default") if n in trained else torch.zeros(net[n].weight.shape)
                       for n in _FusedFamily.SLOTS])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    weight = torch.cat([net[n].get_base_layer().weight if n in trained else net[n].weight for n in _FusedFamily.SLOTS])
+    torch.testing.assert_close(reference_change("x", {**tensors, "alpha": torch.tensor(alpha)}, weight), got)
     if "out" in config.target_modules:
-        out = {k.split(".", 1)[1]: v for k, v in written.items() if k.startswith("lora_unet_out.") and "alpha" not in k}
+        out = {k.split(".", 1)[1]: v for k, v in written.items() if k.startswith("lora_unet_out.")}
+        alpha = float(out.pop("alpha"))
         torch.testing.assert_close(lycoris.delta(kind, out, alpha, (8, 24)), net["out"].get_delta_weight("default"))
+        torch.testing.assert_close(reference_change("x", {**out, "alpha": torch.tensor(alpha)},
+                                                    net["out"].get_base_layer().weight), lycoris.delta(kind, out, alpha, (8, 24)))
 
 
 def test_fused_dora_parts_share_one_magnitude_and_norm():
@@ -209,7 +217,7 @@ RUN = dict(max_train_steps=4, batch_size=2, lora_rank=4, save_precision="fp32", 
     ("tiny_sdxl_ckpt", "loha", {}),
     ("tiny_sd2_ckpt", "lokr", {}),
     ("tiny_flux_files", "loha", {}),
-    ("tiny_flux_files", "lokr", dict(lora_targets="attn")),  # linear1's MLP part untrained: zero rows
+    ("tiny_flux_files", "lokr", dict(lora_targets="attn")),  # its product spans linear1: the MLP part trains too
     ("tiny_flux_files", "dora", dict(lora_targets="attn")),  # the magnitude's fused layer trains whole
 ])
 def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, dataset, base, kind, extra, request):
@@ -244,15 +252,20 @@ def test_each_type_trains_writes_lycoris_keys_and_verifies_by_effect(tmp_path, d
     if base == "tiny_flux_files":
         assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= names
         linear1 = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("lora_unet_single_blocks_0_linear1.")}
-        rows = {"lokr": "lokr_w1", "dora": "lora_up.weight"}.get(kind)
-        if rows:  # q, k, v, mlp at 1:1:1:4: the MLP part's rows are the last 4/7
-            mlp = linear1[rows][linear1[rows].shape[0] * 3 // 7:]
-            assert (mlp.abs().max() == 0) == (kind == "lokr")
+        if kind == "dora":  # q, k, v, mlp at 1:1:1:4: the MLP part (not in `attn`) trained too, the last 4/7 rows
+            up = linear1["lora_up.weight"]
+            assert up[up.shape[0] * 3 // 7:].abs().max() > 0
+        if kind == "lokr":  # one product for the fused weight, split as LyCORIS splits 7 x width rows
+            from lora_scripts.training.fused_adapters import lycoris_factorization
+
+            w1, w2 = linear1["lokr_w1"], linear1.get("lokr_w2", linear1.get("lokr_w2_a"))
+            assert w1.shape[0] == lycoris_factorization(w1.shape[0] * w2.shape[0], -1)[0]
 
 
 @pytest.mark.parametrize("kind", ["loha", "dora"])
-def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt, kind):
-    """inspect names the type; verify on its own checks names, shapes and values and says so; generate draws it
+def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt, kind, monkeypatch):
+    """inspect names the type; verify on its own checks names, shapes and, through LyCORIS' own modules, the
+    effect (a wrong reading is caught); generate draws it
     (strength 0 = the base bit for bit, 1 changes the image) without diffusers, which loads no LoHa; merge --base
     bakes it with the loaders' rule; convert, resize and merging into a LoRA refuse it by name."""
     from lora_scripts.generation.render import Renderer, Settings
@@ -268,8 +281,18 @@ def test_a_lycoris_file_in_the_tools(tmp_path, dataset, tiny_ckpt, kind):
     d = describe(path)
     assert d.network_type == kind and f"type        {kind}" in d.text() and d.ranks == {4: d.modules}
     assert not d.warnings
-    report = verify(path, tiny_ckpt)
-    assert report.ok and "checked by name, shape and values" in report.summary()
+    report = verify(path, tiny_ckpt)  # on its own: LyCORIS' modules read the file a second time
+    # DoRA: LyCORIS adds fp32's eps to the norm, and W' - W0 is a small difference of large weights
+    assert report.ok and "by LyCORIS' own modules" in report.summary()
+    assert report.max_rel_error < (1e-4 if kind == "dora" else 1e-5)
+    from lora_scripts.interop import lora_file
+
+    with monkeypatch.context() as patch:  # a reading that differs from LyCORIS' is caught, module by module
+        cls, method = (lora_file.LycorisModule, "delta") if kind == "loha" else (lora_file.LoraModule, "applied_delta")
+        original = getattr(cls, method)
+        patch.setattr(cls, method, lambda self, *args: 1.1 * original(self, *args))
+        wrong = verify(path, tiny_ckpt)
+        assert not wrong.ok and len(wrong.wrong_strength) == d.modules
 
     renderer = Renderer(tiny_ckpt, [path.parent], Settings(steps=2, size=(64, 64)))
     base = np.asarray(renderer.render("a lab", [3])[0].image, dtype=np.int16)
@@ -341,6 +364,10 @@ def test_a_flux_lycoris_file_draws_and_bakes_as_one_fused_module(tmp_path, datas
     renderer.loras.apply({path.stem: 1.0})
     drawn = torch.cat([m.weight.detach().float() for m in layers]) - w0
     torch.testing.assert_close(drawn, want, rtol=1e-4, atol=1e-5)
+    from lora_scripts.interop.verify import verify
+
+    report = verify(path, base, files=files)  # on its own: LyCORIS' modules on the fused BFL weight
+    assert report.ok and "by LyCORIS' own modules" in report.summary()
 
 
 def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_files):

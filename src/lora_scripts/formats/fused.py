@@ -69,34 +69,32 @@ def split(down: Tensor, up: Tensor, alpha: float, sizes: list[int]) -> list[Part
 
 
 # --- LoHa / LoKr on a fused layer (training.fused_adapters trains them with shared factors) -------------------
-# Per part: the factors whose rows are the part's rows; shared: the factors every part holds the same tensor of.
-_OWN_ROWS = {"hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w1_a"}
+# LoHa's parts own their rows of w1_a and w2_a and share w1_b, w2_b; LoKr's parts share every factor.
+_OWN_ROWS = ("hada_w1_a", "hada_w2_a")
 
 
 def fuse_lycoris(ratios: tuple[int, ...], parts: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
     """The fused module of per-part LoHa/LoKr factors (slot index -> {param: tensor}) trained with shared factors:
-    the parts' own rows stacked in slot order, a slot without a part given zero rows (its rows of ΔW are zero),
-    the shared factors once. ΔW of the result is the parts' ΔW stacked, by both loaders' rules."""
-    first = parts[min(parts)]
-    shared = {k: v for k, v in first.items() if k not in _OWN_ROWS}
-    for index, tensors in parts.items():
+    LoHa's own rows stacked in slot order (a slot without a part given zero rows: its rows of ΔW are zero), the
+    shared factors once. ΔW of the result is the parts' ΔW stacked, by both loaders' rules."""
+    index = min(parts)
+    first = parts[index]
+    own = [k for k in _OWN_ROWS if k in first]
+    if not own and sorted(parts) != list(range(len(ratios))):
+        raise ValueError("a fused LoKr module needs every part: its product spans the whole fused weight")
+    shared = {k: v for k, v in first.items() if k not in own}
+    for tensors in parts.values():
         if set(tensors) != set(first):
             raise ValueError("the parts of a fused layer hold different LoHa/LoKr factors")
         for key, value in shared.items():
             if not torch.equal(tensors[key], value):
                 raise ValueError(f"the parts of a fused layer differ in {key}, which they must share")
-    own = sorted(set(first) & _OWN_ROWS)
-    index = min(parts)
-    unit = first[own[0]].shape[0] // ratios[index]  # rows of w1_a / w1 per unit of the slot ratios
-    if unit * ratios[index] != first[own[0]].shape[0]:
-        raise ValueError("a part's rows do not divide by its share of the fused layer")
     out = dict(shared)
     for key in own:
-        rows = []
-        for slot, ratio in enumerate(ratios):
-            tensor = parts[slot][key] if slot in parts else first[key].new_zeros((ratio * unit,) + first[key].shape[1:])
-            rows.append(tensor)
-        out[key] = torch.cat(rows, dim=0)
+        unit = first[key].shape[0] // ratios[index]  # the part's rows per unit of the slot ratios
+        out[key] = torch.cat([parts[slot][key] if slot in parts else
+                              first[key].new_zeros((ratio * unit,) + tuple(first[key].shape[1:]))
+                              for slot, ratio in enumerate(ratios)], dim=0)
     return out
 
 

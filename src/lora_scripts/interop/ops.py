@@ -104,14 +104,14 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
         raise LoraFileError(f"{len(missing)} LoRA modules match no layer of {base.name} (first: {missing[0]}); "
                             "is the LoRA for another model family? Nothing was written.")
     deltas: dict[str, Tensor] = {}
-    base_meta, tensors = _base_tensors(Path(base))
+    base_meta, tensors = base_tensors(Path(base))
     for lora, w in loras:
         for name, m in {**lora.modules, **lora.lycoris}.items():  # LoHa/LoKr too: A1111/ComfyUI's rule
             entry = table[name]
             if name in lora.lycoris:
                 d = m.delta(entry.shape) * w
             elif m.dora_scale is not None:  # DoRA's change depends on the base weight: read it now
-                d = m.applied_delta(_layer_weight(tensors, entry)) * w
+                d = m.applied_delta(layer_weight(tensors, entry)) * w
             else:
                 d = m.delta() * w
             if entry.rows is not None:  # one of the layers a single file fuses (SD2's q/k/v in_proj): its rows
@@ -137,7 +137,7 @@ def bake(base: Path, loras: list[tuple[LoraFile, float]], table: dict[str, Entry
     return atomic_save_safetensors(state, out, {**base_meta, **(metadata or {})}), len(deltas)
 
 
-def _layer_weight(tensors: dict, entry: Entry) -> Tensor:
+def layer_weight(tensors: dict, entry: Entry) -> Tensor:
     """A layer's weight W0 as the base file holds it (its rows of a fused weight), in fp32."""
     weight = tensors[_in_file(entry.ldm_key, tensors)]().float()
     return weight[entry.rows[0]:entry.rows[1]] if entry.rows is not None else weight.reshape(entry.shape)
@@ -151,7 +151,7 @@ def _in_file(key: str, tensors: dict) -> str:
     return found[0] if len(found) == 1 else key
 
 
-def _base_tensors(base: Path) -> tuple[dict[str, str], dict]:
+def base_tensors(base: Path) -> tuple[dict[str, str], dict]:
     """The base's metadata and key -> loader of each tensor, in the single-file (LDM) layout: a single file is
     read one tensor at a time; a diffusers folder is loaded and renamed to that layout, with its component
     configs in the metadata so that the written checkpoint loads at its own size."""

@@ -90,7 +90,7 @@ def verify(lora_path: Path, base_path: Path, loaded=None, files: dict[str, Path]
         if lora.modules and lora.network_type != "dora":
             _check_diffusers(lora, Path(lora_path), Path(base_path), table, report, loaded, files)
         if lora.by_rule:
-            _check_lycoris(lora, table, report, loaded)
+            _check_lycoris(lora, table, report, loaded, Path(base_path), files)
     return report
 
 
@@ -238,10 +238,12 @@ def _check_diffusers(lora: LoraFile, lora_path: Path, base: Path, table, report:
             module.training = training  # each module's own flag (train() would recurse into the children)
 
 
-def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> None:
+def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None, base: Path | None = None,
+                   files: dict[str, Path] | None = None) -> None:
     """By effect for LoHa/LoKr/DoRA (diffusers reads none of them as A1111/ComfyUI do): the weight change those
-    loaders compute from the file must equal what the trained layer applied. Only the run that trained the file
-    has those layers; a file checked on its own is checked by name, shape and values."""
+    loaders compute from the file must equal what the trained layer applied, in the run that trained the file;
+    a file checked on its own is read a second time by LyCORIS' own modules (interop/lycoris_reference.py,
+    the optional extra `lycoris`), which must give the change our tools draw and bake."""
     networks = loaded[1] if loaded is not None else {}
     compared = 0
     for name, m in sorted(lora.by_rule.items()):
@@ -254,21 +256,71 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None) -> 
             continue
         expected = m.delta(tuple(applied.shape)) if name in lora.lycoris else \
             m.applied_delta(torch.cat([layer.get_base_layer().weight.detach().float().cpu() for layer in layers]))
-        norm = float(expected.norm())
-        if norm == 0.0:
-            continue
-        compared += 1
-        rel = float((applied - expected).norm()) / norm
-        report.max_rel_error = max(report.max_rel_error, rel)
-        if rel > _RTOL:
-            report.wrong_strength.append(f"{name} (off by {rel:.1%})")
+        compared += _compare(name, applied, expected, report)
     if compared:
         report.effect_by = "by A1111/ComfyUI's rule against the trained layers"
-    else:
-        report.effect_by = "its values checked (finite, not all zero)"
-        report.notes.append(f"{lora.network_type}: checked by name, shape and values; its effect is checked against "
-                            "the trained layers at the end of the run that made it (diffusers reads no LoHa/LoKr/"
-                            "input-axis DoRA)")
+        return
+    from .lycoris_reference import version
+
+    if base is not None and version() is not None:
+        compared = _check_against_lycoris(lora, table, report, base, files or {})
+    if compared:
+        report.effect_by = f"by LyCORIS' own modules (lycoris-lora {version()}) against what generate/merge apply"
+        return
+    report.effect_by = "its values checked (finite, not all zero)"
+    report.notes.append(f"{lora.network_type}: checked by name, shape and values; its effect is checked against "
+                        "the trained layers at the end of the run that made it (diffusers reads no LoHa/LoKr/"
+                        "input-axis DoRA)" + ("" if version() else "; install the extra `lycoris` (lycoris-lora) "
+                                              "to check it by effect on its own"))
+
+
+def _compare(name: str, applied: torch.Tensor, expected: torch.Tensor, report: VerifyReport) -> int:
+    """1 where compared (a module whose change is not zero), after recording its relative deviation."""
+    norm = float(expected.norm())
+    if norm == 0.0:
+        return 0
+    rel = float((applied - expected).norm()) / norm
+    report.max_rel_error = max(report.max_rel_error, rel)
+    if rel > _RTOL:
+        report.wrong_strength.append(f"{name} (off by {rel:.1%})")
+    return 1
+
+
+def _check_against_lycoris(lora: LoraFile, table, report: VerifyReport, base: Path, files: dict[str, Path]) -> int:
+    """Each module's change as LyCORIS computes it from the file's tensors and the base's weight, against ours
+    (formats/lycoris, formats/dora: what generate and merge --base add). The weights are read from the base's
+    files one tensor at a time, as merge --base reads them; a module whose weight no file holds is skipped."""
+    from .lycoris_reference import reference_change
+    from .ops import base_tensors, layer_weight
+
+    tensors = base_tensors(base)[1]
+    for path in files.values():  # a base kept as several files (Flux.1's clip_l): their weights too
+        if Path(path).is_file() and Path(path).suffix == ".safetensors":
+            tensors = {**base_tensors(Path(path))[1], **tensors}
+    compared, unbuilt = 0, []
+    for name, m in sorted(lora.by_rule.items()):
+        try:
+            weight = layer_weight(tensors, table[name])
+        except KeyError:
+            continue
+        if name in lora.lycoris:
+            keys, ours = dict(m.tensors), m.delta(tuple(weight.shape))
+        else:
+            keys, ours = {"lora_down.weight": m.down, "lora_up.weight": m.up, "dora_scale": m.dora_scale}, \
+                m.applied_delta(weight)
+        if m.alpha is not None:
+            keys["alpha"] = torch.tensor(float(m.alpha))
+        try:
+            reference = reference_change(name, keys, weight)
+        except (RuntimeError, ValueError):  # LyCORIS rebuilds a LoKr only from its own split of the sizes
+            unbuilt.append(name)
+            continue
+        compared += _compare(name, ours, reference, report)
+    if unbuilt:
+        report.notes.append(f"{len(unbuilt)} modules (e.g. {unbuilt[0]}) are laid out in a way LyCORIS' own loader "
+                            "cannot rebuild (a LoKr split other than LyCORIS'); A1111 and ComfyUI read them, so they "
+                            "were checked by name, shape and values only")
+    return compared
 
 
 def _trained_change(layers: list, dtype: torch.dtype) -> torch.Tensor | None:

@@ -50,7 +50,7 @@ def choose_targets(family, component: str, module: nn.Module, config: TrainConfi
     samplers (Family.conv_targets)."""
     if chosen is None:
         chosen = family.target_modules(component, module, config.lora_targets)
-    if config.network_type == "dora":  # a magnitude belongs to the whole fused weight: every part of it trains
+    if config.network_type in ("dora", "lokr"):  # they change the whole fused weight: every part of it trains
         chosen = whole_groups(family, component, module, chosen)
     if config.conv_rank is None:
         return chosen, []

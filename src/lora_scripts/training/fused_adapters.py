@@ -8,8 +8,8 @@ between peft's per-part layers (each part keeps peft's forward, state dict, resu
 
 * LoHa  ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b): a row slice of ΔW takes the same rows of w1_a and w2_a, so the
   parts share w1_b and w2_b and own their rows of w1_a and w2_a.
-* LoKr  ΔW = kron(w1, w2), w2 with b rows: when b divides every part's rows, part i's rows are kron(w1_i, w2)
-  with w1_i its own rows of w1, so the parts share w2 (and its factors) and own their rows of w1.
+* LoKr  ΔW = kron(w1, w2) of the fused weight, split as LyCORIS splits it: every part holds w1 and w2 and
+  applies its own rows of the product (the split's row blocks need not line up with the parts).
 * DoRA  W' = m ⊙ V / ‖V‖_col over the fused V: the parts share m, and each part's norm is taken over all of
   them (training.adapters._dora_input reads `dora_group`).
 
@@ -19,6 +19,7 @@ Written as the fused module (formats/fused.py fuse_lycoris; DoRA's LoRA factors 
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
@@ -44,8 +45,8 @@ def fused_groups(family, component: str, model: nn.Module) -> dict[str, list[tup
 
 
 def whole_groups(family, component: str, module: nn.Module, chosen: list[str]) -> list[str]:
-    """`chosen` plus every other part of a fused module one of them belongs to: DoRA's magnitude scales the whole
-    fused weight, so every part of it must carry the magnitude and its norm."""
+    """`chosen` plus every other part of a fused module one of them belongs to: DoRA's magnitude and LoKr's
+    Kronecker product change the whole fused weight, so every part of it must train."""
     members: dict[str, list[str]] = {}
     for path in family.target_layers(component, module):
         if family.fused_slot(component, path) is not None:
@@ -61,6 +62,8 @@ def share_fused(family, component: str, model: nn.Module, network_type: str, lok
     if network_type not in ("loha", "lokr", "dora"):
         return 0
     groups = fused_groups(family, component, model)
+    if network_type == "lokr":
+        relayout_lokr(model, lokr_factor, {id(m) for members in groups.values() for _, _, m in members})
     for members in groups.values():
         if network_type == "loha":
             _share([m for _, _, m in members], ("hada_w1_b", "hada_w2_b"))
@@ -89,39 +92,94 @@ def _present(layer: nn.Module) -> set[str]:
                         "hada_w2_b") if ADAPTER in getattr(layer, a, {})}
 
 
-def lokr_rows(ratios: tuple[int, ...], unit: int, factor: int) -> int:
-    """The rows b of the shared w2: LyCORIS' factorisation of the smallest common size of every slot (the model
-    width for Flux), so that b divides each part's rows."""
+def lycoris_factorization(dimension: int, factor: int) -> tuple[int, int]:
+    """LyCORIS' split of a size into (w1's, w2's): the smaller first. peft's factorization is the same search but
+    keeps (factor, size / factor) when the factor is the larger, a layout LyCORIS' own loader cannot rebuild."""
     from peft.tuners.lokr.layer import factorization
 
-    common = math.gcd(*[r * unit for r in ratios])
-    return factorization(common, factor)[1]
+    return tuple(sorted(factorization(dimension, factor)))
+
+
+def _lokr_factors(layer: nn.Module, rows: int, factor: int) -> None:
+    """Re-make a peft LoKr layer's factors for a weight of `rows` output rows (the fused weight's, or the layer's
+    own) and the layer's inputs, split as LyCORIS splits them; started as peft starts them (w1 zeros, w2 and its
+    factors kaiming-uniform), so step 0 is the base."""
+    base = layer.get_base_layer()
+    conv = isinstance(base, nn.Conv2d)
+    kernel = tuple(base.kernel_size) if conv else ()
+    (out_l, out_k), (in_m, in_n) = (lycoris_factorization(rows, factor),
+                                    lycoris_factorization(base.in_channels if conv else base.in_features, factor))
+    r = layer.r[ADAPTER]
+    like = next(getattr(layer, a)[ADAPTER] for a in ("lokr_w1", "lokr_w1_a") if ADAPTER in getattr(layer, a))
+    for attribute in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
+        if ADAPTER in getattr(layer, attribute):
+            del getattr(layer, attribute)[ADAPTER]
+
+    def new(*shape: int, zero: bool = False) -> nn.Parameter:
+        p = nn.Parameter(like.new_zeros(shape), requires_grad=like.requires_grad)
+        if not zero:
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        return p
+
+    layer.lokr_w1[ADAPTER] = new(out_l, in_m, zero=True)
+    if r >= max(out_k, in_n) / 2:  # peft's and LyCORIS' rule: w2 whole unless the rank is small against it
+        layer.lokr_w2[ADAPTER] = new(out_k, in_n, *kernel)
+    else:
+        layer.lokr_w2_a[ADAPTER] = new(out_k, r)
+        layer.lokr_w2_b[ADAPTER] = new(r, in_n * math.prod(kernel))
+
+
+def relayout_lokr(model: nn.Module, factor: int, skip: set[int] = frozenset()) -> int:
+    """Give every LoKr layer whose peft split differs from LyCORIS' (a lokr_factor above the square root of a
+    size) LyCORIS' split, so LyCORIS' own loader rebuilds the file too (A1111 and ComfyUI read either).
+    skip: ids of the layers a fused module re-makes. Returns how many were re-made."""
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoKrLayer) or ADAPTER not in module.r or id(module) in skip:
+            continue
+        base = module.get_base_layer()
+        rows, cols = (base.out_channels, base.in_channels) if isinstance(base, nn.Conv2d) else \
+            (base.out_features, base.in_features)
+        w1 = module.lokr_w1[ADAPTER] if ADAPTER in module.lokr_w1 else None
+        if w1 is not None and tuple(w1.shape) != (lycoris_factorization(rows, factor)[0],
+                                                  lycoris_factorization(cols, factor)[0]):
+            _lokr_factors(module, rows, factor)
+            count += 1
+    return count
 
 
 def _share_lokr(members: list, factor: int) -> None:
-    """peft factorises each part's rows on its own (3072 and 12288 split differently), so w1 is re-made per part
-    with rows/b rows (zeros, as peft starts it: step 0 is the base), and w2 is the first part's, re-made with b
-    rows where its own factorisation differs."""
+    """One LoKr module for the fused weight, split as LyCORIS splits it (so its loader rebuilds the file): every
+    part holds the same w1 and w2 and applies its rows of kron(w1, w2) (`_part_delta`). Row blocks of w2 need
+    not line up with the parts (Flux's linear1: 21504 = 128 x 168 rows, parts of 3072), so every part must train:
+    rows of the fused change no part owns would reach the loaders untrained."""
     layers = [m for _, _, m in members]
-    first = layers[0]
-    slot, ratios = members[0][0], members[0][1]
-    unit = first.get_base_layer().out_features // ratios[slot]
-    b = lokr_rows(ratios, unit, factor)
-    w2 = "lokr_w2" if ADAPTER in first.lokr_w2 else "lokr_w2_a"
-    old = getattr(first, w2)[ADAPTER]
-    if old.shape[0] != b:
-        fresh = nn.Parameter(old.new_empty((b,) + tuple(old.shape[1:])), requires_grad=old.requires_grad)
-        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # as peft's reset_adapter_parameters starts w2
-        getattr(first, w2)[ADAPTER] = fresh
-    for layer in layers:
-        if ADAPTER not in layer.lokr_w1:
-            raise ValueError("LoKr on a fused layer needs a full w1 (decompose_both is off)")
-        w1 = layer.lokr_w1[ADAPTER]
-        rows = layer.get_base_layer().out_features // b
-        if w1.shape[0] != rows:
-            layer.lokr_w1[ADAPTER] = nn.Parameter(w1.new_zeros((rows,) + tuple(w1.shape[1:])),
-                                                  requires_grad=w1.requires_grad)
-    _share(layers, ("lokr_w2", "lokr_w2_a", "lokr_w2_b"))
+    ratios = members[0][1]
+    if [slot for slot, _, _ in members] != list(range(len(ratios))):
+        raise ValueError("LoKr on a fused layer trains every part of it (adapters.choose_targets adds them)")
+    unit = layers[0].get_base_layer().out_features // ratios[0]
+    _lokr_factors(layers[0], unit * sum(ratios), factor)
+    _share(layers, ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"))
+    start = 0
+    for layer, ratio in zip(layers, ratios):
+        layer.lokr_rows = (start, start + ratio * unit)
+        layer.get_delta_weight = types.MethodType(_part_delta, layer)
+        start += ratio * unit
+
+
+def _part_delta(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
+    """peft's LoKr get_delta_weight for one part of a fused module: its rows of kron(w1, w2) x scale, computed
+    from the w1 rows they come from (rank dropout is not offered for LoKr: lora_dropout is refused)."""
+    w1 = self.lokr_w1[adapter_name]
+    w2 = self.lokr_w2[adapter_name] if adapter_name in self.lokr_w2 else \
+        self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]
+    start, stop = self.lokr_rows
+    b = w2.shape[0]
+    first, last = start // b, -(-stop // b)
+    rows = torch.kron(w1[first:last], w2)[start - first * b:stop - first * b]
+    return (rows * self.scaling[adapter_name]).reshape(self.get_base_layer().weight.shape)
 
 
 def _share_magnitude(members: list) -> None:
@@ -137,4 +195,4 @@ def _share_magnitude(members: list) -> None:
         layer.dora_group = tuple(layers)  # a plain tuple: not registered as submodules
 
 
-__all__ = ["fused_groups", "lokr_rows", "share_fused", "whole_groups"]
+__all__ = ["fused_groups", "lycoris_factorization", "relayout_lokr", "share_fused", "whole_groups"]

@@ -233,9 +233,10 @@ class Trainer:
                                              f"convolutions to train; {fix}"])
         grown = [m for n in names for m in sorted(set(chosen[n][0]) - set(listed[n]))
                  if family.fused_slot(n, m) is not None]
-        if cfg.network_type == "dora" and grown and self.accelerator.is_main_process:
-            log.info("network_type dora: %d more layers train, the other parts of fused %s layers the targets are "
-                     "in (one magnitude scales the whole fused weight; e.g. %s)", len(grown), family.label, grown[0])
+        if grown and self.accelerator.is_main_process:
+            log.info("network_type %s: %d more layers train, the other parts of fused %s layers the targets are in "
+                     "(its change spans the whole fused weight; e.g. %s)", cfg.network_type, len(grown), family.label,
+                     grown[0])
         self.target_modules = {n: c[0] for n, c in chosen.items()}
         self.lora_configs = {n: inject_lora(model.modules[n], cfg, *chosen[n], family=family, component=n)
                              for n in names}
