@@ -2,6 +2,7 @@
 schedule-free exports its averaged weights; bad settings are config errors naming the key and the fix."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -95,3 +96,45 @@ def test_bad_optimizer_settings_are_named(tmp_path, dataset, tiny_ckpt, monkeypa
     cfg = load_config(seed_config(tmp_path, tiny_ckpt, optimizer="prodigy", learning_rate=1.0,
                                   optimizer_args=["d_coef=2", "decouple=True", "betas=(0.9, 0.99)"]))
     assert cfg.optimizer_args == {"d_coef": 2, "decouple": True, "betas": [0.9, 0.99]}
+
+
+def test_block_lr_gives_each_block_its_learning_rate(tmp_path, dataset, tiny_ckpt, tiny_flux_files):
+    """block_lr multiplies learning_rate per denoiser block, by inspect's block names or their start: one optimizer
+    group per multiplier (learning_rate's first), every LoRA parameter in exactly one, Flux's fused layers' shared
+    factors once; a block at 0 stays as it started; a name the model lacks is a config error listing its blocks."""
+    from conftest import flux_keys
+
+    from lora_scripts.training.block_lr import covers
+
+    run = dict(max_train_steps=2, batch_size=2, lora_rank=4, learning_rate=1e-3, save_precision="fp32",
+               verify_after_training=False)
+    trainer = Trainer(load_config(seed_config(tmp_path, tiny_ckpt, block_lr={"unet.down": 0, "unet.up_1": 2.0}, **run)))
+    trainer.setup()
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 0.0, 2e-3]
+    counted = [id(p) for g in groups for p in g["params"]]
+    unet = trainer.model.denoiser
+    assert len(counted) == len(set(counted)) == sum(p.requires_grad for p in unet.parameters())
+    down = {id(p) for n, p in unet.named_parameters() if n.startswith("down_blocks.") and p.requires_grad}
+    assert down == {id(p) for p in groups[1]["params"]}
+    assert covers("unet.input_1", "unet.input_1") and not covers("unet.input_1", "unet.input_10")
+
+    result = train(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/b", block_lr={"unet.down": 0}, **run)))
+    ups = {k: v for k, v in load_file(str(result.lora_path)).items() if k.endswith("lora_up.weight")}
+    assert all(v.abs().max() == 0 for k, v in ups.items() if k.startswith("lora_unet_down_blocks_"))
+    assert any(v.abs().max() > 0 for k, v in ups.items() if k.startswith("lora_unet_up_blocks_"))
+    with safe_open(str(result.lora_path), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"])["block_lr"] == {"unet.down": 0}
+
+    flux = Trainer(load_config(seed_config(tmp_path, tiny_flux_files["base_model"], output_dir="./out/f",
+                                           network_type="loha", block_lr={"transformer.single_blocks": 0.5},
+                                           **flux_keys(tiny_flux_files), **run)))
+    flux.setup()
+    assert [g["lr"] for g in flux.optimizer.param_groups] == [1e-3, 5e-4]
+    single = {id(p) for n, p in flux.model.denoiser.named_parameters() if n.startswith("single_") and p.requires_grad}
+    assert single == {id(p) for p in flux.optimizer.param_groups[1]["params"]}
+
+    with pytest.raises(ConfigError, match=r"block_lr: 'unet.left' names no block the Stable Diffusion 1.x LoRA "
+                                          r"trains; its blocks are unet.down_0, .*unet.mid"):
+        Trainer(load_config(seed_config(tmp_path, tiny_ckpt, output_dir="./out/x", block_lr={"unet.left": 1},
+                                        **run))).setup()

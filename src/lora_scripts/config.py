@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import string
@@ -173,6 +174,12 @@ class TrainConfig(BaseModel):
         "learning_rate); adafactor; adamw_schedulefree (no schedule: lr_scheduler constant)")
     optimizer_args: dict[str, Any] = _f({}, "extra arguments of the optimizer's class, e.g. {d_coef: 2} for prodigy "
                                         "or {betas: [0.95, 0.98]} for lion (kohya's list form ['d_coef=2'] works too)")
+    block_lr: dict[str, float] = _f(
+        {}, "learning-rate multipliers per block of the denoiser, by the names `inspect` gives them (SD1/SD2: "
+        "unet.down_0 .. unet.mid .. unet.up_3; SDXL: unet.input_4, unet.middle, unet.output_1; Flux.1: "
+        "transformer.double_blocks / transformer.single_blocks) or the start of a name (unet.down = every down "
+        "block); other layers keep learning_rate; 0 leaves a block's LoRA as it starts (sd-scripts' "
+        "down_lr_weight / mid_lr_weight / up_lr_weight idea)", "{unet.down: 0.5, unet.up: 1.5}")
     weight_decay: float = _f(0.01, "weight decay (decoupled, as AdamW's)", ge=0)
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)
@@ -225,6 +232,14 @@ class TrainConfig(BaseModel):
                 value = f"[{value[1:-1]}]"
             out[key.strip()] = yaml.safe_load(value)
         return out
+
+    @field_validator("block_lr")
+    @classmethod
+    def _block_multipliers(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: m for k, m in v.items() if not k.strip() or not math.isfinite(m) or m < 0}
+        if bad:
+            raise ValueError(f"{bad}: each block needs a name and a multiplier >= 0 (e.g. {{unet.down: 0.5}})")
+        return v
 
     @field_validator("train_data_dir")
     @classmethod

@@ -57,6 +57,8 @@ def network_args(config: TrainConfig) -> dict[str, Any]:
         args["algo"] = config.network_type
         if config.network_type == "lokr":
             args["factor"] = str(config.lokr_factor)
+    if config.block_lr:  # sd-scripts records its down/mid/up_lr_weight here too
+        args["block_lr"] = config.block_lr
     if config.network_type == "dora":  # LyCORIS' LoCon with weight decomposition on the input axis
         args.update(algo="lora" if config.conv_rank is None else "locon", dora_wd="True", wd_on_output="False")
     return args

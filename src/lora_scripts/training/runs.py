@@ -73,8 +73,8 @@ def _holds_results(out: Path, config: TrainConfig) -> bool:
 
 
 # A LoRA's shape and meaning: a checkpoint cannot continue under other values (its tensors would not fit, or
-# the same weights would be scaled differently).
-FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "train_text_encoder")
+# the same weights would be scaled differently); block_lr decides the optimizer's parameter groups its state fills.
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "train_text_encoder", "block_lr")
 # Held in the optimizer and scheduler state; a resume puts the new values in place (trainer.restore).
 OPTIMIZER_KEYS = ("learning_rate", "text_encoder_lr", "weight_decay", "lr_scheduler", "lr_warmup_steps", "epochs",
                   "max_train_steps", "max_grad_norm")

@@ -29,6 +29,7 @@ from ..families import Conditioning, LoadSettings, Model
 from ..families.loading import load_base_model
 from ..hashes import file_sha256, legacy_model_hash
 from .adapters import adapter_scales, check_targets, choose_targets, inject_lora, is_adapter_param, lora_parameters
+from .block_lr import block_groups, block_lr_problems
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
@@ -246,6 +247,9 @@ class Trainer:
             for path, p in model.modules[n].named_parameters():
                 if is_adapter_param(path) and path.startswith(idle):
                     p.requires_grad_(False)
+        problems = block_lr_problems(family, family.denoiser, model.denoiser, cfg.block_lr) if cfg.block_lr else []
+        if problems:
+            raise ConfigError("the config", problems)
         for name in family.text_encoders:
             if name not in names:
                 model.modules[name].requires_grad_(False)
@@ -272,8 +276,11 @@ class Trainer:
     def setup_optimizer(self, model: Model) -> None:
         cfg = self.config
         names = model.family.trainable(cfg.train_text_encoder)
-        # The denoiser's LoRA at learning_rate, the text encoders' at text_encoder_lr (SDXL's second: text_encoder_2_lr).
+        # The denoiser's LoRA at learning_rate (times block_lr's multipliers, a group each), the text encoders' at
+        # text_encoder_lr (SDXL's second: text_encoder_2_lr).
         groups = [{"params": lora_parameters(model.modules[n]), "lr": cfg.lr_of(i)} for i, n in enumerate(names)]
+        if cfg.block_lr:
+            groups[:1] = block_groups(model.family, names[0], model.modules[names[0]], cfg.block_lr, cfg.lr_of(0))
         optimizer = build_optimizer(cfg, groups, self.accelerator.device)
         n = self.accelerator.num_processes
         batches = math.ceil(len(self.sampler) / n)
