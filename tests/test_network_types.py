@@ -155,6 +155,8 @@ def test_fused_parts_train_and_write_one_lycoris_module(config, factor):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     weight = torch.cat([net[n].get_base_layer().weight if n in trained else net[n].weight for n in _FusedFamily.SLOTS])
     torch.testing.assert_close(reference_change("x", {**tensors, "alpha": torch.tensor(alpha)}, weight), got)
+    # a file without alpha: every loader (and LyCORIS, given the rank) uses alpha = rank
+    torch.testing.assert_close(reference_change("x", tensors, weight), lycoris.delta(kind, tensors, None, (56, 24)))
     if "out" in config.target_modules:
         out = {k.split(".", 1)[1]: v for k, v in written.items() if k.startswith("lora_unet_out.")}
         alpha = float(out.pop("alpha"))
@@ -386,9 +388,13 @@ def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_
     assert "lora_dropout = 0.1 with network_type: lokr" in problem(tiny_ckpt, network_type="lokr", lora_dropout=0.1)
     assert "network_type = dora with text_encoder_weight_dtype = nf4" in problem(
         tiny_ckpt, network_type="dora", train_text_encoder=True, text_encoder_weight_dtype="nf4")
-    message = problem(tiny_flux_files["base_model"], network_type="locon", **flux_keys(tiny_flux_files))
-    assert "network_type = locon trains the 3x3 convolutions too: the Flux.1 transformer has no 3x3 convolutions" \
-        in message and "use network_type: lora" in message
+    message = problem(tiny_flux_files["base_model"], conv_rank=4, **flux_keys(tiny_flux_files))
+    assert "conv_rank = 4: the Flux.1 transformer has no 3x3 convolutions to train; remove conv_rank" in message
+    # locon on a transformer is what LyCORIS makes of it: LoRA on its Linear layers, with a warning
+    assert Trainer(load_config(seed_config(tmp_path, tiny_flux_files["base_model"], network_type="locon",
+                                           **flux_keys(tiny_flux_files)))).setup().target_modules["transformer"]
+    assert "prodigy with block_lr = {'unet.down': 0.5}" in problem(tiny_ckpt, optimizer="prodigy", learning_rate=1.0,
+                                                                   block_lr={"unet.down": 0.5})
 
 
 def test_locon_is_lora_with_the_convolutions(tmp_path):

@@ -180,6 +180,14 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, dataset
     code, message = _cli("train", "--config", str(seed_config(tmp_path, tiny_ckpt, max_train_steps=6,
                                                                 **{**SMALL, "lora_rank": 8})), "--resume")
     assert code == 2 and "cannot resume" in message and "lora_rank: 4 -> 8" in message, message
+    # A checkpoint from before a fixed setting existed had its default: adding it now is a change too.
+    from lora_scripts.errors import OutputDirError
+    from lora_scripts.training.runs import hashed_config, resume_changes
+
+    saved = hashed_config(load_config(seed_config(tmp_path, tiny_ckpt, **SMALL)))
+    del saved["block_lr"]
+    with pytest.raises(OutputDirError, match=r"block_lr: \{\} -> \{'unet.down': 0.5\}"):
+        resume_changes(saved, load_config(seed_config(tmp_path, tiny_ckpt, block_lr={"unet.down": 0.5}, **SMALL)))
 
 
 # --- gradient accumulation ------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ class TrainConfig(BaseModel):
         "lora", "lora = kohya's LoRA; locon = LoRA on the UNet's 3x3 convolutions too (conv_rank defaults to "
         "lora_rank); loha / lokr = LyCORIS' Hadamard / Kronecker-product layers (more capacity per byte of file); "
         "dora = LoRA with a learned magnitude per input channel (DoRA; with conv_rank: LoCon + DoRA); A1111 and "
-        "ComfyUI load all of them; every family (on Flux.1 a fused q/k/v or linear1 layer trains as one module)")
+        "ComfyUI load all of them; every family (on Flux.1 a fused q/k/v or linear1 layer trains as one module; "
+        "locon there is lora: it has no convolutions)")
     lokr_factor: int = _f(-1, "LoKr: split each layer's sizes by this factor (-1 = as square as possible, LyCORIS' "
                           "default; 4-16 gives smaller files)", "-1 or 8", ge=-1)
     lora_dropout: float = _f(0.0, "dropout on the LoRA path during training", "0-0.1", ge=0, lt=1)
@@ -179,7 +180,7 @@ class TrainConfig(BaseModel):
         "unet.down_0 .. unet.mid .. unet.up_3; SDXL: unet.input_4, unet.middle, unet.output_1; Flux.1: "
         "transformer.double_blocks / transformer.single_blocks) or the start of a name (unet.down = every down "
         "block); other layers keep learning_rate; 0 leaves a block's LoRA as it starts (sd-scripts' "
-        "down_lr_weight / mid_lr_weight / up_lr_weight idea)", "{unet.down: 0.5, unet.up: 1.5}")
+        "down_lr_weight / mid_lr_weight / up_lr_weight idea; prodigy takes only 0 and 1)", "{unet.down: 0.5, unet.up: 1.5}")
     weight_decay: float = _f(0.01, "weight decay (decoupled, as AdamW's)", ge=0)
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     noise_offset: float = _f(0.0, "offset noise: lets the model make very dark or bright images", "0.05-0.1", ge=0, le=1)

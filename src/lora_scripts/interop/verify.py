@@ -262,7 +262,7 @@ def _check_lycoris(lora: LoraFile, table, report: VerifyReport, loaded=None, bas
         return
     from .lycoris_reference import version
 
-    if base is not None and version() is not None:
+    if base is not None and loaded is None and version() is not None:  # a run's own check never re-reads its base
         compared = _check_against_lycoris(lora, table, report, base, files or {})
     if compared:
         report.effect_by = f"by LyCORIS' own modules (lycoris-lora {version()}) against what generate/merge apply"
@@ -312,7 +312,7 @@ def _check_against_lycoris(lora: LoraFile, table, report: VerifyReport, base: Pa
             keys["alpha"] = torch.tensor(float(m.alpha))
         try:
             reference = reference_change(name, keys, weight)
-        except (RuntimeError, ValueError):  # LyCORIS rebuilds a LoKr only from its own split of the sizes
+        except Exception:  # LyCORIS rebuilds a LoKr only from its own split of the sizes, and raises what it may
             unbuilt.append(name)
             continue
         compared += _compare(name, ours, reference, report)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -155,17 +157,29 @@ def _dora_input(module: nn.Module, args: tuple):
     if module.disable_adapters or "default" not in module.active_adapters:
         return None
     group = getattr(module, "dora_group", None)  # the parts of a fused layer (training.fused_adapters)
-    with torch.no_grad():
-        if group is None:
-            norm = column_norm(_merged(module))
-        else:  # the fused weight's column norms: over every part's rows
-            norm = torch.stack([column_norm(_merged(m)) for m in group]).pow(2).sum(0).sqrt()
-    factor = getattr(module, DORA_KEY)["default"] / norm
     x = args[0]
+    with torch.no_grad():
+        norm = column_norm(_merged(module)) if group is None else _group_norm(group, x)
+    factor = getattr(module, DORA_KEY)["default"] / norm
     shape = (-1,) if x.dim() == 2 or not isinstance(module.get_base_layer(), nn.Conv2d) else (1, -1, 1, 1)
     if module.dora_strength != 1.0:
         module.dora_unscaled = x  # for _dora_strength
     return (x * factor.reshape(shape).to(x.dtype),) + tuple(args[1:])
+
+
+def _group_norm(group: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    """The fused weight's column norms, over every part's rows. The parts of a fused layer read one input (Flux:
+    q, k, v and the MLP input all take the block's normalised hidden states), so the norm is computed once per
+    input tensor, by the first part to see it, and reused by the others."""
+    first = group[0]
+    factors = [t for m in group for t in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    state = tuple((t._version, t.data_ptr()) for t in factors)  # and the factors as they were (an in-place step)
+    cached = first.__dict__.get("_dora_group_norm")
+    if cached is not None and cached[0]() is x and cached[1] == state:
+        return cached[2]
+    norm = torch.stack([column_norm(_merged(m)) for m in group]).pow(2).sum(0).sqrt()
+    first.__dict__["_dora_group_norm"] = (weakref.ref(x), state, norm)
+    return norm
 
 
 def _merged(module: nn.Module) -> torch.Tensor:

@@ -102,10 +102,22 @@ def optimizer_problems(config: TrainConfig, device: torch.device | None = None) 
     if name == "prodigy" and config.learning_rate < 0.1:
         problems.append(f"learning_rate = {config.learning_rate:g} with optimizer: prodigy: Prodigy finds the step "
                         "size itself and learning_rate multiplies it; set learning_rate: 1.0 (0.5 for a gentler one)")
+    if name == "prodigy" and (mixed := _prodigy_mixed_rates(config)):
+        problems.append(f"optimizer: prodigy with {mixed}: Prodigy adapts one step size for every parameter group "
+                        "and accepts a group only at the largest learning rate or at 0; set those to 1 or 0, or use "
+                        "another optimizer")
     if spec.schedule_free and config.lr_scheduler != "constant":
         problems.append(f"lr_scheduler = {config.lr_scheduler} with optimizer: adamw_schedulefree: it replaces the "
                         "schedule (its warm-up is lr_warmup_steps); set lr_scheduler: constant")
     return problems
+
+
+def _prodigy_mixed_rates(config: TrainConfig) -> str:
+    """The settings that give parameter groups learning rates other than the largest and 0, or ''."""
+    found = [f"block_lr = {config.block_lr}" for m in [set(config.block_lr.values()) - {0.0, 1.0}] if m]
+    if config.train_text_encoder and config.te_lr not in (config.learning_rate, 0.0):
+        found.append(f"text_encoder_lr = {config.te_lr:g} (learning_rate {config.learning_rate:g})")
+    return " and ".join(found)
 
 
 def _cannot_run(cls, device: torch.device) -> str:

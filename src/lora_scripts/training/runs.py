@@ -74,7 +74,8 @@ def _holds_results(out: Path, config: TrainConfig) -> bool:
 
 # A LoRA's shape and meaning: a checkpoint cannot continue under other values (its tensors would not fit, or
 # the same weights would be scaled differently); block_lr decides the optimizer's parameter groups its state fills.
-FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "train_text_encoder", "block_lr")
+FIXED_ON_RESUME = ("lora_rank", "lora_alpha", "lora_targets", "train_text_encoder", "network_type", "lokr_factor",
+                   "block_lr")
 # Held in the optimizer and scheduler state; a resume puts the new values in place (trainer.restore).
 OPTIMIZER_KEYS = ("learning_rate", "text_encoder_lr", "weight_decay", "lr_scheduler", "lr_warmup_steps", "epochs",
                   "max_train_steps", "max_grad_norm")
@@ -86,11 +87,19 @@ def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
     if not saved:
         return []
     now = _hashed(config)
-    fixed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in FIXED_ON_RESUME if k in saved and saved[k] != now[k]]
+    # A key an older checkpoint's config lacks had its default then (a setting added since)
+    was = {k: saved[k] if k in saved else _default(k) for k in FIXED_ON_RESUME}
+    fixed = [f"{k}: {was[k]!r} -> {now.get(k)!r}" for k in FIXED_ON_RESUME if was[k] != now.get(k)]
     if fixed:
         raise OutputDirError("cannot resume: the checkpoint's LoRA was made with other settings (" + "; ".join(fixed)
                              + "). Set them back to resume, or start a new run in another output_dir.")
     return _differences(saved, now)
+
+
+def _default(key: str):
+    """A setting's default as run.json holds values (TrainConfig.to_yaml_dict's form)."""
+    default = TrainConfig.model_fields[key].default
+    return default if isinstance(default, (str, int, float, bool, dict, list, type(None))) else str(default)
 
 
 def check_output_dir(config: TrainConfig, resume: Path | bool | None, overwrite: bool) -> Path | None:

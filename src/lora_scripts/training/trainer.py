@@ -226,12 +226,13 @@ class Trainer:
         check_targets(family, model.modules, cfg, listed)
         chosen = {n: choose_targets(family, n, model.modules[n], cfg, listed[n]) for n in names}
         if cfg.conv_rank is not None and not any(c[1] for c in chosen.values()):
-            what = ("network_type = locon trains the 3x3 convolutions too" if cfg.network_type == "locon"
-                    else f"conv_rank = {cfg.conv_rank}")
-            fix = ("use network_type: lora (the same layers without them)" if cfg.network_type == "locon"
-                   else "remove conv_rank (and conv_alpha)")
-            raise ConfigError("the config", [f"{what}: the {family.label} {family.denoiser_label} has no 3x3 "
-                                             f"convolutions to train; {fix}"])
+            if cfg.network_type != "locon":  # conv_rank asked for by name: say it cannot apply
+                raise ConfigError("the config", [f"conv_rank = {cfg.conv_rank}: the {family.label} "
+                                                 f"{family.denoiser_label} has no 3x3 convolutions to train; remove "
+                                                 "conv_rank (and conv_alpha)"])
+            if self.accelerator.is_main_process:  # as LyCORIS' locon on a transformer: LoRA on its Linear layers
+                log.warning("network_type locon: the %s %s has no 3x3 convolutions, so locon trains what lora "
+                            "trains (its Linear layers)", family.label, family.denoiser_label)
         grown = [m for n in names for m in sorted(set(chosen[n][0]) - set(listed[n]))
                  if family.fused_slot(n, m) is not None]
         if grown and self.accelerator.is_main_process:
