@@ -218,6 +218,9 @@ RUN = dict(max_train_steps=4, batch_size=2, lora_rank=4, save_precision="fp32", 
     ("tiny_ckpt", "lokr", dict(conv_rank=2, lokr_factor=4)),
     ("tiny_sdxl_ckpt", "loha", {}),
     ("tiny_sd2_ckpt", "lokr", {}),
+    ("tiny_sd2_ckpt", "loha", {}),
+    ("tiny_sd2_ckpt", "dora", {}),
+    ("tiny_sdxl_ckpt", "lokr", {}),
     ("tiny_flux_files", "loha", {}),
     ("tiny_flux_files", "lokr", dict(lora_targets="attn")),  # its product spans linear1: the MLP part trains too
     ("tiny_flux_files", "dora", dict(lora_targets="attn")),  # the magnitude's fused layer trains whole
