@@ -29,13 +29,9 @@ class ControlNetError(LoraScriptsError):
 def read_state(path: Path) -> dict[str, Tensor]:
     """Tensors of a ControlNet file (.safetensors, or a pickled .pth/.ckpt read without running code)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .loading import read_safetensors
 
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - safetensors' own error is no OSError
-            raise ControlNetError(f"{path}: not a complete .safetensors file ({str(exc)[:160]}); an interrupted "
-                                  "download or copy? Download it again") from None
+        return read_safetensors(path, ControlNetError)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable pickle gets the same answer
@@ -177,8 +173,9 @@ def load_flux_controlnet(path: Path, transformer: nn.Module, label: str) -> nn.M
         state = read_state(path)
         layout = keys.file_kind(state)
         if layout in ("ldm", "diffusers"):
-            shapes = {k: tuple(v.shape) for k, v in keys.strip_prefix(state).items()}
-            made = _made_for(keys.context_width(shapes), keys.has_text_time(keys.strip_prefix(state)))
+            stripped = keys.strip_prefix(state)
+            shapes = {k: tuple(v.shape) for k, v in stripped.items()}
+            made = _made_for(keys.context_width(shapes), keys.has_text_time(stripped))
             raise ControlNetError(f"{path.name} is a ControlNet for {made}, but the base model is {label}; use a "
                                   f"ControlNet made for {label}")
         if layout != "transformer":

@@ -30,13 +30,9 @@ def read_ip_adapter(path: Path) -> dict[str, dict[str, Tensor]]:
     if not path.is_file():
         raise IpAdapterError(f"IP-Adapter {path} does not exist; give the .safetensors or .bin file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .loading import read_safetensors
 
-        try:
-            flat = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - safetensors' own error is no OSError
-            raise IpAdapterError(f"{path}: not a complete .safetensors file ({str(exc)[:160]}); an interrupted "
-                                 "download or copy? Download it again") from None
+        flat = read_safetensors(path, IpAdapterError)
         state = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
                  for part in ("image_proj", "ip_adapter")}
     else:

@@ -74,6 +74,18 @@ def quiet_loading():
             t_logging.enable_progress_bar()
 
 
+def read_safetensors(path: Path, error: type[Exception]) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors, or `error` saying the file is incomplete (safetensors' own error is no
+    OSError): what a ControlNet or IP-Adapter file cut short by a download looks like."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise error(f"{path}: not a complete .safetensors file ({str(exc)[:160]}); an interrupted download or "
+                    "copy? Download it again") from None
+
+
 def load_base_model(path: str | Path, settings: LoadSettings | None = None) -> Model:
     """Recognise the family of a single file or diffusers folder and load it fully offline."""
     with quiet_loading():

@@ -118,7 +118,7 @@ class LoraSet:
                                 f"{self.family.label} layers (e.g. {missing[0]}); it cannot be drawn here")
         layers = {}
         for n, m in modules.items():
-            weights = [self._weight(c, layer) for c, layer in self._fused_paths.get(n, [self._layer_paths.get(n)])]
+            weights = [self._weight(c, layer) for c, layer in self._fused_paths.get(n) or [self._layer_paths[n]]]
             # W0, not W0 + another file; a fused module (Flux's qkv) changes its layers' weights stacked in row order
             originals = [self.patches.originals.get(id(w), (w, w.data))[1] for w in weights]
             original = originals[0] if len(originals) == 1 else torch.cat(originals, dim=0)

@@ -35,6 +35,18 @@ def _layer(weight: Tensor) -> nn.Module:
     return layer
 
 
+def _rank(tensors: dict[str, Tensor]) -> float:
+    """The rank the loaders take as alpha where a file has none (formats/lycoris' rule; 1 for a LoKr of two full
+    factors, whose scale is 1 whatever alpha is)."""
+    from ..formats import lycoris
+
+    if "lora_down.weight" in tensors:
+        return float(tensors["lora_down.weight"].shape[0])
+    kind = lycoris.kind_of(set(tensors))
+    rank = tensors["hada_w1_b"].shape[0] if kind == "loha" else lycoris.lokr_rank(tensors)
+    return float(rank or 1)
+
+
 @torch.no_grad()
 def reference_change(name: str, tensors: dict[str, Tensor], weight: Tensor) -> Tensor:
     """The change LyCORIS' module for this file module (its keys without the name: hada_w1_a, lokr_w1, ...,
@@ -44,7 +56,7 @@ def reference_change(name: str, tensors: dict[str, Tensor], weight: Tensor) -> T
 
     layer = _layer(weight)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
-    alpha = float(tensors["alpha"]) if "alpha" in tensors else None  # None: the loaders' alpha = rank
+    alpha = float(tensors["alpha"]) if "alpha" in tensors else _rank(tensors)  # no alpha: every loader's is rank
     if "dora_scale" in tensors:
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         module = LoConModule(name, layer, 1, down.shape[0], alpha, weight_decompose=True, wd_on_out=False)
@@ -53,10 +65,7 @@ def reference_change(name: str, tensors: dict[str, Tensor], weight: Tensor) -> T
         module.dora_scale.copy_(tensors["dora_scale"].reshape(module.dora_scale.shape))
         merged = module.get_merged_weight(multiplier=1, shape=layer.weight.shape)[0]
         return merged.float() - layer.weight
-    if alpha is None:  # LyCORIS' loader needs a number; the rank gives the loaders' scale 1 (a LoKr of two full
-        # factors uses 1 whatever alpha is)
-        rank = tensors.get("hada_w1_b", tensors.get("lokr_w2_b", tensors.get("lokr_w1_b")))
-        tensors["alpha"] = torch.tensor(float(rank.shape[0]) if rank is not None else 1.0)
+    tensors["alpha"] = torch.tensor(alpha)  # LyCORIS' loader needs it as a number
     kind, params = get_module({f"{name}.{k}": v for k, v in tensors.items()}, name)
     if kind is None:
         raise ValueError(f"{name}: LyCORIS recognises no module type in its keys ({', '.join(sorted(tensors))})")

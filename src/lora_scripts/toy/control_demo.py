@@ -45,19 +45,18 @@ def control_report(base: Path, controlnet: Path, lora_name: str, lora_path: Path
     folder.mkdir(parents=True, exist_ok=True)
     plan = columns(lora_name)
     grid = [[] for _ in range(len(layouts) * len(seeds))]
-    maps, positions = [], []
+    maps, positions, units = [], [], []
     for i, scene in enumerate(layouts):
         path = folder / f"layout-{i}.png"
         render(scene, 32).save(path)
-        unit = ControlUnit("canny", controlnet, path)
-        maps.append(unit.control_map((32, 32)))
+        units.append(ControlUnit("canny", controlnet, path))
+        maps.append(units[-1].control_map((32, 32)))
         positions.append(scene.position)
         for j in range(len(seeds)):
             grid[i * len(seeds) + j].append(maps[-1])
     plain = Renderer(base, [], SETTINGS)
     # One ControlNet renderer per layout, for every controlled column (its LoRA strength is set per prompt).
-    guided = [Renderer(base, [], SETTINGS, controls=[ControlUnit("canny", controlnet, folder / f"layout-{i}.png")])
-              for i in range(len(layouts))]
+    guided = [Renderer(base, [], SETTINGS, controls=[unit]) for unit in units]
     for renderer in [plain, *guided]:
         renderer.add_lora(lora_name, lora_path)
     stats = {}

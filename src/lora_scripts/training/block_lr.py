@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..formats.lycoris import ADAPTER_MARKERS
+from ..formats.lycoris import ADAPTER_MARKERS, is_adapter_param
 
 
 def _module_path(param_name: str) -> str:
@@ -28,8 +28,6 @@ def multiplier(block: str | None, multipliers: dict[str, float]) -> float:
 
 def lora_blocks(family, component: str, model: nn.Module) -> dict[str, str | None]:
     """Trainable LoRA parameter name -> the block its layer lies in (None: outside the blocks)."""
-    from .adapters import is_adapter_param
-
     out = {}
     for name, p in model.named_parameters():  # tied parameters (fused Flux layers) once, as the optimizer has them
         if is_adapter_param(name) and p.requires_grad:

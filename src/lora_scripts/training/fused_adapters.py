@@ -80,16 +80,11 @@ def _share(layers: list[nn.Module], attributes: tuple[str, ...]) -> None:
     first = layers[0]
     for layer in layers[1:]:
         for attribute in attributes:
-            store = getattr(layer, attribute)
-            if attribute in _present(first):
-                store[ADAPTER] = getattr(first, attribute)[ADAPTER]
-            elif ADAPTER in store:
+            store, shared = getattr(layer, attribute), getattr(first, attribute)
+            if ADAPTER in shared:
+                store[ADAPTER] = shared[ADAPTER]
+            elif ADAPTER in store:  # the first layer has no such factor: neither has the fused module
                 del store[ADAPTER]
-
-
-def _present(layer: nn.Module) -> set[str]:
-    return {a for a in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "hada_w1_b",
-                        "hada_w2_b") if ADAPTER in getattr(layer, a, {})}
 
 
 def lycoris_factorization(dimension: int, factor: int) -> tuple[int, int]:

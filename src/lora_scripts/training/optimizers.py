@@ -114,7 +114,7 @@ def optimizer_problems(config: TrainConfig, device: torch.device | None = None) 
 
 def _prodigy_mixed_rates(config: TrainConfig) -> str:
     """The settings that give parameter groups learning rates other than the largest and 0, or ''."""
-    found = [f"block_lr = {config.block_lr}" for m in [set(config.block_lr.values()) - {0.0, 1.0}] if m]
+    found = [f"block_lr = {config.block_lr}"] if set(config.block_lr.values()) - {0.0, 1.0} else []
     if config.train_text_encoder and config.te_lr not in (config.learning_rate, 0.0):
         found.append(f"text_encoder_lr = {config.te_lr:g} (learning_rate {config.learning_rate:g})")
     if config.train_text_encoder and config.text_encoder_2_lr not in (None, config.learning_rate, 0.0):

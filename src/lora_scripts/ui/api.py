@@ -468,11 +468,12 @@ def generate(request: Request, body: GenerateBody) -> dict:
 def _guides(ws: Workspace, body: GenerateBody):
     """The ControlNet units and the IP-Adapter of a request: every file a workspace path that exists."""
     from ..generation.control import ControlUnit
+    from ..generation.control_maps import AS_IS_ALIASES
     from ..generation.ip_adapter import IpAdapterUnit
 
     units: list[ControlUnit] = []
     for c in body.control:
-        kind = "none" if c.type in ("depth", "pose") else c.type
+        kind = "none" if c.type in AS_IS_ALIASES else c.type
         units.append(ControlUnit(kind, ws.path(c.model, must_exist=True), ws.path(c.image, must_exist=True),
                                  c.weight, c.start, c.end, mode=c.mode))
     for unit in units:
