@@ -108,10 +108,46 @@ def test_memory_estimate_moves_the_right_way_for_sd15(tmp_path):
     # weights; without, the cached VAE and text encoder leave it (the UNet's 1.6 GiB only).
     assert 2.0 < previews.weights / 2**30 < 2.3
     assert 1.55 < base.weights / 2**30 < 1.65 and base.caching > 0 and est(cache_latents=False).caching == 0
-    assert gc.activations < 0.25 * base.activations
+    # With it: the blocks' inputs, the layers outside them, and the block the backward pass recomputes.
+    assert gc.activations < 0.3 * base.activations
     assert 3.5 < b4.activations / base.activations < 4.5
     assert fp32.weights > 1.8 * base.weights
     assert 3.0 < base.total_gb < 6.0, base.as_dict()  # published SD1.5 LoRA runs at 512 px: ~4-6 GB in nvidia-smi
+
+
+def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
+    """Under gradient checkpointing a region keeps its input until the backward pass, which then runs it again and
+    holds what it saves: the estimate's count is what the rest keeps plus the largest region, counted by hand."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lora_scripts.training.memory import _count_saved
+
+    class Block(nn.Module):  # saves its input (first Linear), the GELU's input and output (second Linear)
+        def __init__(self, hidden):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, hidden), nn.Linear(hidden, 8)
+
+        def forward(self, x):
+            return self.down(F.gelu(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self._gradient_checkpointing_func = nn.ModuleList([Block(32), Block(16)]), None
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = self._gradient_checkpointing_func(block, x) if self._gradient_checkpointing_func else block(x)
+            return x.square().sum()  # saves the last output
+
+    b, net, x = 3, Net(), torch.randn(3, 8)
+    plain, plain_largest = _count_saved(lambda: net(x))
+    assert plain == 4 * b * (8 + 32 + 32 + 8 + 16 + 16 + 8) and plain_largest == 4 * b * 32
+    net._gradient_checkpointing_func = lambda fn, *args: fn(*args)  # as diffusers/transformers call it
+    kept_and_largest_region = 4 * b * ((8 + 8 + 8) + (32 + 32))
+    assert _count_saved(lambda: net(x), [net]) == (kept_and_largest_region, 4 * b * 32)
 
 
 def test_check_vram_proposes_the_settings_that_fit(tmp_path):
@@ -130,7 +166,7 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
     full = estimate_memory(cfg).total_gb
     changes, fitted, fits = fitting_settings(cfg, 3.0)
     assert fits and fitted.total_gb <= 3.0 < full
-    assert list(changes) == [k for k, _ in LADDER if k in changes]  # in the ladder's order
+    assert list(changes) == list(dict.fromkeys(k for k, _ in LADDER if k in changes))  # in the ladder's order
     assert changes["mixed_precision"] == "bf16" and changes["gradient_checkpointing"] is True
     assert estimate_memory(cfg.model_copy(update=changes)).total_gb == fitted.total_gb
     (warning,) = [f.message for f in check_dataset(cfg, vram_gb=3.0).findings if f.topic == "memory"]
@@ -158,7 +194,7 @@ def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
     changes, fitted, fits = fitting_settings(cfg, 8.0, configs)
     assert fits and fitted.total_gb <= 8.0 and len(fitted.blocks) == 57
     count = int(changes.pop("offload").removeprefix("blocks:"))
-    assert 20 <= count <= 45, count
+    assert 29 <= count <= 52, count  # most of them (45 estimated, each block recomputed with its bf16 copies)
     assert changes == {"mixed_precision": "bf16", "gradient_checkpointing": True, "text_encoder_weight_dtype": "fp8",
                        "base_weight_dtype": "fp8"}
     # A GPU run's warning before loading: none with offload: auto, which sizes the swap to the free memory.

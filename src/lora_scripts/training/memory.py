@@ -7,8 +7,9 @@ Basis, stated in every estimate:
 * LoRA: its fp32 parameters, their gradients and AdamW's two moments (4 copies);
 * activations: the bytes of every tensor autograd keeps for the backward pass, counted by running the UNet
   (and the text encoder when trained) forward on the meta device with this resolution, batch, dtype,
-  LoRA targets and gradient checkpointing. Attention is counted as PyTorch SDPA's flash/memory-efficient
-  kernels keep it (q, k, v, output and a log-sum-exp), as on CUDA;
+  LoRA targets and gradient checkpointing (with it: each checkpointed block's inputs, what runs outside the
+  blocks, and the one block the backward pass is recomputing, the largest). Attention is counted as PyTorch
+  SDPA's flash/memory-efficient kernels keep it (q, k, v, output and a log-sum-exp), as on CUDA;
 * a transient allowance of twice the largest saved tensor (backward temporaries), and the VAE encode's
   peak when latents are encoded every step.
 It estimates `torch.cuda.max_memory_allocated`; the CUDA context (about 0.3-0.6 GB) comes on top in nvidia-smi.
@@ -106,24 +107,68 @@ def _configs(config: TrainConfig) -> dict:
     return {**family.embedded_configs(), FAMILY_KEY: family.name}
 
 
-def _count_saved(run) -> tuple[float, float]:
-    """Bytes autograd keeps: every saved tensor once, except weights and views of weights (no extra memory)."""
-    total, largest = 0.0, 0.0
-    seen: set[int] = set()
+class _SavedTensors:
+    """Bytes autograd keeps: every saved tensor once, except weights and views of weights (no extra memory).
 
-    def pack(t):
-        nonlocal total, largest
+    Under gradient checkpointing a region keeps only its inputs until the backward pass, which then runs its
+    forward again and holds everything that region saves until its gradients are done. `checkpoint` stands in
+    for the models' checkpoint function (diffusers' and transformers' call it as fn(block, *args)): it counts
+    a region's tensor inputs as kept and what it saves inside as `recompute`, of which the largest region is
+    live at once, on top of what the other regions keep. Without it the estimate would miss that largest
+    region: for LoHa/LoKr it holds full-size fp32 weight changes (about 1.4 GB per Flux.1 double block)."""
+
+    def __init__(self):
+        self.kept = 0.0  # through the whole backward pass (checkpoint inputs, layers outside regions)
+        self.recompute = 0.0  # the largest checkpointed region's saved bytes
+        self.largest = 0.0  # the largest single tensor
+        self._region: float | None = None  # bytes saved so far in the region now running
+        self._seen: set[int] = set()
+
+    def pack(self, t):
         base = t._base if t._base is not None else t
-        if not isinstance(base, torch.nn.Parameter) and id(t) not in seen:
-            seen.add(id(t))
+        if not isinstance(base, torch.nn.Parameter) and id(t) not in self._seen:
+            self._seen.add(id(t))  # every saved tensor stays referenced by the graph: ids are not reused
             size = t.numel() * t.element_size()
-            total += size
-            largest = max(largest, size)
+            if self._region is None:
+                self.kept += size
+            else:
+                self._region += size
+            self.largest = max(self.largest, size)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _flash_attention():
+    def checkpoint(self, fn, *args, **kwargs):
+        if self._region is not None:  # nested: part of the outer region
+            return fn(*args, **kwargs)
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                self.pack(a)
+        self._region = 0.0
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.recompute, self._region = max(self.recompute, self._region), None
+
+    @property
+    def total(self) -> float:
+        return self.kept + self.recompute
+
+
+def _checkpoint_with(modules, function) -> None:
+    """Every checkpointing layer of these models (diffusers' and transformers' set `_gradient_checkpointing_func`
+    where they enable it) calls `function` instead."""
+    for model in modules:
+        for m in model.modules():
+            if getattr(m, "_gradient_checkpointing_func", None) is not None:
+                m._gradient_checkpointing_func = function
+
+
+def _count_saved(run, checkpointed=()) -> tuple[float, float]:
+    """What `run` keeps for its backward pass at the peak, and its largest single saved tensor (bytes)."""
+    saved = _SavedTensors()
+    _checkpoint_with(checkpointed, saved.checkpoint)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), _flash_attention():
         run()
-    return total, largest
+    return saved.total, saved.largest
 
 
 def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryEstimate:
@@ -175,8 +220,10 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
                 add_dora(modules[name])
             share_fused(family, name, modules[name], config.network_type, config.lokr_factor)
     lora_params = sum(p.numel() for m in modules.values() for n, p in m.named_parameters() if is_adapter_param(n))
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing:  # as the trainer enables it
         denoiser.enable_gradient_checkpointing()
+        for name in trained[1:]:
+            modules[name].gradient_checkpointing_enable()
     denoiser.train()
     b, side = config.batch_size, config.resolution // family.vae_scale_factor
 
@@ -190,7 +237,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
         family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype), size,
                        **family.predict_options(configs, load_settings(config)))
 
-    activations, largest = _count_saved(step)
+    activations, largest = _count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else ())
     cached = latent_cache_plan(config)[0]
     vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
     # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
@@ -199,7 +246,9 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
                + sum(p.numel() for p in vae.parameters()) * vae_bytes + _vae_encode_peak(vae, 1, config.resolution)
                if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
-             "LoRA targets (LoRA layers in fp32), flash/memory-efficient SDPA assumed; CUDA context not included")
+             "LoRA targets (LoRA layers in fp32"
+             + ("; the largest checkpointed block counted as recomputed" if config.gradient_checkpointing else "")
+             + "), flash/memory-efficient SDPA assumed; CUDA context not included")
     if config.offload == "auto":
         basis += "; offload: auto is sized on the GPU at start (not counted here)"
     from .optimizers import SPECS

@@ -1,0 +1,84 @@
+"""Every memory estimate the README and docs/benchmarks.md quote, from `check`'s estimator on the real configs
+embedded in the package (meta device: no GPU, no weights; about a minute on 2 cores).
+
+    python benchmarks/memory_estimates.py            # markdown tables on stdout
+
+The estimates are of torch.cuda.max_memory_allocated (GB = GiB); the CUDA context comes on top in nvidia-smi.
+benchmarks/gpu_suite.py measures the same settings on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from lora_scripts.config import validate_config
+from lora_scripts.families import FAMILIES, FAMILY_KEY
+from lora_scripts.training.memory import GB, estimate_memory, fitting_settings
+
+
+def _config(folder: Path, **settings):
+    return validate_config(dict(dict(train_data_dir=folder / "data", base_model=folder, output_dir=folder / "out",
+                                     batch_size=1, lora_rank=16), **settings))
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.2f}"
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    folder = Path(tempfile.mkdtemp())
+    (folder / "data").mkdir()
+    configs = {name: {**family.embedded_configs(), FAMILY_KEY: name} for name, family in FAMILIES.items()}
+
+    print("## SD1.5, 512 px\n")
+    print(_row("settings", "estimated peak", "weights", "activations", "LoRA+optimizer"))
+    print(_row(*["---"] * 5))
+    for label, kw in (("fp32", dict(mixed_precision="no")), ("fp16", dict(mixed_precision="fp16")),
+                      ("fp16 + checkpointing", dict(mixed_precision="fp16", gradient_checkpointing=True)),
+                      ("fp16, batch 4", dict(mixed_precision="fp16", batch_size=4))):
+        e = estimate_memory(_config(folder, resolution=512, **kw), configs["sd15"])
+        print(_row(label, _gb(e.total), _gb(e.weights), _gb(e.activations), _gb(e.lora)))
+
+    print("\n## SDXL, 1024 px, bf16, caches\n")
+    print(_row("batch", "gradient checkpointing", "text encoders trained", "estimated peak", "weights on the GPU",
+               "activations"))
+    print(_row(*["---"] * 6))
+    for batch in (1, 4):
+        for gc in (True, False):
+            for te in (False, True):
+                e = estimate_memory(_config(folder, resolution=1024, mixed_precision="bf16", batch_size=batch,
+                                            gradient_checkpointing=gc, train_text_encoder=te), configs["sdxl"])
+                print(_row(batch, "on" if gc else "off", "yes" if te else "no", _gb(e.total), _gb(e.weights),
+                           _gb(e.activations)))
+
+    print("\n## Network types, 1024 px, bf16 + checkpointing, rank 16, AdamW\n")
+    print(_row("family", *(t for t in ("lora", "locon", "loha", "lokr", "dora")), "(LoRA+optimizer of each)"))
+    print(_row(*["---"] * 7))
+    for name in ("sdxl", "flux1"):
+        totals, states = [], []
+        for kind in ("lora", "locon", "loha", "lokr", "dora"):
+            e = estimate_memory(_config(folder, resolution=1024, mixed_precision="bf16", gradient_checkpointing=True,
+                                        network_type=kind), configs[name])
+            totals.append(_gb(e.total))
+            states.append(_gb(e.lora))
+        print(_row(name, *totals, " / ".join(states)))
+
+    print("\n## `check --vram`: what each budget adds (1024 px, batch 1, rank 16, from fp32)\n")
+    print(_row("family", "vram", "settings added", "estimated peak", "fits"))
+    print(_row(*["---"] * 5))
+    for name in ("sdxl", "flux1"):
+        for vram in (6, 8, 10, 12):
+            changes, fitted, fits = fitting_settings(_config(folder, resolution=1024), vram, configs[name])
+            said = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
+            print(_row(name, vram, said, _gb(fitted.total), "yes" if fits else "no"))
+
+
+if __name__ == "__main__":
+    main()
