@@ -194,7 +194,7 @@ def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
     changes, fitted, fits = fitting_settings(cfg, 8.0, configs)
     assert fits and fitted.total_gb <= 8.0 and len(fitted.blocks) == 57
     count = int(changes.pop("offload").removeprefix("blocks:"))
-    assert 29 <= count <= 52, count  # most of them (45 estimated, each block recomputed with its bf16 copies)
+    assert 29 <= count <= 52, count  # most of them (41 estimated, each block recomputed with its bf16 copies)
     assert changes == {"mixed_precision": "bf16", "gradient_checkpointing": True, "text_encoder_weight_dtype": "fp8",
                        "base_weight_dtype": "fp8"}
     # A GPU run's warning before loading: none with offload: auto, which sizes the swap to the free memory.

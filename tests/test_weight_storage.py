@@ -153,3 +153,40 @@ def test_check_counts_one_byte_per_stored_weight(tmp_path, dataset, tiny_ckpt):
     assert len(blocks) == 37 and fp8 - weights(base_weight_dtype="fp8", offload="blocks:10") == saved_bytes(list(blocks), 10)
     nf4 = weights(base_weight_dtype="nf4")
     assert bf16 - nf4 == pytest.approx(1.5 * (bf16 - int8), rel=0.01)  # 1.5 of 2 bytes saved where int8 saves 1
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8", "nf4"])
+def test_the_estimates_stand_in_keeps_what_the_real_layer_keeps(kind):
+    """check's estimate runs int8/nf4 layers as meta-device stand-ins: each keeps for the backward pass the bytes
+    the real layer keeps (fp8 and torchao's int8: a compute-dtype copy of the weight; bitsandbytes' nf4: nothing,
+    it dequantises again in the backward pass)."""
+    from lora_scripts.training.memory import _count_saved
+
+    def kept(device):
+        torch.manual_seed(0)
+        layer = nn.Linear(256, 512, device=device, dtype=torch.bfloat16).requires_grad_(False)
+        store_frozen(layer, kind, torch.bfloat16)
+        x = torch.randn(4, 256, dtype=torch.bfloat16, device=device, requires_grad=True)
+        return _count_saved(lambda: layer(x))[0]
+
+    real, estimated = kept("cpu"), kept("meta")
+    assert estimated == pytest.approx(real, rel=0.01)
+    assert (real > 256 * 512 * 2 * 0.99) == (kind != "nf4"), real
+
+
+def test_flux_stores_its_modulation_and_keeps_its_embedders():
+    """Flux.1-dev's real transformer (meta device) in fp8: the adaLN modulation Linears are stored with the blocks,
+    the input embedders, timestep/guidance MLPs and final layer stay bf16 (Family.unstored_layers)."""
+    from lora_scripts.families import FAMILIES
+
+    flux = FAMILIES["flux1"]
+    transformer = flux.meta_modules(flux.embedded_configs(), torch.bfloat16)[flux.denoiser].requires_grad_(False)
+    store_frozen(transformer, "fp8", torch.bfloat16, flux.unstored_layers(flux.denoiser))
+    dtypes = {name: m.weight.dtype for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    assert dtypes["transformer_blocks.0.norm1.linear"] == dtypes["transformer_blocks.0.norm1_context.linear"] == FP8
+    assert dtypes["single_transformer_blocks.37.norm.linear"] == dtypes["single_transformer_blocks.0.proj_mlp"] == FP8
+    for kept in ("x_embedder", "context_embedder", "time_text_embed.timestep_embedder.linear_1",
+                 "time_text_embed.guidance_embedder.linear_2", "norm_out.linear", "proj_out"):
+        assert dtypes[kept] == torch.bfloat16, kept
+    stored = sum(p.numel() for p in transformer.parameters() if p.dtype == FP8)
+    assert stored > 0.99 * sum(p.numel() for p in transformer.parameters())  # 99.46 %: 64 M weights stay bf16

@@ -173,6 +173,12 @@ class Family:
         parts). None for an ordinary layer (every layer of the SD families)."""
         return None
 
+    def unstored_layers(self, component: str) -> tuple[str, ...] | None:
+        """Name patterns (re.search on module paths) of a component's frozen layers that base_weight_dtype /
+        text_encoder_weight_dtype keep in the compute dtype. None: diffusers' layerwise-casting defaults (norms,
+        position/patch embeddings, ^proj_in$/^proj_out$) and the model's own skip patterns."""
+        return None
+
     def offload_units(self, denoiser: nn.Module) -> list[nn.Module]:
         """The denoiser's blocks a block swap (offload: blocks:N) moves: those gradient checkpointing recomputes
         one at a time, since a swapped block is loaded when its forward starts (its recomputation included)."""

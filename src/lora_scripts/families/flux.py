@@ -387,6 +387,16 @@ class Flux(Family):
     def conv_targets(self, component: str, module: nn.Module) -> tuple[list[str], list[str]]:
         return [], []  # a transformer: no convolutions (conv_rank is refused for it in the trainer)
 
+    def unstored_layers(self, component: str) -> tuple[str, ...] | None:
+        """The transformer's input embedders, timestep/guidance/pooled-text MLPs and final layer stay in the
+        compute dtype (0.5 % of its weights); its adaLN modulation Linears (norm1.linear, norm1_context.linear,
+        norm.linear: 3.25 B of 11.9 B weights) are stored like the rest. diffusers' default pattern `norm` would
+        keep those in bf16 too, 6.5 GB that fp8/nf4 exist to save; the fp8 Flux.1 files ComfyUI users run, and
+        sd-scripts' fp8_base, store them. The text encoders keep diffusers' defaults."""
+        if component != self.denoiser:
+            return None
+        return ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$")
+
     def offload_units(self, denoiser: nn.Module) -> list[nn.Module]:
         """The 19 double-stream and 38 single-stream blocks (dev/schnell), each checkpointed on its own."""
         return list(denoiser.transformer_blocks) + list(denoiser.single_transformer_blocks)

@@ -122,12 +122,12 @@ class _SavedTensors:
         self.recompute = 0.0  # the largest checkpointed region's saved bytes
         self.largest = 0.0  # the largest single tensor
         self._region: float | None = None  # bytes saved so far in the region now running
-        self._seen: set[int] = set()
+        self._seen: dict[int, torch.Tensor] = {}  # holds each counted tensor: its id is never reused meanwhile
 
     def pack(self, t):
         base = t._base if t._base is not None else t
         if not isinstance(base, torch.nn.Parameter) and id(t) not in self._seen:
-            self._seen.add(id(t))  # every saved tensor stays referenced by the graph: ids are not reused
+            self._seen[id(t)] = t  # a branch's graph may be freed before the step ends: keep t, so its id stays t's
             size = t.numel() * t.element_size()
             if self._region is None:
                 self.kept += size
@@ -202,7 +202,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
     for m in modules.values():
         m.requires_grad_(False)
     for name, storage in storage_plan(config, family).items():  # fp8 frozen weights: 1 byte each
-        store_frozen(modules[name], storage, dtype)
+        store_frozen(modules[name], storage, dtype, family.unstored_layers(name))
     weights = sum(p.numel() * p.element_size() for m in on_gpu for p in m.parameters()) \
         + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
     blocks = tuple(unit_bytes(u) for u in _offload_units(family, denoiser))

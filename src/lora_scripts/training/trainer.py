@@ -260,7 +260,7 @@ class Trainer:
             model.vae.to(memory_format=torch.channels_last)
         stored = storage_plan(cfg, family)
         for name, storage in stored.items():
-            store_frozen(model.modules[name], storage, self.weight_dtype)
+            store_frozen(model.modules[name], storage, self.weight_dtype, family.unstored_layers(name))
         if family.denoiser in stored and not cfg.gradient_checkpointing and self.accelerator.is_main_process:
             log.warning("base_weight_dtype: %s without gradient_checkpointing saves little at the peak: each layer's "
                         "%s copy is kept for the backward pass; set gradient_checkpointing: true",

@@ -7,8 +7,8 @@ bitsandbytes and peft maintain; CUDA, and CPU in recent bitsandbytes). int8 and 
 
 Each frozen Linear/Conv/Embedding keeps its weight in the storage dtype, and its forward computes with a copy in
 the compute dtype. LoRA layers, norms, position/patch embeddings and a model's own precision-critical layers
-(diffusers' default skip patterns, its _skip_layerwise_casting_patterns and _keep_in_fp32_modules) are left in
-the compute dtype. The copy lives only while autograd needs it for the backward pass: with gradient
+(diffusers' default skip patterns, its _skip_layerwise_casting_patterns and _keep_in_fp32_modules; or, where a
+family names them, its own: Family.unstored_layers) are left in the compute dtype. The copy lives only while autograd needs it for the backward pass: with gradient
 checkpointing one block at a time, without it every layer's until the backward pass (little saved at the peak).
 
 Written here rather than taken from diffusers' layerwise casting, which is for inference: it swaps each
@@ -95,14 +95,17 @@ def _embedding(self, ids):
 _FORWARDS = {nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv, nn.Embedding: _embedding}
 
 
-def _frozen_leaves(module: nn.Module, classes: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+def _frozen_leaves(module: nn.Module, classes: tuple[type, ...],
+                   keep: tuple[str, ...] | None = None) -> Iterator[tuple[str, nn.Module]]:
     """The frozen layers of these exact classes (peft's LoRA wrappers are other classes) not kept in the compute
-    dtype: diffusers' default skip patterns (norms, position/patch embeddings), the model's own
-    (_skip_layerwise_casting_patterns, _keep_in_fp32_modules) and LoRA layers."""
+    dtype: `keep` (the family's patterns, Family.unstored_layers), or where it has none diffusers' default skip
+    patterns (norms, position/patch embeddings) and the model's own (_skip_layerwise_casting_patterns); always
+    the model's _keep_in_fp32_modules and LoRA layers."""
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    skip = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ()) + \
-        tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + ("lora_",)
+    if keep is None:
+        keep = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
+    skip = tuple(keep) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + ("lora_",)
     for name, leaf in module.named_modules():
         if type(leaf) not in classes or any(re.search(p, name) for p in skip):
             continue
@@ -110,11 +113,12 @@ def _frozen_leaves(module: nn.Module, classes: tuple[type, ...]) -> Iterator[tup
             yield name, leaf
 
 
-def store_frozen(module: nn.Module, kind: str, compute: torch.dtype) -> int:
+def store_frozen(module: nn.Module, kind: str, compute: torch.dtype, keep: tuple[str, ...] | None = None) -> int:
     """Keep `module`'s frozen layers stored as `kind`, computed in `compute`; its LoRA layers and trainable
-    parameters are not touched. Returns how many layers were converted."""
+    parameters are not touched, nor layers matching `keep` (see _frozen_leaves). Returns how many layers were
+    converted."""
     if kind in ("int8", "nf4"):
-        leaves = dict(_frozen_leaves(module, (nn.Linear,)))
+        leaves = dict(_frozen_leaves(module, (nn.Linear,), keep))
         if any(p.is_meta for p in module.parameters()):
             for leaf in leaves.values():  # check's estimate, on the meta device where nothing quantises
                 _stand_in(leaf, kind, compute)
@@ -127,7 +131,7 @@ def store_frozen(module: nn.Module, kind: str, compute: torch.dtype) -> int:
     if storage == compute:
         return 0
     converted = 0
-    for _, leaf in list(_frozen_leaves(module, tuple(_FORWARDS))):
+    for _, leaf in list(_frozen_leaves(module, tuple(_FORWARDS), keep)):
         leaf.to(storage)
         leaf.compute_dtype = compute
         leaf.forward = MethodType(_FORWARDS[type(leaf)], leaf)
@@ -160,14 +164,31 @@ def _quantize_nf4(module: nn.Module, leaves: dict[str, nn.Module], compute: torc
 _BITS = {"int8": 8, "nf4": 4}
 
 
+class _Dequantizing(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul (MatMul4Bit): the weight is dequantised for the product and again in the backward
+    pass, so nothing of this layer is kept for it (the quantised weight is the parameter itself)."""
+
+    @staticmethod
+    def forward(ctx, x, shape, compute, bias):
+        return F.linear(x, torch.empty(shape, dtype=compute, device=x.device), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # never called: the estimate only runs forward
+        raise NotImplementedError
+
+
 def _stand_in(leaf: nn.Linear, kind: str, compute: torch.dtype) -> None:
-    """On the meta device: the layer's stored bytes (int8 1, nf4 half a byte per weight), and a forward that
-    makes the compute-dtype copy the real layer makes, so the estimate counts both."""
+    """On the meta device: the layer's stored bytes (int8 1, nf4 half a byte per weight), and a forward that keeps
+    for the backward pass what the real layer keeps (test_weight_storage compares them): torchao's int8 layer a
+    compute-dtype copy of the weight, bitsandbytes' nf4 layer nothing."""
     leaf.weight = nn.Parameter(torch.empty(leaf.weight.numel() * _BITS[kind] // 8, dtype=torch.uint8, device="meta"),
                                requires_grad=False)
     shape, bias = (leaf.out_features, leaf.in_features), leaf.bias
 
     def forward(x):
-        return F.linear(x, torch.empty(shape, dtype=compute, device="meta"), None if bias is None else bias.to(compute))
+        b = None if bias is None else bias.to(compute)
+        if kind == "nf4":
+            return _Dequantizing.apply(x, shape, compute, b)
+        return F.linear(x, torch.empty(shape, dtype=compute, device="meta"), b)
 
     leaf.forward = forward
