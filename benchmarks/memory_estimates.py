@@ -16,6 +16,7 @@ from pathlib import Path
 from lora_scripts.config import validate_config
 from lora_scripts.families import FAMILIES, FAMILY_KEY
 from lora_scripts.training.memory import GB, estimate_memory, fitting_settings
+from lora_scripts.training.step_costs import step_costs
 
 
 def _config(folder: Path, **settings):
@@ -71,13 +72,16 @@ def main() -> None:
         print(_row(name, *totals, " / ".join(states)))
 
     print("\n## `check --vram`: what each budget adds (1024 px, batch 1, rank 16, from fp32)\n")
-    print(_row("family", "vram", "settings added", "estimated peak", "fits"))
-    print(_row(*["---"] * 5))
+    print(_row("family", "vram", "settings added", "estimated peak", "fits", "what each costs a step (counted)"))
+    print(_row(*["---"] * 6))
     for name in ("sdxl", "flux1"):
         for vram in (6, 8, 10, 12):
-            changes, fitted, fits = fitting_settings(_config(folder, resolution=1024), vram, configs[name])
+            start = _config(folder, resolution=1024)
+            changes, fitted, fits = fitting_settings(start, vram, configs[name])
             said = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
-            print(_row(name, vram, said, _gb(fitted.total), "yes" if fits else "no"))
+            fitted_config = start.model_copy(update=changes)
+            costs = step_costs(fitted_config, changes, estimate_memory(fitted_config, configs[name], flops=True))
+            print(_row(name, vram, said, _gb(fitted.total), "yes" if fits else "no", "; ".join(costs)))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
     import torch.nn.functional as F
     from torch import nn
 
-    from lora_scripts.training.memory import _count_saved
+    from lora_scripts.training.memory import count_saved
 
     class Block(nn.Module):  # saves its input (first Linear), the GELU's input and output (second Linear)
         def __init__(self, hidden):
@@ -143,11 +143,37 @@ def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
             return x.square().sum()  # saves the last output
 
     b, net, x = 3, Net(), torch.randn(3, 8)
-    plain, plain_largest = _count_saved(lambda: net(x))
-    assert plain == 4 * b * (8 + 32 + 32 + 8 + 16 + 16 + 8) and plain_largest == 4 * b * 32
+    plain = count_saved(lambda: net(x))
+    assert plain.total == 4 * b * (8 + 32 + 32 + 8 + 16 + 16 + 8) and plain.largest == 4 * b * 32
     net._gradient_checkpointing_func = lambda fn, *args: fn(*args)  # as diffusers/transformers call it
-    kept_and_largest_region = 4 * b * ((8 + 8 + 8) + (32 + 32))
-    assert _count_saved(lambda: net(x), [net]) == (kept_and_largest_region, 4 * b * 32)
+    checkpointed = count_saved(lambda: net(x), [net])
+    assert (checkpointed.total, checkpointed.largest) == (4 * b * ((8 + 8 + 8) + (32 + 32)), 4 * b * 32)
+    # FLOPs: the four matmuls (2 x rows x in x out each); every block runs again in the backward pass.
+    matmuls = 2 * b * (8 * 32 + 32 * 8 + 8 * 16 + 16 * 8)
+    assert plain.flops == checkpointed.flops == checkpointed.recompute_flops == matmuls and plain.recompute_flops == 0
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 3)  # attention: q @ k^T, then @ v
+    assert count_saved(lambda: F.scaled_dot_product_attention(q, k, v)).flops == 2 * (2 * 5 * 7) * (4 + 3)
+
+
+def test_what_each_memory_setting_costs_a_step_is_counted(tmp_path):
+    """check --vram's cost of each proposed setting, from the estimate's counts: checkpointing's recomputed FLOPs
+    against the step's (backward = 1.15 x forward), the stored bytes cast per pass, a swap's copies (the largest
+    blocks, twice a step) at PCIe 4.0 x16's rate."""
+    from lora_scripts.training.memory import GB, MemoryEstimate
+    from lora_scripts.training.step_costs import step_costs
+
+    (tmp_path / "data").mkdir()
+    estimate = MemoryEstimate(0, 0, 0, 0, 0, "", blocks=(3 * GB, 1 * GB, 2 * GB), stored=4 * GB, forward_flops=1e12,
+                              recompute_flops=0.86e12)
+    changes = {"gradient_checkpointing": True, "base_weight_dtype": "fp8", "offload": "blocks:2"}
+    cfg = validate_config(dict(train_data_dir=tmp_path / "data", base_model=tmp_path, output_dir=tmp_path / "o",
+                               mixed_precision="bf16", **changes))
+    gc, stored, swap = step_costs(cfg, changes, estimate)
+    assert gc == "gradient_checkpointing: +40 % compute (0.9 TFLOP run again, on 2.1 TFLOP a step)"
+    assert stored.startswith("base_weight_dtype: fp8: 4.0 GB of stored weights cast to the compute dtype 2x a step")
+    assert swap.startswith("offload: blocks:2: 10.0 GB copied host-to-GPU a step (about 0.4 s at PCIe 4.0 x16")
+    nf4 = step_costs(cfg.model_copy(update={"base_weight_dtype": "nf4"}), {"base_weight_dtype": "nf4"}, estimate)
+    assert "cast to the compute dtype 3x a step" in nf4[0]  # bitsandbytes dequantises again in the backward pass
 
 
 def test_check_vram_proposes_the_settings_that_fit(tmp_path):
@@ -172,6 +198,13 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
     (warning,) = [f.message for f in check_dataset(cfg, vram_gb=3.0).findings if f.topic == "memory"]
     assert f"estimated peak {full:.1f} GB exceeds the 3 GB available; with mixed_precision: bf16, " \
            "gradient_checkpointing: true" in warning and "add these to the config" in warning
+    # ...and what each costs a step: checkpointing's recomputation from SD1.5's counted FLOPs (about 0.8 TFLOP
+    # forward per image at 512 px).
+    import re
+
+    recompute, step = (float(x) for x in re.search(r"\(([\d.]+) TFLOP run again, on ([\d.]+) TFLOP a step\)",
+                                                   warning).groups())
+    assert 4 * 1.4 < step < 4 * 2.2 and 0.3 < recompute / step < 0.5, warning
     (warning,) = [f.message for f in check_dataset(cfg, vram_gb=0.5).findings if f.topic == "memory"]
     assert "even with" in warning and "lower resolution as well" in warning
     # What a GPU run logs before loading anything (Trainer.check_fits with the device's free memory).

@@ -160,14 +160,14 @@ def test_the_estimates_stand_in_keeps_what_the_real_layer_keeps(kind):
     """check's estimate runs int8/nf4 layers as meta-device stand-ins: each keeps for the backward pass the bytes
     the real layer keeps (fp8 and torchao's int8: a compute-dtype copy of the weight; bitsandbytes' nf4: nothing,
     it dequantises again in the backward pass)."""
-    from lora_scripts.training.memory import _count_saved
+    from lora_scripts.training.memory import count_saved
 
     def kept(device):
         torch.manual_seed(0)
         layer = nn.Linear(256, 512, device=device, dtype=torch.bfloat16).requires_grad_(False)
         store_frozen(layer, kind, torch.bfloat16)
         x = torch.randn(4, 256, dtype=torch.bfloat16, device=device, requires_grad=True)
-        return _count_saved(lambda: layer(x))[0]
+        return count_saved(lambda: layer(x)).total
 
     real, estimated = kept("cpu"), kept("meta")
     assert estimated == pytest.approx(real, rel=0.01)

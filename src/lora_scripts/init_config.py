@@ -137,7 +137,7 @@ def _memory_fit(data_dir: Path, base: str | None, values: dict[str, Any], compan
         return {}, f"# Memory: estimated peak {estimate.total_gb:.1f} GB, within --vram {vram_gb:g} as it is"
     said = "fits" if fits else "does NOT fit even with the settings below; lower resolution as well"
     return changes, (f"# Memory: {said} --vram {vram_gb:g} (estimated peak {estimate.total_gb:.1f} GB with them; "
-                     "`lora-scripts check --vram` re-checks)")
+                     "`lora-scripts check --vram` re-checks and says what each costs a step)")
 
 
 def starter_yaml(data_dir: Path, base: str | None = None, yaml_dir: Path = Path("."), vram_gb: float | None = None) -> str:

@@ -8,7 +8,6 @@ second and needs no checkpoint on disk.
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ def family_table(label: str) -> dict[str, Entry] | None:
 def base_configs(path: Path) -> dict[str, Any]:
     """The component configs of a base, with its family under FAMILY_KEY: a diffusers folder's own; a
     single-file checkpoint's metadata (ours carry them); else the family's embedded ones (real files)."""
-    from ..families.loading import ARCHITECTURE_KEY, base_family, read_checkpoint_info
+    from ..families.loading import base_family, read_checkpoint_info
 
     path = Path(path)
     family, _ = base_family(path)

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import TrainConfig
 
 GB = 1024**3
+# Weights in a storage dtype: fp8, and the meta stand-ins' bytes of int8/nf4 (weight_storage._stand_in).
+_STORED = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), torch.uint8) if d is not None)
 
 
 @dataclass
@@ -40,6 +43,9 @@ class MemoryEstimate:
     basis: str
     caching: float = 0.0  # while the caches fill, before the denoiser joins: the encoders, the VAE and one encode
     blocks: tuple[int, ...] = ()  # stored bytes of each denoiser block a block swap can move (offload)
+    stored: float = 0.0  # bytes of the denoiser's weights kept in a storage dtype (fp8/int8/nf4), cast as they run
+    forward_flops: float = 0.0  # the trained networks' forward pass, counted (attention included)
+    recompute_flops: float = 0.0  # of which gradient checkpointing runs again in the backward pass
 
     @property
     def total(self) -> float:
@@ -79,12 +85,14 @@ class _FlashLikeAttention(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _flash_attention():
+def _flash_attention(count_flops=lambda flops: None):
     original = F.scaled_dot_product_attention
 
     def sdpa(*args, **kwargs):
         # Positional (the UNet's attention) or by name (diffusers' attention dispatch, as Flux calls it).
         q, k, v = (args[i] if i < len(args) else kwargs[name] for i, name in enumerate(("query", "key", "value")))
+        rows = q.numel() // q.shape[-1] * k.shape[-2]  # query x key pairs: q @ k^T, then the weights @ v
+        count_flops(2 * rows * (q.shape[-1] + v.shape[-1]))
         return _FlashLikeAttention.apply(q, k, v)
 
     F.scaled_dot_product_attention = sdpa
@@ -107,7 +115,7 @@ def _configs(config: TrainConfig) -> dict:
     return {**family.embedded_configs(), FAMILY_KEY: family.name}
 
 
-class _SavedTensors:
+class SavedTensors:
     """Bytes autograd keeps: every saved tensor once, except weights and views of weights (no extra memory).
 
     Under gradient checkpointing a region keeps only its inputs until the backward pass, which then runs its
@@ -122,6 +130,11 @@ class _SavedTensors:
         self.recompute = 0.0  # the largest checkpointed region's saved bytes
         self.largest = 0.0  # the largest single tensor
         self._region: float | None = None  # bytes saved so far in the region now running
+        # The aten ops' FLOPs (attention is added by _flash_attention); a dispatch mode that slows the count ~1.5x,
+        # so only where asked for (step_costs).
+        self._flop_counter = FlopCounterMode(display=False)
+        self.attention_flops = 0.0
+        self.recompute_flops = 0.0  # every region runs again in the backward pass
         self._seen: dict[int, torch.Tensor] = {}  # holds each counted tensor: its id is never reused meanwhile
 
     def pack(self, t):
@@ -142,15 +155,23 @@ class _SavedTensors:
         for a in args:
             if isinstance(a, torch.Tensor):
                 self.pack(a)
-        self._region = 0.0
+        self._region, start = 0.0, self.flops
         try:
             return fn(*args, **kwargs)
         finally:
             self.recompute, self._region = max(self.recompute, self._region), None
+            self.recompute_flops += self.flops - start
 
     @property
     def total(self) -> float:
         return self.kept + self.recompute
+
+    @property
+    def flops(self) -> float:
+        return self._flop_counter.get_total_flops() + self.attention_flops
+
+    def add_attention(self, flops: float) -> None:
+        self.attention_flops += flops
 
 
 def _checkpoint_with(modules, function) -> None:
@@ -162,18 +183,21 @@ def _checkpoint_with(modules, function) -> None:
                 m._gradient_checkpointing_func = function
 
 
-def _count_saved(run, checkpointed=()) -> tuple[float, float]:
-    """What `run` keeps for its backward pass at the peak, and its largest single saved tensor (bytes)."""
-    saved = _SavedTensors()
+def count_saved(run, checkpointed=(), flops: bool = True) -> SavedTensors:
+    """What `run` keeps for its backward pass (.total at the peak, .largest single tensor, in bytes) and, with
+    `flops`, its FLOPs (.flops, .recompute_flops)."""
+    saved = SavedTensors()
     _checkpoint_with(checkpointed, saved.checkpoint)
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), _flash_attention():
+    with saved._flop_counter if flops else contextlib.nullcontext(), \
+            torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
+            _flash_attention(saved.add_attention if flops else lambda f: None):
         run()
-    return saved.total, saved.largest
+    return saved
 
 
-def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryEstimate:
+def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: bool = False) -> MemoryEstimate:
     """configs: the base's component configs with its family (interop.table.base_configs); read from
-    config.base_model when not given."""
+    config.base_model when not given. flops: count the forward pass's FLOPs too (slower)."""
     import logging
 
     from peft import inject_adapter_in_model
@@ -237,7 +261,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
         family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype), size,
                        **family.predict_options(configs, load_settings(config)))
 
-    activations, largest = _count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else ())
+    saved = count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else (), flops)
     cached = latent_cache_plan(config)[0]
     vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
     # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
@@ -255,7 +279,9 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None) -> MemoryE
 
     # fp32 LoRA weights and gradients, and the optimizer's state (AdamW: two fp32 moments).
     per_param = 4 + 4 + SPECS[config.optimizer].state_bytes
-    return MemoryEstimate(weights, lora_params * per_param, activations, 2 * largest, vae_peak, basis, caching, blocks)
+    stored = sum(p.numel() * p.element_size() for p in denoiser.parameters() if p.dtype in _STORED)
+    return MemoryEstimate(weights, lora_params * per_param, saved.total, 2 * saved.largest, vae_peak, basis, caching,
+                          blocks, stored, saved.flops, saved.recompute_flops)
 
 
 def _offload_units(family, denoiser) -> list:
@@ -349,7 +375,12 @@ def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, co
         return f"{said}; {estimate.advice()}"
     lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
     if fits:
-        return f"{said}; with {lines} it is estimated at {fitted.total_gb:.1f} GB: add these to the config"
+        from .step_costs import step_costs
+
+        fitted_config = config.model_copy(update=changes)
+        costs = step_costs(fitted_config, changes, estimate_memory(fitted_config, configs, flops=True))
+        return (f"{said}; with {lines} it is estimated at {fitted.total_gb:.1f} GB: add these to the config. What "
+                f"each costs a step (counted, not timed): " + "; ".join(costs))
     return (f"{said}; even with {lines} it is estimated at {fitted.total_gb:.1f} GB: lower resolution as well"
             if changes else f"{said}; {estimate.advice()}")
 

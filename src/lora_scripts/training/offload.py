@@ -62,9 +62,14 @@ def choose_offloaded(units: list[nn.Module], count: int) -> list[int]:
     return sorted(ranked[:count])
 
 
+def choose_sizes(sizes: list[int], count: int) -> list[int]:
+    """The sizes of the `count` blocks choose_offloaded swaps (the largest), of blocks sized `sizes`."""
+    return sorted(sizes, reverse=True)[:count]
+
+
 def saved_bytes(sizes: list[int], count: int) -> int:
     """Device bytes `count` swapped blocks save, of blocks sized `sizes`: theirs, less those in flight."""
-    top = sorted(sizes, reverse=True)[:count]
+    top = choose_sizes(sizes, count)
     return sum(top) - sum(top[:IN_FLIGHT])
 
 

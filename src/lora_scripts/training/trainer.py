@@ -23,9 +23,9 @@ from ..data.cache import (LatentCache, TextCache, latent_cache_plan, offload_pla
 from ..data.check import dataset_warnings
 from ..data.scan import scan_dataset
 from ..dtypes import DTYPES
-from ..errors import ConfigError, DatasetError, TrainingError, TrainingInterrupted
+from ..errors import ConfigError, DatasetError, TrainingError
 from .export import RunFacts, kohya_file_contents, save_kohya, tag_frequency
-from ..families import Conditioning, LoadSettings, Model
+from ..families import LoadSettings, Model
 from ..families.loading import load_base_model
 from ..hashes import file_sha256, legacy_model_hash
 from .adapters import adapter_scales, check_targets, choose_targets, inject_lora, is_adapter_param, lora_parameters
