@@ -110,6 +110,9 @@ def test_memory_estimate_moves_the_right_way_for_sd15(tmp_path):
     assert 1.55 < base.weights / 2**30 < 1.65 and base.caching > 0 and est(cache_latents=False).caching == 0
     # With it: the blocks' inputs, the layers outside them, and the block the backward pass recomputes.
     assert gc.activations < 0.3 * base.activations
+    # A trained text encoder is checkpointed too (as the trainer does): its share of the activations shrinks.
+    te, te_gc = est(train_text_encoder=True), est(train_text_encoder=True, gradient_checkpointing=True)
+    assert 0 < te_gc.activations - gc.activations < 0.5 * (te.activations - base.activations)
     assert 3.5 < b4.activations / base.activations < 4.5
     assert fp32.weights > 1.8 * base.weights
     assert 3.0 < base.total_gb < 6.0, base.as_dict()  # published SD1.5 LoRA runs at 512 px: ~4-6 GB in nvidia-smi
@@ -153,6 +156,38 @@ def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
     assert plain.flops == checkpointed.flops == checkpointed.recompute_flops == matmuls and plain.recompute_flops == 0
     q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 3)  # attention: q @ k^T, then @ v
     assert count_saved(lambda: F.scaled_dot_product_attention(q, k, v)).flops == 2 * (2 * 5 * 7) * (4 + 3)
+
+
+def test_checkpointed_inputs_in_tuples_and_nested_regions_are_counted_once():
+    """A region's tensors passed inside a tuple (Flux's rotary embedding) are kept for its recomputation; a region
+    called inside another (transformers' partial(...) form) is part of the outer one; checkpoint's own options
+    are not handed to the block."""
+    from functools import partial
+
+    import torch
+
+    from lora_scripts.training.memory import count_saved
+
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(3, 8)
+    state = {}
+
+    def inner(h):
+        return (h @ w).exp()  # saves h (for w's gradient) and the exp's output, 96 B each
+
+    def outer(h, extra):
+        return state["func"](partial(inner), h * extra[0], use_reentrant=False)  # the product saves nothing
+
+    def run():
+        return state["func"](outer, x, (torch.ones(3, 8),), use_reentrant=False).sum()
+
+    saved = count_saved(lambda: None)  # a counter to install by hand
+    state["func"] = saved.checkpoint
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        run()
+    # kept: x and the tuple's tensor (96 B each); the one region (the inner call is part of it, its input not kept
+    # apart): the product and the exp's output.
+    assert (saved.kept, saved.recompute) == (2 * 96, 2 * 96)
 
 
 def test_what_each_memory_setting_costs_a_step_is_counted(tmp_path):

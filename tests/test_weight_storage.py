@@ -190,3 +190,18 @@ def test_flux_stores_its_modulation_and_keeps_its_embedders():
         assert dtypes[kept] == torch.bfloat16, kept
     stored = sum(p.numel() for p in transformer.parameters() if p.dtype == FP8)
     assert stored > 0.99 * sum(p.numel() for p in transformer.parameters())  # 99.46 %: 64 M weights stay bf16
+
+
+def test_a_layer_wrapped_for_lora_keeps_its_unstored_pattern():
+    """Family.unstored_layers' patterns match a layer peft wrapped for LoRA by its own name (proj_out, not
+    proj_out.base_layer): a lora_targets list naming Flux's final layer does not store it."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net = nn.Module()
+    net.proj_out, net.norm1 = nn.Linear(8, 8), nn.Module()
+    net.norm1.linear = nn.Linear(8, 8)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj_out"]), net)
+    net.requires_grad_(False)
+    store_frozen(net, "fp8", torch.float32, ("^proj_out$",))
+    assert net.proj_out.base_layer.weight.dtype == net.proj_out.lora_A.default.weight.dtype == torch.float32
+    assert net.norm1.linear.weight.dtype == FP8

@@ -150,11 +150,12 @@ class SavedTensors:
         return t
 
     def checkpoint(self, fn, *args, **kwargs):
+        for option in ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"):
+            kwargs.pop(option, None)  # torch.utils.checkpoint's own options, not the block's
         if self._region is not None:  # nested: part of the outer region
             return fn(*args, **kwargs)
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                self.pack(a)
+        for t in _tensors((args, kwargs)):  # Flux passes its rotary embedding as a tuple
+            self.pack(t)
         self._region, start = 0.0, self.flops
         try:
             return fn(*args, **kwargs)
@@ -172,6 +173,18 @@ class SavedTensors:
 
     def add_attention(self, flops: float) -> None:
         self.attention_flops += flops
+
+
+def _tensors(value):
+    """The tensors in nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
 
 
 def _checkpoint_with(modules, function) -> None:
@@ -354,6 +367,8 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
         if key == "base_weight_dtype" and value == "nf4" and changes.get("offload", config.offload) != "none":
             continue
         trial = config.model_copy(update={**changes, key: value})
+        if _invalid(trial):  # e.g. int8/nf4 with DoRA, which the config refuses
+            continue
         if key in ("base_weight_dtype", "text_encoder_weight_dtype") and \
                 storage_problems(trial, DTYPES[trial.mixed_precision]):
             continue
@@ -366,6 +381,17 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
     return changes, estimate, False
 
 
+def _invalid(config: TrainConfig) -> bool:
+    """Whether the config's own rules refuse these settings together (model_copy does not run them)."""
+    from pydantic import ValidationError
+
+    try:
+        TrainConfig.model_validate(config.model_dump())
+    except (ValidationError, ValueError):
+        return True
+    return False
+
+
 def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, configs: dict | None = None) -> str:
     """What to add to the config to fit `vram_gb` (the estimate exceeds it), from the memory ladder."""
     said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {vram_gb:g} GB available"
@@ -374,15 +400,23 @@ def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, co
     except Exception:  # advice only
         return f"{said}; {estimate.advice()}"
     lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
-    if fits:
-        from .step_costs import step_costs
-
-        fitted_config = config.model_copy(update=changes)
-        costs = step_costs(fitted_config, changes, estimate_memory(fitted_config, configs, flops=True))
-        return (f"{said}; with {lines} it is estimated at {fitted.total_gb:.1f} GB: add these to the config. What "
-                f"each costs a step (counted, not timed): " + "; ".join(costs))
+    if fits and changes:
+        return (f"{said}; with {lines} it is estimated at {fitted.total_gb:.1f} GB: add these to the config"
+                + _costs(config, changes, configs))
     return (f"{said}; even with {lines} it is estimated at {fitted.total_gb:.1f} GB: lower resolution as well"
             if changes else f"{said}; {estimate.advice()}")
+
+
+def _costs(config: TrainConfig, changes: dict, configs: dict | None) -> str:
+    """'. What each costs a step ...' for fit_advice; '' where they cannot be counted (advice only)."""
+    from .step_costs import step_costs
+
+    fitted = config.model_copy(update=changes)
+    try:
+        costs = step_costs(fitted, changes, estimate_memory(fitted, configs, flops=True))
+    except Exception:
+        return ""
+    return ". What each costs a step (counted, not timed): " + "; ".join(costs) if costs else ""
 
 
 def too_big(config: TrainConfig, available_bytes: float, configs: dict | None = None) -> str | None:

@@ -36,7 +36,8 @@ def step_costs(config, changes: dict, estimate: MemoryEstimate) -> list[str]:
     step = estimate.forward_flops * (1 + BACKWARD_PER_FORWARD)
     for key, value in changes.items():
         if key == "mixed_precision":
-            lines.append(f"mixed_precision: {value}: none (faster than fp32 on every GPU since Ampere)")
+            lines.append(f"mixed_precision: {value}: none on GPUs since Ampere (RTX 30xx), where it is faster than "
+                         "fp32; older ones have no bf16: use fp16 there")
         elif key == "gradient_checkpointing" and step:
             lines.append(f"gradient_checkpointing: +{100 * estimate.recompute_flops / step:.0f} % compute "
                          f"({estimate.recompute_flops / 1e12:.1f} TFLOP run again, on {step / 1e12:.1f} TFLOP a step)")

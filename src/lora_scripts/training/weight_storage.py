@@ -107,7 +107,8 @@ def _frozen_leaves(module: nn.Module, classes: tuple[type, ...],
         keep = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
     skip = tuple(keep) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + ("lora_",)
     for name, leaf in module.named_modules():
-        if type(leaf) not in classes or any(re.search(p, name) for p in skip):
+        plain = name.replace(".base_layer", "")  # a layer peft wrapped for LoRA: matched by its own name
+        if type(leaf) not in classes or any(re.search(p, plain) for p in skip):
             continue
         if not any(p.requires_grad for p in leaf.parameters(recurse=False)):
             yield name, leaf
