@@ -224,7 +224,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
     from ..dtypes import DTYPES
     from ..families import family_for_configs
 
-    from .trainer import load_settings
+    from .trainer import checkpoint_text_encoder, load_settings
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # it warns about .to(dtype) on a model without weights
     configs = configs or _configs(config)
@@ -260,7 +260,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
     if config.gradient_checkpointing:  # as the trainer enables it
         denoiser.enable_gradient_checkpointing()
         for name in trained[1:]:
-            modules[name].gradient_checkpointing_enable()
+            checkpoint_text_encoder(modules[name])
     denoiser.train()
     b, side = config.batch_size, config.resolution // family.vae_scale_factor
 

@@ -271,7 +271,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.denoiser.enable_gradient_checkpointing()
             for name in names[1:]:
-                model.modules[name].gradient_checkpointing_enable()
+                checkpoint_text_encoder(model.modules[name])
         return model
 
     def setup_optimizer(self, model: Model) -> None:
@@ -452,6 +452,13 @@ def refuse_sharding(distributed_type) -> None:
             "LoRA file is written from the main process's full copy of the weights). Launch with --multi_gpu "
             "(each GPU holds the frozen model) or, on one GPU, lower the memory with mixed_precision: bf16, "
             "gradient_checkpointing: true and the text/latent caches"])
+
+
+def checkpoint_text_encoder(module) -> None:
+    """transformers' activation checkpointing: activation_checkpointing_enable from 5.x (gradient_checkpointing_enable
+    is its deprecated alias there, removed in 6), gradient_checkpointing_enable before."""
+    enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+    enable()
 
 
 def load_settings(cfg: TrainConfig, dtype: torch.dtype | None = None) -> LoadSettings:
