@@ -249,6 +249,25 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
     assert "exceeds the 3 GB available; with mixed_precision: bf16" in too_big(cfg, 3 * 2**30)
 
 
+def test_the_recipe_stores_text_encoders_smaller_only_where_that_lowers_the_peak(tmp_path):
+    """With the caches the text encoders leave the GPU before the steps: text_encoder_weight_dtype is dropped from a
+    fitting recipe when the estimate fits without it, kept when previews keep the encoders resident (SD1.5)."""
+    from lora_scripts.training.memory import _needed
+
+    (tmp_path / "data").mkdir()
+    changes = {"mixed_precision": "bf16", "gradient_checkpointing": True, "text_encoder_weight_dtype": "fp8"}
+    cached = validate_config(dict(train_data_dir=tmp_path / "data", base_model=tmp_path, output_dir=tmp_path / "o",
+                                  resolution=512))
+    fitted = estimate_memory(cached.model_copy(update=changes))
+    kept, estimate, fits = _needed(cached, changes, fitted, fitted.total_gb, None)
+    assert fits and "text_encoder_weight_dtype" not in kept and estimate.total_gb <= fitted.total_gb
+    previews = cached.model_copy(update={"sample_prompts": ["a lab"]})
+    small, large = (estimate_memory(previews.model_copy(update=c)).total_gb
+                    for c in (changes, {k: v for k, v in changes.items() if k != "text_encoder_weight_dtype"}))
+    assert small < large
+    assert _needed(previews, changes, fitted, (small + large) / 2, None)[0] == changes
+
+
 def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
     """Flux.1-dev's real configs (meta device) at 1024 px: 8 GB is reached with fp8 weights and most of its 57
     blocks swapped; the int8 step before it is replaced by fp8, which a swap can move."""

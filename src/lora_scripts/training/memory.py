@@ -362,7 +362,7 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
             changes.update(step)
             estimate = estimate_memory(config.model_copy(update=changes), configs)
             if estimate.total_gb <= vram_gb:
-                return changes, estimate, True
+                return _needed(config, changes, estimate, vram_gb, configs)
             continue
         if key == "base_weight_dtype" and value == "nf4" and changes.get("offload", config.offload) != "none":
             continue
@@ -377,8 +377,21 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
         changes[key] = value
         estimate = estimate_memory(trial, configs)
         if estimate.total_gb <= vram_gb:
-            return changes, estimate, True
+            return _needed(config, changes, estimate, vram_gb, configs)
     return changes, estimate, False
+
+
+def _needed(config: TrainConfig, changes: dict, estimate: MemoryEstimate, vram_gb: float,
+            configs: dict) -> tuple[dict, MemoryEstimate, bool]:
+    """Fitting changes without text_encoder_weight_dtype where the estimate fits without it: with the caches the
+    encoders leave the GPU before the steps, so storing them smaller lowers the peak only where their caching
+    phase is it (Flux.1's T5-XXL), not where the steps are (SDXL's encoders: a change for nothing)."""
+    if "text_encoder_weight_dtype" in changes:
+        rest = {k: v for k, v in changes.items() if k != "text_encoder_weight_dtype"}
+        without = estimate_memory(config.model_copy(update=rest), configs)
+        if without.total_gb <= vram_gb:
+            return rest, without, True
+    return changes, estimate, True
 
 
 def _invalid(config: TrainConfig) -> bool:
