@@ -154,6 +154,8 @@ def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
     # FLOPs: the four matmuls (2 x rows x in x out each); every block runs again in the backward pass.
     matmuls = 2 * b * (8 * 32 + 32 * 8 + 8 * 16 + 16 * 8)
     assert plain.flops == checkpointed.flops == checkpointed.recompute_flops == matmuls and plain.recompute_flops == 0
+    frozen = nn.Linear(8, 8)  # a frozen encoder run beside the trained ones: its forward FLOPs are left out
+    assert count_saved(lambda: net(frozen(x)), frozen=[frozen]).flops == matmuls
     q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 3)  # attention: q @ k^T, then @ v
     assert count_saved(lambda: F.scaled_dot_product_attention(q, k, v)).flops == 2 * (2 * 5 * 7) * (4 + 3)
 

@@ -134,6 +134,7 @@ class SavedTensors:
         # so only where asked for (step_costs).
         self._flop_counter = FlopCounterMode(display=False)
         self.attention_flops = 0.0
+        self._excluded = 0.0
         self.recompute_flops = 0.0  # every region runs again in the backward pass
         self._seen: dict[int, torch.Tensor] = {}  # holds each counted tensor: its id is never reused meanwhile
 
@@ -169,7 +170,11 @@ class SavedTensors:
 
     @property
     def flops(self) -> float:
-        return self._flop_counter.get_total_flops() + self.attention_flops
+        return self._flop_counter.get_total_flops() + self.attention_flops - self._excluded
+
+    def exclude(self, since: float) -> None:
+        """Leave out the FLOPs counted since `since` (a frozen module's forward pass)."""
+        self._excluded += self.flops - since
 
     def add_attention(self, flops: float) -> None:
         self.attention_flops += flops
@@ -196,15 +201,23 @@ def _checkpoint_with(modules, function) -> None:
                 m._gradient_checkpointing_func = function
 
 
-def count_saved(run, checkpointed=(), flops: bool = True) -> SavedTensors:
+def count_saved(run, checkpointed=(), flops: bool = True, frozen=()) -> SavedTensors:
     """What `run` keeps for its backward pass (.total at the peak, .largest single tensor, in bytes) and, with
-    `flops`, its FLOPs (.flops, .recompute_flops)."""
+    `flops`, its FLOPs (.flops, .recompute_flops), less those of the `frozen` modules' forward passes (a frozen
+    text encoder beside a trained one: it has no backward pass, so it is no part of the step's 1 + 1.15)."""
     saved = SavedTensors()
     _checkpoint_with(checkpointed, saved.checkpoint)
-    with saved._flop_counter if flops else contextlib.nullcontext(), \
-            torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
-            _flash_attention(saved.add_attention if flops else lambda f: None):
-        run()
+    starts: list[float] = []
+    hooks = [h for m in frozen for h in (m.register_forward_pre_hook(lambda m, a: starts.append(saved.flops)),
+                                         m.register_forward_hook(lambda m, a, o: saved.exclude(starts.pop())))]
+    try:
+        with saved._flop_counter if flops else contextlib.nullcontext(), \
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
+                _flash_attention(saved.add_attention if flops else lambda f: None):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
     return saved
 
 
@@ -274,7 +287,8 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
         family.predict(denoiser, latents, torch.zeros(b, dtype=torch.long, device="meta"), cond.to("meta", dtype), size,
                        **family.predict_options(configs, load_settings(config)))
 
-    saved = count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else (), flops)
+    saved = count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else (), flops,
+                        [modules[n] for n in family.text_encoders if n not in trained] if len(trained) > 1 else ())
     cached = latent_cache_plan(config)[0]
     vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
     # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
