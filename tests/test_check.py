@@ -270,6 +270,18 @@ def test_the_recipe_stores_text_encoders_smaller_only_where_that_lowers_the_peak
     assert _needed(previews, changes, fitted, (small + large) / 2, None)[0] == changes
 
 
+def test_the_ladder_skips_settings_the_config_refuses_together(tmp_path):
+    """The ladder's trial configs are copies (model_copy runs no validator): each is checked against the config's
+    own rules, so DoRA, which reads its frozen weight every step, is never offered int8/nf4."""
+    from lora_scripts.training.memory import _invalid
+
+    (tmp_path / "data").mkdir()
+    dora = validate_config(dict(train_data_dir=tmp_path / "data", base_model=tmp_path, output_dir=tmp_path / "o",
+                                network_type="dora"))
+    assert not _invalid(dora) and not _invalid(dora.model_copy(update={"base_weight_dtype": "fp8"}))
+    assert _invalid(dora.model_copy(update={"base_weight_dtype": "int8"}))
+
+
 def test_check_vram_8_gives_flux_dev_the_block_swap_recipe(tmp_path):
     """Flux.1-dev's real configs (meta device) at 1024 px: 8 GB is reached with fp8 weights and most of its 57
     blocks swapped; the int8 step before it is replaced by fp8, which a swap can move."""

@@ -359,6 +359,7 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
     estimate = estimate or estimate_memory(config, configs)
     if estimate.total_gb <= vram_gb:
         return changes, estimate, True
+    checkable = not _invalid(config)  # a config that fails for its own reasons (a moved folder) refuses no change
     for key, value in LADDER:
         current = changes.get(key, getattr(config, key))
         if current == value or (key == "mixed_precision" and current != "no") or \
@@ -381,7 +382,7 @@ def fitting_settings(config: TrainConfig, vram_gb: float, configs: dict | None =
         if key == "base_weight_dtype" and value == "nf4" and changes.get("offload", config.offload) != "none":
             continue
         trial = config.model_copy(update={**changes, key: value})
-        if _invalid(trial):  # e.g. int8/nf4 with DoRA, which the config refuses
+        if checkable and _invalid(trial):  # e.g. int8/nf4 with DoRA, which the config refuses
             continue
         if key in ("base_weight_dtype", "text_encoder_weight_dtype") and \
                 storage_problems(trial, DTYPES[trial.mixed_precision]):
