@@ -249,6 +249,8 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
 
     assert too_big(cfg, 64 * 2**30) is None
     assert "exceeds the 3 GB available; with mixed_precision: bf16" in too_big(cfg, 3 * 2**30)
+    # A device a byte short of the estimate: advice, not a budget rounded up to where nothing needs to change.
+    assert "; with mixed_precision: bf16" in too_big(cfg, estimate_memory(cfg).total - 1)
 
 
 def test_the_recipe_stores_text_encoders_smaller_only_where_that_lowers_the_peak(tmp_path):

@@ -422,7 +422,7 @@ def _invalid(config: TrainConfig) -> bool:
 
 def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, configs: dict | None = None) -> str:
     """What to add to the config to fit `vram_gb` (the estimate exceeds it), from the memory ladder."""
-    said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {vram_gb:g} GB available"
+    said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {round(vram_gb, 1):g} GB available"
     try:
         changes, fitted, fits = fitting_settings(config, vram_gb, configs, estimate)
     except Exception:  # advice only
@@ -459,7 +459,7 @@ def too_big(config: TrainConfig, available_bytes: float, configs: dict | None = 
 
         if estimate.total - saved_bytes(list(estimate.blocks), len(estimate.blocks)) <= available_bytes:
             return None
-    return fit_advice(config, estimate, round(available_bytes / GB, 1), configs)
+    return fit_advice(config, estimate, available_bytes / GB, configs)  # unrounded: a rounded-up budget may 'fit'
 
 
 if __name__ == "__main__":  # python -m lora_scripts.training.memory CONFIG.yaml
