@@ -422,7 +422,7 @@ def _invalid(config: TrainConfig) -> bool:
 
 def fit_advice(config: TrainConfig, estimate: MemoryEstimate, vram_gb: float, configs: dict | None = None) -> str:
     """What to add to the config to fit `vram_gb` (the estimate exceeds it), from the memory ladder."""
-    said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {round(vram_gb, 1):g} GB available"
+    said = f"estimated peak {estimate.total_gb:.1f} GB exceeds the {vram_gb:.3g} GB available"
     try:
         changes, fitted, fits = fitting_settings(config, vram_gb, configs, estimate)
     except Exception:  # advice only
