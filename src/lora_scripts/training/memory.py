@@ -231,7 +231,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
     from .adapters import add_dora, choose_targets, is_adapter_param, lora_config
     from .fused_adapters import share_fused
     from .offload import parse_offload, saved_bytes, unit_bytes
-    from .weight_storage import storage_plan, store_frozen
+    from .weight_storage import store_planned
 
     from ..data.cache import latent_cache_plan, offload_plan
     from ..dtypes import DTYPES
@@ -251,8 +251,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
     on_gpu = [m for n, m in modules.items() if not (text_off and n in family.text_encoders)]
     for m in modules.values():
         m.requires_grad_(False)
-    for name, storage in storage_plan(config, family).items():  # fp8 frozen weights: 1 byte each
-        store_frozen(modules[name], storage, dtype, family.unstored_layers(name))
+    store_planned(config, family, modules, dtype)  # fp8 frozen weights: 1 byte each
     weights = sum(p.numel() * p.element_size() for m in on_gpu for p in m.parameters()) \
         + (0 if vae_off else sum(p.numel() for p in vae.parameters()) * vae_bytes)
     blocks = tuple(unit_bytes(u) for u in _offload_units(family, denoiser))

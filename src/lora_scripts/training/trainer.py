@@ -34,7 +34,7 @@ from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
 from .offload import BlockOffloader, blocks_needed, choose_offloaded, parse_offload, unit_bytes
-from .weight_storage import storage_plan, storage_problems, store_frozen
+from .weight_storage import storage_problems, store_planned
 
 log = logging.getLogger(__name__)
 COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
@@ -258,9 +258,7 @@ class Trainer:
             # Convolutions pick their layout from the weights, so inputs need no conversion.
             model.denoiser.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
-        stored = storage_plan(cfg, family)
-        for name, storage in stored.items():
-            store_frozen(model.modules[name], storage, self.weight_dtype, family.unstored_layers(name))
+        stored = store_planned(cfg, family, model.modules, self.weight_dtype)
         if family.denoiser in stored and not cfg.gradient_checkpointing and self.accelerator.is_main_process:
             log.warning("base_weight_dtype: %s without gradient_checkpointing saves little at the peak: each layer's "
                         "%s copy is kept for the backward pass; set gradient_checkpointing: true",

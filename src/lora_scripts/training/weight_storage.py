@@ -47,6 +47,15 @@ def storage_plan(config: TrainConfig, family) -> dict[str, str]:
     return plan
 
 
+def store_planned(config: TrainConfig, family, modules: dict[str, nn.Module], compute: torch.dtype) -> dict[str, str]:
+    """Store each component the config names as its storage_plan says, keeping the family's unstored layers in
+    `compute`; returns the plan (the trainer and check's estimate both store through here)."""
+    plan = storage_plan(config, family)
+    for name, kind in plan.items():
+        store_frozen(modules[name], kind, compute, family.unstored_layers(name))
+    return plan
+
+
 def storage_problems(config: TrainConfig, compute: torch.dtype) -> list[str]:
     problems = []
     for key in ("base_weight_dtype", "text_encoder_weight_dtype"):
