@@ -15,13 +15,13 @@ About 1 minute per run on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 STEPS = dict(max_train_steps=20, batch_size=2, learning_rate=1e-3, lora_rank=4, gradient_checkpointing=True,
              save_precision="fp32", resolution=32, seed=0)
@@ -32,18 +32,6 @@ def _update(path: Path) -> torch.Tensor:
 
     deltas = read_lora(path).deltas()
     return torch.cat([deltas[name].flatten() for name in sorted(deltas)])
-
-
-def _dataset(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
-        rows.append((f"img_{i}.png", f"sci lab {i}, glowing consoles, neon lighting"))
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("file_name", "text"), *rows])
-    return folder
 
 
 def _base(family: str, root: Path) -> dict:
@@ -60,12 +48,14 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["fp8", "int8", "nf4"])
     args = parser.parse_args()
 
+    from step_time import make_data  # the benchmarks' random images with a metadata.csv
+
     from lora_scripts.config import validate_config
     from lora_scripts.families import FAMILIES
     from lora_scripts.training.loop import train
 
     root = Path(tempfile.mkdtemp())
-    data, base = _dataset(root / "data"), _base(args.family, root)
+    data, base = make_data(root / "data", 8, 32), _base(args.family, root)
 
     def run(name: str, **settings) -> torch.Tensor:
         cfg = dict(train_data_dir=data, metadata_path=data / "metadata.csv", output_dir=root / "out" / name,
