@@ -115,12 +115,15 @@ def test_memory_estimate_moves_the_right_way_for_sd15(tmp_path):
     assert 0 < te_gc.activations - gc.activations < 0.5 * (te.activations - base.activations)
     assert 3.5 < b4.activations / base.activations < 4.5
     assert fp32.weights > 1.8 * base.weights
-    assert 3.0 < base.total_gb < 6.0, base.as_dict()  # published SD1.5 LoRA runs at 512 px: ~4-6 GB in nvidia-smi
+    # Published SD1.5 LoRA runs at 512 px take ~4-6 GB in nvidia-smi (CUDA context and allocator cache included)
+    # with the VAE and text encoder on the GPU, as they stay here with previews.
+    assert 3.0 < previews.total_gb < 6.0, previews.as_dict()
 
 
 def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
     """Under gradient checkpointing a region keeps its input until the backward pass, which then runs it again and
-    holds what it saves: the estimate's count is what the rest keeps plus the largest region, counted by hand."""
+    holds what it saves, while what the forward pass saved after that region is already freed: the estimate's
+    count is the largest of (kept when a region began + what it saves), counted by hand."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -150,7 +153,10 @@ def test_checkpointing_counts_the_region_the_backward_pass_recomputes():
     assert plain.total == 4 * b * (8 + 32 + 32 + 8 + 16 + 16 + 8) and plain.largest == 4 * b * 32
     net._gradient_checkpointing_func = lambda fn, *args: fn(*args)  # as diffusers/transformers call it
     checkpointed = count_saved(lambda: net(x), [net])
-    assert (checkpointed.total, checkpointed.largest) == (4 * b * ((8 + 8 + 8) + (32 + 32)), 4 * b * 32)
+    # kept: x, the first block's output and the last output (8 each); the first block, recomputed with only x
+    # kept before it, holds its GELU's input and output (32 each): 8 + 64 > (8 + 8) + 2 * 16 > 24 kept in all.
+    assert (checkpointed.total, checkpointed.largest) == (4 * b * (8 + 32 + 32), 4 * b * 32)
+    assert (checkpointed.kept, checkpointed.recompute) == (4 * b * (8 + 8 + 8), 4 * b * (32 + 32))
     # FLOPs: the four matmuls (2 x rows x in x out each); every block runs again in the backward pass.
     matmuls = 2 * b * (8 * 32 + 32 * 8 + 8 * 16 + 16 * 8)
     assert plain.flops == checkpointed.flops == checkpointed.recompute_flops == matmuls and plain.recompute_flops == 0

@@ -116,11 +116,17 @@ def inject_lora(model: nn.Module, config: TrainConfig, modules: list[str], conv:
         add_dora(model)
     if family is not None:
         share_fused(family, component, model, config.network_type, config.lokr_factor)
+    train_in_fp32(model)
+    return cfg
+
+
+def train_in_fp32(model: nn.Module) -> None:
+    """The adapter's weights in fp32 and trainable, whatever the frozen weights' dtype: autocast then runs each
+    adapter matmul in the compute dtype on a cast copy, while the optimizer updates fp32 weights."""
     for name, p in model.named_parameters():
         if is_adapter_param(name):
             p.data = p.data.float()
             p.requires_grad_(True)
-    return cfg
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -8,10 +8,13 @@ Basis, stated in every estimate:
 * activations: the bytes of every tensor autograd keeps for the backward pass, counted by running the UNet
   (and the text encoder when trained) forward on the meta device with this resolution, batch, dtype,
   LoRA targets and gradient checkpointing (with it: each checkpointed block's inputs, what runs outside the
-  blocks, and the one block the backward pass is recomputing, the largest). Attention is counted as PyTorch
+  blocks, and a block as the backward pass recomputes it, on top of what was kept before it), under CUDA
+  autocast's casts (meta_autocast: norms in fp32, a cast copy per matmul). Attention is counted as PyTorch
   SDPA's flash/memory-efficient kernels keep it (q, k, v, output and a log-sum-exp), as on CUDA;
-* a transient allowance of twice the largest saved tensor (backward temporaries), and the VAE encode's
-  peak when latents are encoded every step.
+* a transient allowance of twice the largest saved tensor that gets a gradient (backward temporaries), and
+  the VAE encode's peak when latents are encoded every step.
+The same count under the CPU's autocast rules is compared with the allocations of real CPU training steps
+(benchmarks/estimate_vs_cpu.py: SD1.5, SDXL and Flux.1 widths, bf16, fp8, LoHa, checkpointing).
 It estimates `torch.cuda.max_memory_allocated`; the CUDA context (about 0.3-0.6 GB) comes on top in nvidia-smi.
 """
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import TrainConfig
+from .meta_autocast import MetaAutocast, lower
 
 GB = 1024**3
 # Weights in a storage dtype: fp8, and the meta stand-ins' bytes of int8/nf4 (weight_storage._stand_in).
@@ -91,6 +95,7 @@ def _flash_attention(count_flops=lambda flops: None):
     def sdpa(*args, **kwargs):
         # Positional (the UNet's attention) or by name (diffusers' attention dispatch, as Flux calls it).
         q, k, v = (args[i] if i < len(args) else kwargs[name] for i, name in enumerate(("query", "key", "value")))
+        q, k, v = lower(q, k, v)  # as autocast hands them to SDPA
         rows = q.numel() // q.shape[-1] * k.shape[-2]  # query x key pairs: q @ k^T, then the weights @ v
         count_flops(2 * rows * (q.shape[-1] + v.shape[-1]))
         return _FlashLikeAttention.apply(q, k, v)
@@ -121,14 +126,20 @@ class SavedTensors:
     Under gradient checkpointing a region keeps only its inputs until the backward pass, which then runs its
     forward again and holds everything that region saves until its gradients are done. `checkpoint` stands in
     for the models' checkpoint function (diffusers' and transformers' call it as fn(block, *args)): it counts
-    a region's tensor inputs as kept and what it saves inside as `recompute`, of which the largest region is
-    live at once, on top of what the other regions keep. Without it the estimate would miss that largest
-    region: for LoHa/LoKr it holds full-size fp32 weight changes (about 1.4 GB per Flux.1 double block)."""
+    a region's tensor inputs as kept and what it saves inside as that region's recomputation. The backward
+    pass meets the regions in reverse order, and by a region's turn everything saved after it in the forward
+    pass is freed: the peak is the largest of (kept when a region began + what it saves), and of all that is
+    kept when the backward pass starts. Without the regions the estimate would miss a recomputed block: for
+    LoHa/LoKr it holds full-size fp32 weight changes (about 1.4 GB per Flux.1 double block); adding the largest
+    region to everything kept instead errs high by what the later blocks keep (SDXL 1024: 0.2 GB, measured)."""
 
     def __init__(self):
         self.kept = 0.0  # through the whole backward pass (checkpoint inputs, layers outside regions)
         self.recompute = 0.0  # the largest checkpointed region's saved bytes
-        self.largest = 0.0  # the largest single tensor
+        self._peak = 0.0  # the largest (kept when a region began + its saved bytes)
+        self._kept: set[int] = set()  # ids of the tensors counted in `kept`
+        self._forward_end = 0.0  # held as the forward pass ends, though nothing keeps them for the backward
+        self.largest = 0.0  # the largest single tensor that gets a gradient (sizes the backward's temporaries)
         self._region: float | None = None  # bytes saved so far in the region now running
         # The aten ops' FLOPs (attention is added by _flash_attention); a dispatch mode that slows the count ~1.5x,
         # so only where asked for (step_costs).
@@ -138,15 +149,25 @@ class SavedTensors:
         self.recompute_flops = 0.0  # every region runs again in the backward pass
         self._seen: dict[int, torch.Tensor] = {}  # holds each counted tensor: its id is never reused meanwhile
 
-    def pack(self, t):
+    def pack(self, t, kept: bool = False):
+        """Count t once (kept: as a region's input, which stays through the backward pass even where a region
+        before saved it, and so was counted as recomputed)."""
         base = t._base if t._base is not None else t
-        if not isinstance(base, torch.nn.Parameter) and id(t) not in self._seen:
-            self._seen[id(t)] = t  # a branch's graph may be freed before the step ends: keep t, so its id stays t's
-            size = t.numel() * t.element_size()
-            if self._region is None:
+        if isinstance(base, torch.nn.Parameter):
+            return t
+        size = t.numel() * t.element_size()
+        if id(t) in self._seen:
+            if kept and id(t) not in self._kept:
                 self.kept += size
-            else:
-                self._region += size
+                self._kept.add(id(t))
+            return t
+        self._seen[id(t)] = t  # a branch's graph may be freed before the step ends: keep t, so its id stays t's
+        if self._region is None or kept:
+            self.kept += size
+            self._kept.add(id(t))
+        else:
+            self._region += size
+        if t.requires_grad:  # a tensor the backward pass makes a gradient of (not a frozen weight's copy)
             self.largest = max(self.largest, size)
         return t
 
@@ -156,17 +177,26 @@ class SavedTensors:
         if self._region is not None:  # nested: part of the outer region
             return fn(*args, **kwargs)
         for t in _tensors((args, kwargs)):  # Flux passes its rotary embedding as a tuple
-            self.pack(t)
-        self._region, start = 0.0, self.flops
+            self.pack(t, kept=True)
+        self._region, start, before = 0.0, self.flops, self.kept
         try:
             return fn(*args, **kwargs)
         finally:
+            self._peak = max(self._peak, before + self._region)
             self.recompute, self._region = max(self.recompute, self._region), None
             self.recompute_flops += self.flops - start
 
+    def held_at_forward_end(self, tensors) -> None:
+        """Tensors alive as the forward pass ends that no region keeps for the backward pass (autocast's cast
+        copies of the trained weights, freed when its region exits): they add to that moment only."""
+        self._forward_end += sum(t.numel() * t.element_size() for t in tensors if id(t) not in self._kept)
+
     @property
     def total(self) -> float:
-        return self.kept + self.recompute
+        """At the step's peak: all that is kept as the backward pass starts (with what the forward pass still
+        holds as it ends), or a region's recomputation on top of what was kept before that region. Not counted:
+        gradients waiting for a kept tensor's producer (a UNet's skip connections: tens of MB at SDXL 1024)."""
+        return max(self.kept + self._forward_end, self._peak)
 
     @property
     def flops(self) -> float:
@@ -221,14 +251,16 @@ def count_saved(run, checkpointed=(), flops: bool = True, frozen=()) -> SavedTen
     return saved
 
 
-def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: bool = False) -> MemoryEstimate:
+def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: bool = False,
+                    autocast: str = "cuda") -> MemoryEstimate:
     """configs: the base's component configs with its family (interop.table.base_configs); read from
-    config.base_model when not given. flops: count the forward pass's FLOPs too (slower)."""
+    config.base_model when not given. flops: count the forward pass's FLOPs too (slower). autocast: whose
+    mixed-precision rules the step runs under ('cuda', where users train; 'cpu' to compare with a CPU run)."""
     import logging
 
     from peft import inject_adapter_in_model
 
-    from .adapters import add_dora, choose_targets, is_adapter_param, lora_config
+    from .adapters import add_dora, choose_targets, is_adapter_param, lora_config, train_in_fp32
     from .fused_adapters import share_fused
     from .offload import parse_offload, saved_bytes, unit_bytes
     from .weight_storage import store_planned
@@ -268,6 +300,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
             if config.network_type == "dora":  # its magnitudes, and the scaled input each layer keeps
                 add_dora(modules[name])
             share_fused(family, name, modules[name], config.network_type, config.lokr_factor)
+            train_in_fp32(modules[name])  # as the trainer does (inject_lora)
     lora_params = sum(p.numel() for m in modules.values() for n, p in m.named_parameters() if is_adapter_param(n))
     if config.gradient_checkpointing:  # as the trainer enables it
         denoiser.enable_gradient_checkpointing()
@@ -276,7 +309,13 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
     denoiser.train()
     b, side = config.batch_size, config.resolution // family.vae_scale_factor
 
+    mixed = contextlib.nullcontext() if config.mixed_precision == "no" else MetaAutocast(autocast, dtype)
+
     def step():
+        with mixed:  # the trainer runs the denoiser, and the text encoders it trains, under autocast
+            _step()
+
+    def _step():
         if len(trained) > 1:
             cond = family.encode({n: modules[n] for n in family.text_encoders}, family.blank_tokens(b, "meta"), "meta")
         else:
@@ -288,6 +327,7 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
 
     saved = count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else (), flops,
                         [modules[n] for n in family.text_encoders if n not in trained] if len(trained) > 1 else ())
+    saved.held_at_forward_end(getattr(mixed, "copies", ()))
     cached = latent_cache_plan(config)[0]
     vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
     # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
@@ -296,8 +336,8 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
                + sum(p.numel() for p in vae.parameters()) * vae_bytes + _vae_encode_peak(vae, 1, config.resolution)
                if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
-             "LoRA targets (LoRA layers in fp32"
-             + ("; the largest checkpointed block counted as recomputed" if config.gradient_checkpointing else "")
+             "LoRA targets (" + (f"{autocast.upper()} autocast's casts" if config.mixed_precision != "no" else "fp32 throughout")
+             + ("; each checkpointed block counted as the backward pass recomputes it" if config.gradient_checkpointing else "")
              + "), flash/memory-efficient SDPA assumed; CUDA context not included")
     if config.offload == "auto":
         basis += "; offload: auto is sized on the GPU at start (not counted here)"
@@ -448,8 +488,9 @@ def _costs(config: TrainConfig, changes: dict, configs: dict | None) -> str:
 
 def too_big(config: TrainConfig, available_bytes: float, configs: dict | None = None) -> str | None:
     """Before anything loads: None when the estimate fits in `available_bytes` (the GPU's free memory), else
-    what to change. A warning, not a refusal: the estimate is not yet checked against a GPU to better than
-    a few tens of percent, and a run refused wrongly costs more than one that stops with out-of-memory."""
+    what to change. A warning, not a refusal: the estimate is checked against measured CPU steps to a few per
+    cent but not yet against a GPU (its kernels' temporaries, the caching allocator's fragmentation), and a run
+    refused wrongly costs more than one that stops with out-of-memory."""
     estimate = estimate_memory(config, configs)
     if estimate.total <= available_bytes:
         return None
