@@ -19,6 +19,9 @@ from lora_scripts.training.memory import GB, estimate_memory, fitting_settings
 from lora_scripts.training.step_costs import step_costs
 
 
+BASE_DTYPES = ("auto", "fp8", "int8", "nf4")
+
+
 def _config(folder: Path, **settings):
     return validate_config(dict(dict(train_data_dir=folder / "data", base_model=folder, output_dir=folder / "out",
                                      batch_size=1, lora_rank=16), **settings))
@@ -70,6 +73,14 @@ def main() -> None:
             totals.append(_gb(e.total))
             states.append(_gb(e.lora))
         print(_row(name, *totals, " / ".join(states)))
+
+    print("\n## Frozen weights stored smaller, 1024 px, bf16 + checkpointing, no swap\n")
+    print(_row("family", *BASE_DTYPES))
+    print(_row(*["---"] * (len(BASE_DTYPES) + 1)))
+    for name in ("sdxl", "flux1"):
+        print(_row(name, *(_gb(estimate_memory(_config(folder, resolution=1024, mixed_precision="bf16",
+                                                       gradient_checkpointing=True, base_weight_dtype=kind),
+                                               configs[name]).total) for kind in BASE_DTYPES)))
 
     print("\n## `check --vram`: what each budget adds (1024 px, batch 1, rank 16, from fp32)\n")
     print(_row("family", "vram", "settings added", "estimated peak", "fits", "what each costs a step (counted)"))

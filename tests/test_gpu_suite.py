@@ -24,3 +24,24 @@ def test_the_gpu_suite_dry_run_fills_every_row(tmp_path):
     assert by["bf16_vs_fp32"]["cosine"] > 0.999  # fp32 twice here: the same run
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and "FAILED" not in table
+
+
+def test_the_cpu_allocation_peak_is_what_a_run_holds_at_once():
+    """benchmarks/estimate_vs_cpu.py's measurement: the CPU allocator's events as the profiler reports them."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from estimate_vs_cpu import allocation_peak
+
+    mib = 2**20
+    held = torch.empty(5 * mib, dtype=torch.uint8)  # allocated before: not part of the run's peak
+
+    def run():
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(3 * mib, dtype=torch.uint8)  # 4 MiB at once
+        del a
+        c = torch.empty(mib // 2, dtype=torch.uint8)  # 3.5 MiB
+        return b, c
+
+    peak, kept = allocation_peak(run)
+    assert peak == 4 * mib and len(kept) == 2 and held.numel() == 5 * mib
