@@ -641,6 +641,19 @@ def test_stop_while_the_worker_starts_ends_as_stopped(ws):
         ended = wait_for(lambda: (j := _status(c, job["id"]))["status"] not in ("running", "queued") and j)
     assert ended["status"] == "stopped", ended
     assert not (ws / "output/early/checkpoints").exists()
+    assert (ws / ".lora-scripts-ui" / "jobs" / str(job["id"]) / "stop-requested").is_file()  # written before SIGINT
+
+
+def test_a_stop_whose_signal_start_up_lost_is_read_from_the_job_folder(tmp_path):
+    """A worker that inherited SIGINT ignored (a server started in the background by a script; pytest-xdist's
+    workers) loses a SIGINT sent before its handler is in place, and then trained on as if never stopped (seen in
+    CI: 22 minutes of a 100,000-step job). The server writes stop-requested before the signal; the worker reads it
+    once its handler is in place and ends as stopped."""
+    from lora_scripts.ui.worker import STOP_REQUESTED, run
+
+    (tmp_path / STOP_REQUESTED).touch()
+    assert run(tmp_path, tmp_path / "never-read.yaml", False, tmp_path) == 130
+    assert json.loads((tmp_path / "exit.json").read_text())["status"] == "stopped"
 
 
 def test_a_stop_during_the_workers_imports_is_kept_until_they_are_done(tmp_path):

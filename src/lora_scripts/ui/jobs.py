@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .workspace import Workspace
+from .worker import STOP_REQUESTED
 
 SNAPSHOT = "config.yaml"  # in the job's folder: the validated config the worker runs
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer; a larger id in an address names no job
@@ -173,6 +174,7 @@ class JobQueue:
             if job.status == "queued":
                 self.store.update(job_id, status="stopped", finished=time.time(), error="removed from the queue")
             elif job.status == "running" and job.pid:
+                (self.job_dir(job_id) / STOP_REQUESTED).touch()  # before the signal, which start-up may miss
                 try:
                     os.kill(job.pid, signal.SIGINT)
                     self._stop_sent.add(job_id)
@@ -244,7 +246,7 @@ class JobQueue:
     def _launch(self, job: Job) -> None:
         folder = self.job_dir(job.id)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("exit.json", "progress.json"):
+        for name in ("exit.json", "progress.json", STOP_REQUESTED):  # a resumed job's last Stop is done
             (folder / name).unlink(missing_ok=True)
         config = folder / SNAPSHOT
         if not config.is_file():

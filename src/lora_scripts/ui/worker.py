@@ -24,6 +24,12 @@ from ..atomic import atomic_write_text  # light: no torch
 
 # Nothing heavy at the top: main() installs the Stop handler below before any library is imported.
 
+# Written in the job's folder by the server before it sends SIGINT. A SIGINT that arrives before main() has
+# installed its handler is lost where the worker inherited SIGINT ignored (a server started in the background
+# by a non-interactive shell, or under pytest-xdist: the job then trained on as if never stopped); the file
+# is there whenever such a signal was sent, so the worker reads it once its handler is in place.
+STOP_REQUESTED = "stop-requested"
+
 
 class StartupStop:
     """SIGINT (the UI's Stop) before the trainer's own Ctrl-C handler is in place.
@@ -89,6 +95,8 @@ def _confine(config, workspace: Path) -> None:
 
 def run(job_dir: Path, config_path: Path, resume: bool, workspace: Path, stop: StartupStop | None = None) -> int:
     stop = stop or StartupStop()
+    if (job_dir / STOP_REQUESTED).exists():  # Stop was pressed before the handler was in place
+        stop.pending = True
     progress = ProgressFile(job_dir / "progress.json", stop=stop)
     exit_path = job_dir / "exit.json"
     output_dir = None
