@@ -120,15 +120,14 @@ def _row_config(name: str, inputs: dict, tiny: bool, folder: Path):
 
 def _real_configs(model: str) -> dict:
     """The component configs of a row's random-weight model (what its files say), without the files."""
-    from step_time import FLUX_REDUCED
+    from step_time import reduce_flux
 
     from lora_scripts.families import FAMILIES, FAMILY_KEY
 
     family = {"sd15": "sd15", "sdxl": "sdxl", "flux_reduced": "flux1"}[model]
     configs = {**FAMILIES[family].embedded_configs(), FAMILY_KEY: family}
     if model == "flux_reduced":  # as step_time.build_flux_reduced writes it
-        configs["transformer"].update(FLUX_REDUCED)
-        configs["text_encoder_2"].update(num_layers=2, num_decoder_layers=2)
+        reduce_flux(configs)
     return configs
 
 

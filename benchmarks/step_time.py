@@ -54,6 +54,13 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
 FLUX_REDUCED = dict(num_layers=2, num_single_layers=4)  # of Flux.1-dev's 19 and 38, at the real widths
 
 
+def reduce_flux(configs: dict) -> dict:
+    """Flux.1-dev's configs made `flux_reduced`'s, in place: FLUX_REDUCED's blocks, T5 with 2 of its 24 layers."""
+    configs["transformer"].update(FLUX_REDUCED)
+    configs["text_encoder_2"].update(num_layers=2, num_decoder_layers=2)
+    return configs
+
+
 def build_flux_reduced(folder: Path) -> Path:
     """Flux.1-dev at its real widths with fewer blocks, random weights, as a diffusers folder: the transformer with
     2 double + 4 single blocks (1.25 B parameters), the real CLIP-L and VAE, T5 at its real width (4096, so the
@@ -69,8 +76,7 @@ def build_flux_reduced(folder: Path) -> Path:
 
     family = FAMILIES["flux1"]
     configs = family.embedded_configs()
-    configs["transformer"].update(FLUX_REDUCED)
-    configs["text_encoder_2"].update(num_layers=2, num_decoder_layers=2)
+    reduce_flux(configs)
     torch.manual_seed(0)
     modules = family.build_modules(configs)
     for m in modules.values():

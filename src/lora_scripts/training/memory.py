@@ -328,7 +328,8 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
 
     saved = count_saved(step, [modules[n] for n in trained] if config.gradient_checkpointing else (), flops,
                         [modules[n] for n in family.text_encoders if n not in trained] if len(trained) > 1 else ())
-    saved.held_at_forward_end(getattr(mixed, "copies", ()))
+    if isinstance(mixed, MetaAutocast):
+        saved.held_at_forward_end(mixed.copies)
     cached = latent_cache_plan(config)[0]
     vae_peak = 0.0 if cached else _vae_encode_peak(vae, b, config.resolution)
     # The caches fill one image at a time with the VAE and the text encoders resident, the denoiser not yet.
@@ -337,8 +338,10 @@ def estimate_memory(config: TrainConfig, configs: dict | None = None, flops: boo
                + sum(p.numel() for p in vae.parameters()) * vae_bytes + _vae_encode_peak(vae, 1, config.resolution)
                if cached else 0.0)
     basis = ("meta-device count of saved activations for this architecture, resolution, batch, precision and "
-             "LoRA targets (" + (f"{autocast.upper()} autocast's casts" if config.mixed_precision != "no" else "fp32 throughout")
-             + ("; each checkpointed block counted as the backward pass recomputes it" if config.gradient_checkpointing else "")
+             "LoRA targets (" + ("fp32 throughout" if config.mixed_precision == "no"
+                                 else f"{autocast.upper()} autocast's casts")
+             + ("; each checkpointed block counted as the backward pass recomputes it"
+                if config.gradient_checkpointing else "")
              + "), flash/memory-efficient SDPA assumed; CUDA context not included")
     if config.offload == "auto":
         basis += "; offload: auto is sized on the GPU at start (not counted here)"

@@ -122,10 +122,9 @@ class MetaAutocast(TorchFunctionMode):
             if not _eligible(value, dtype):
                 return value
             if value.is_leaf and value.requires_grad and value.dtype == torch.float32 and dtype != torch.float32:
-                kept = self._weights.get(id(value))
-                if kept is None or kept[0] is not value or kept[1].dtype != dtype:
-                    kept = self._weights[id(value)] = (value, value.to(dtype))
-                return kept[1]
+                if id(value) not in self._weights:  # the weight held beside its copy: its id stays the weight's
+                    self._weights[id(value)] = (value, value.to(dtype))
+                return self._weights[id(value)][1]
             return value.to(dtype)
         if isinstance(value, (tuple, list)):
             return type(value)(self.cast(v, dtype) for v in value)
