@@ -393,6 +393,7 @@ def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: boo
         acc.wait_for_everyone()
         return fit(trainer, checkpoint, on_progress)
     finally:
+        trainer.close()
         if lock:
             lock.release()
 

@@ -11,8 +11,12 @@ blocks by hand for the same reason.
 
 How it stays correct:
 * Frozen weights never change, so a block is evicted by pointing its parameters back at their host copies
-  (nothing is copied back), and loaded by giving them a fresh device copy. A copy autograd still holds stays
-  valid: it is never overwritten, only released when autograd drops it.
+  (nothing is copied back), and loaded by giving them a fresh device copy, which is never overwritten: what
+  autograd saved of it (a Linear's transposed weight, an fp8 weight's cast copy) stays valid until autograd
+  drops it. Some ops save the parameter itself (a convolution in its own dtype, a norm's scale), and see
+  whatever it points at when their backward runs: that is the device copy only because the backward pass ends
+  a block before it recomputes the one before it, which is what evicts it (the autograd engine runs a later
+  block's nodes first). A test points evicted parameters at NaN to prove no swapped-out weight is read.
 * Gradient checkpointing is required (config check): each block's forward then saves only its inputs, and
   the backward pass recomputes the block, calling its forward pre-hook again, which loads it. Without
   checkpointing every block's weights would stay referenced until the backward pass: correct, but nothing
@@ -81,8 +85,23 @@ class BlockOffloader:
         self.units = [units[i] for i in offloaded]
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # Host copies, page-locked so copies to the GPU run asynchronously (one buffer per block).
-        self.homes = [self._homes(u) for u in self.units]
+        # Each block's frozen parameters as (parameter, byte offset) in one contiguous span of a host buffer:
+        # a block moves in one copy, into one device allocation of the same size every time it is loaded.
+        self.layouts: list[list[tuple[nn.Parameter, int]]] = []
+        self.spans: list[tuple[int, int]] = []
+        total = 0
+        for unit in self.units:
+            layout, start = [], total
+            for _, p in frozen_params(unit):
+                total = _aligned(total)
+                layout.append((p, total - start))
+                total += p.numel() * p.element_size()
+            self.layouts.append(layout)
+            self.spans.append((start, total))
+            total = _aligned(total)
+        self.host = HostBuffer(total)
+        # What an evicted block's parameters point at: views into the host buffer.
+        self.homes = [self._views(i, self.host.tensor[a:b]) for i, (a, b) in enumerate(self.spans)]
         self.marker: torch.cuda.Event | None = None
         self.resident: dict[int, torch.cuda.Event | None] = {}
         self.order: list[int] = []  # positions of self.units in the order they ran (recorded once)
@@ -90,7 +109,13 @@ class BlockOffloader:
         self.in_forward = False
         self.last: int | None = None
         for i in range(len(self.units)):
+            # Filled and evicted block by block: the original copy of each block is freed before the next is
+            # copied, so host RAM holds the swapped weights once plus one block, not twice.
+            for (p, _), home in zip(self.layouts[i], self.homes[i]):
+                home.copy_(p.data)
             self._evict(i)
+        if self.cuda:  # page-locked once filled (registering first would commit all of it beside the originals)
+            self.host.register(self.device)
         self._place_rest(root)
         self.hooks = [u.register_forward_pre_hook(self._hook(i)) for i, u in enumerate(self.units)]
         self.hooks += [root.register_forward_pre_hook(self._forward_starts),
@@ -98,30 +123,18 @@ class BlockOffloader:
         self.loads = 0
         self.cold = 0  # blocks that had to be loaded when they started (not prefetched): 1-2 per pass once recorded
 
-    def _homes(self, unit: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """The block's frozen parameters with their host copies: views into one host buffer, page-locked on CUDA.
-        The buffer is registered with CUDA where torch exposes cudaHostRegister: torch's pinned allocator rounds
-        each allocation up to a power of two, which would cost up to twice the swapped bytes in host RAM."""
-        params = [p for _, p in frozen_params(unit)]
-        offsets, total = [], 0
-        for p in params:
-            total = -(-total // 64) * 64  # every view 64-byte aligned
-            offsets.append(total)
-            total += p.numel() * p.element_size()
-        buffer = torch.empty(max(total, 1), dtype=torch.uint8)
-        if self.cuda:
-            buffer = _page_locked(buffer)
-        homes = []
-        for p, at in zip(params, offsets):
-            # the weight's own strides: channels_last convolutions stay channels_last (same kernels, same numbers)
-            view = buffer[at:at + p.numel() * p.element_size()].view(p.dtype).as_strided(p.shape, p.data.stride())
-            view.copy_(p.data)
-            homes.append((p, view))
-        return homes
+    def _views(self, i: int, block: torch.Tensor) -> list[torch.Tensor]:
+        """Block i's parameters as views into `block` (its span's bytes, on the host or the device), each with the
+        parameter's own strides: channels_last convolutions stay channels_last (same kernels, same numbers)."""
+        views = []
+        for p, at in self.layouts[i]:
+            raw = block[at:at + p.numel() * p.element_size()].view(p.dtype)
+            views.append(raw.as_strided(p.shape, p.data.stride()))
+        return views
 
     def _place_rest(self, root: nn.Module) -> None:
         """Everything the swap does not move goes to the device now (the swapped weights stay home)."""
-        swapped = {id(p) for homes in self.homes for p, _ in homes}
+        swapped = {id(p) for layout in self.layouts for p, _ in layout}
         for p in root.parameters():
             if id(p) not in swapped:
                 p.data = p.data.to(self.device)
@@ -133,7 +146,7 @@ class BlockOffloader:
     def ignored_names(self, root: nn.Module) -> list[str]:
         """Qualified names of the swapped parameters, which DistributedDataParallel must neither check for a
         device nor broadcast (they are frozen and identical on every process)."""
-        swapped = {id(p) for homes in self.homes for p, _ in homes}
+        swapped = {id(p) for layout in self.layouts for p, _ in layout}
         return [n for n, p in root.named_parameters() if id(p) in swapped]
 
     # --- hooks -----------------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ class BlockOffloader:
         if not self.recorded and self.in_forward and i not in self.order:
             self.order.append(i)
         if self.cuda:  # the host stays at most one block ahead of the GPU (see IN_FLIGHT)
-            marker = torch.cuda.Event()
+            marker = torch.cuda.Event(blocking=True)  # waited for by sleeping, not by spinning a core
             marker.record(torch.cuda.current_stream(self.device))
             if self.marker is not None:
                 self.marker.synchronize()
@@ -186,20 +199,26 @@ class BlockOffloader:
         if i in self.resident:
             return
         self.loads += 1
-        if not self.cuda:
-            for p, home in self.homes[i]:
-                p.data = home.to(self.device)
+        a, b = self.spans[i]
+        host = self.host.tensor[a:b]
+        if not self.cuda:  # the same memory on the CPU: the bookkeeping runs, nothing is copied
+            self._point(i, host.to(self.device))
             self.resident[i] = None
             return
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
-            copies = [home.to(self.device, non_blocking=True) for _, home in self.homes[i]]
+            block = _to_device(host, self.device)
             done = torch.cuda.Event()
             done.record(self.stream)
-        for (p, _), copy in zip(self.homes[i], copies):
-            copy.record_stream(main)  # used on the main stream: not reused before its kernels there finish
-            p.data = copy
+        # Allocated on the side stream, used on the main one: not reused before the main stream's kernels that
+        # read it have run (autograd may hold views of it into the backward pass: they keep it allocated).
+        block.record_stream(main)
+        self._point(i, block)
         self.resident[i] = done
+
+    def _point(self, i: int, block: torch.Tensor) -> None:
+        for (p, _), view in zip(self.layouts[i], self._views(i, block)):
+            p.data = view
 
     def _wait(self, i: int) -> None:
         event = self.resident.get(i)
@@ -208,7 +227,7 @@ class BlockOffloader:
             self.resident[i] = None
 
     def _evict(self, i: int) -> None:
-        for p, home in self.homes[i]:
+        for (p, _), home in zip(self.layouts[i], self.homes[i]):
             p.data = home
         self.resident.pop(i, None)
 
@@ -219,26 +238,91 @@ class BlockOffloader:
                 return i in self.resident
         return True
 
-    def remove(self) -> None:
-        """Stop swapping: every block back on the device (for code that runs the model without the hooks)."""
+    def close(self) -> None:
+        """End of the run: no more swapping (hooks removed, the swapped weights left in host memory) and the host
+        buffer's page-locking released. The model is not to be run on the device afterwards."""
         for h in self.hooks:
             h.remove()
-        for i in range(len(self.units)):
-            self._load(i)
-            self._wait(i)
+        self.hooks = []
+        for i in list(self.resident):
+            self._evict(i)
+        self.host.unregister()
 
 
-def _page_locked(buffer: torch.Tensor) -> torch.Tensor:
-    """`buffer` registered as page-locked memory in place (cudaHostRegister); a pinned copy where that fails."""
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A block's bytes copied to the device, asynchronously from page-locked memory (the caller's stream)."""
+    return host.to(device, non_blocking=True)
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // 64) * 64  # every view 64-byte aligned
+
+
+class HostBuffer:
+    """The swapped weights' host memory: one allocation with whole pages of its own, page-locked in place
+    (cudaHostRegister) once filled, so copies to the GPU run asynchronously, and unregistered before it is freed.
+
+    Registered in place because torch's pinned allocator rounds each allocation up to a power of two (up to
+    twice the swapped bytes in host RAM, beside the original weights while they are copied). Unregistering is
+    not optional: CUDA forbids freeing registered memory, a later registration of the same pages fails, and
+    a failed registration leaves CUDA's last-error set, to surface at some later kernel launch: a failure is
+    therefore reported at once, never worked around."""
+
+    PAGE = 4096
+
+    def __init__(self, nbytes: int):
+        size = max(1, -(-nbytes // self.PAGE)) * self.PAGE
+        raw = torch.empty(size + self.PAGE, dtype=torch.uint8)
+        shift = -raw.data_ptr() % self.PAGE
+        self.tensor = raw[shift:shift + size]  # page-aligned: no page shared with another allocation
+        self.registered: torch.device | None = None
+
+    def register(self, device: torch.device) -> None:
+        try:
+            cudart = torch.cuda.cudart()
+            register = cudart.cudaHostRegister
+        except (AttributeError, RuntimeError) as exc:  # a build without the binding: correct, only slower
+            log.warning("offload: cannot page-lock the block swap's host memory here (%s); its copies will not "
+                        "overlap computation", exc)
+            return
+        err = register(self.tensor.data_ptr(), self.tensor.numel(), 0)
+        if int(err) != 0:
+            from ..errors import TrainingError
+
+            raise TrainingError(
+                f"offload: CUDA could not page-lock the {self.tensor.numel() / 1024**3:.1f} GB of host memory the "
+                f"block swap keeps its weights in (CUDA error {int(err)}: {_error_string(cudart, err)}); free host "
+                "RAM, swap fewer blocks (offload: blocks:N), or store the weights smaller (base_weight_dtype: fp8)")
+        self.registered = device
+
+    def unregister(self) -> None:
+        if self.registered is None:
+            return
+        torch.cuda.synchronize(self.registered)  # no copy may still be reading it
+        torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        self.registered = None
+
+    def __del__(self):  # a run that ended without close() (an exception, a Trainer used directly)
+        try:
+            self.unregister()
+        except Exception:  # at interpreter exit CUDA may already be gone
+            pass
+
+
+def agreed_count(acc, count: int) -> int:
+    """The swap depth every process uses: the largest any of them needs. offload: auto sizes it to each GPU's own
+    free memory, and processes swapping different blocks would hand DistributedDataParallel different lists of
+    parameters to broadcast at start (a hang, or frozen weights overwritten by others' bytes)."""
+    if acc.num_processes == 1:
+        return count
+    return int(acc.gather(torch.tensor([count], device=acc.device)).max())
+
+
+def _error_string(cudart, err) -> str:
     try:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
-        if err == cudart.cudaError.success:
-            return buffer
-        log.info("cudaHostRegister refused the block-swap buffer (%s); using torch's pinned memory", err)
-    except (AttributeError, RuntimeError) as exc:
-        log.info("no cudaHostRegister (%s); using torch's pinned memory", exc)
-    return buffer.pin_memory()
+        return cudart.cudaGetErrorString(err)
+    except Exception:  # the binding's enum knows only `success` by name
+        return "see the CUDA runtime's error codes"
 
 
 def blocks_needed(sizes: list[int], need: float) -> int | None:

@@ -33,7 +33,7 @@ from .block_lr import block_groups, block_lr_problems
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
-from .offload import BlockOffloader, blocks_needed, choose_offloaded, parse_offload, unit_bytes
+from .offload import BlockOffloader, agreed_count, blocks_needed, choose_offloaded, parse_offload, unit_bytes
 from .weight_storage import storage_problems, store_planned
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,14 @@ class Trainer:
         self.validator = Validator(self.config, self.accelerator, self.model, self.trained, self.val_samples,
                                    self.weight_dtype)
         return self
+
+    def close(self) -> None:
+        """The run is over (finished, stopped or failed): the block swap's page-locked host memory is released."""
+        if self.offloader is not None:
+            try:
+                self.offloader.close()
+            except Exception as exc:  # e.g. CUDA already failed: never hide the error that ended the run
+                log.warning("offload: could not release the block swap's host memory: %s", exc)
 
     def check_fits(self) -> None:
         """On a GPU, the memory estimate against its free memory, before minutes of loading (a few seconds)."""
@@ -196,8 +204,8 @@ class Trainer:
         count = blocks_needed([unit_bytes(u) for u in units], need)
         if count is None:
             log.warning("offload: auto: even with every block swapped the step is estimated not to fit; swapping all")
-            return len(units)
-        return count
+            count = len(units)
+        return agreed_count(acc, count)
 
     def setup_model(self) -> Model:
         cfg = self.config
