@@ -3,7 +3,9 @@
 CPU kernels (vector width, thread count, reduction order) differ between processors, so the two toy LoRAs a test
 trains are not the same bits everywhere, and neither are the images drawn with them. This trains the style and
 subject LoRAs exactly as tests/test_toy_world.py does, in this process's kernel setting, and prints per seed the
-neon fraction and arm probability of the base and of the combination (style 0.75 + subject 1).
+neon fraction and arm probability of the base, of the combination (style 0.75 + subject 1), and of both at full
+strength (style 1 + subject 1: the known weak spot, where the style LoRA redraws the subject as its own shapes on
+many prompts; measured here rather than by a test that could only report it).
 
 Run it under several settings, e.g.:
     OMP_NUM_THREADS=1 python benchmarks/toy_combination_spread.py
@@ -40,7 +42,8 @@ def main(seeds=range(1, 13)) -> dict:
         sampler = Sampler.open(base, loras)
         rows = {}
         for label, weights in (("base", {"neon_lab": 0.0, "robotic_arm": 0.0}),
-                               ("combo", {"neon_lab": 0.75, "robotic_arm": 1.0})):
+                               ("combo", {"neon_lab": 0.75, "robotic_arm": 1.0}),
+                               ("full", {"neon_lab": 1.0, "robotic_arm": 1.0})):
             per_seed = []
             for seed in seeds:
                 ims = sampler.images(COMBO_PROMPTS, (seed,), weights)
