@@ -51,8 +51,10 @@ def test_two_processes_agree_on_the_weights(tmp_path, dataset, base, request):
 
 @pytest.mark.slow
 def test_train_py_under_accelerate_launch(tmp_path, dataset, tiny_ckpt):
-    """The README's multi-GPU command, on two CPU processes; with a block swap, whose weights DDP must leave to it."""
-    config = seed_config(tmp_path, tiny_ckpt, epochs=2, gradient_checkpointing=True, offload="blocks:4")
+    """The README's multi-GPU command, on two CPU processes; with a block swap, whose weights DDP must leave to it,
+    and fp8 frozen weights, which DDP must not broadcast (gloo cannot; nor can any backend torchao's int8)."""
+    config = seed_config(tmp_path, tiny_ckpt, epochs=2, gradient_checkpointing=True, offload="blocks:4",
+                         base_weight_dtype="fp8")
     proc = subprocess.run(LAUNCH + [str(REPO / "train.py"), "--config", str(config)], env=_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

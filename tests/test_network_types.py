@@ -391,6 +391,9 @@ def test_bad_network_settings_are_named(tmp_path, dataset, tiny_ckpt, tiny_flux_
     assert "lora_dropout = 0.1 with network_type: lokr" in problem(tiny_ckpt, network_type="lokr", lora_dropout=0.1)
     assert "network_type = dora with text_encoder_weight_dtype = nf4" in problem(
         tiny_ckpt, network_type="dora", train_text_encoder=True, text_encoder_weight_dtype="nf4")
+    # LyCORIS' modules shape their weight change like bitsandbytes' packed 4-bit weight (a crash at the first step)
+    assert "network_type = loha with base_weight_dtype = nf4" in problem(tiny_ckpt, network_type="loha",
+                                                                          base_weight_dtype="nf4")
     message = problem(tiny_flux_files["base_model"], conv_rank=4, **flux_keys(tiny_flux_files))
     assert "conv_rank = 4: the Flux.1 transformer has no 3x3 convolutions to train; remove conv_rank" in message
     # locon on a transformer is what LyCORIS makes of it: LoRA on its Linear layers, with a warning

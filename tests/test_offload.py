@@ -15,7 +15,7 @@ from lora_scripts.families import FAMILIES, LoadSettings
 from lora_scripts.families.tiny import build_tiny
 from lora_scripts.training import offload
 from lora_scripts.training.offload import (
-    WINDOW, BlockOffloader, HostBuffer, agreed_count, blocks_needed, choose_offloaded, saved_bytes)
+    WINDOW, BlockOffloader, HostBuffer, agreed_count, blocks_needed, choose_offloaded, free_device_bytes, saved_bytes)
 
 
 def _batch(family, configs, seed=1):
@@ -281,3 +281,13 @@ def test_every_process_swaps_as_many_blocks_as_the_tightest_one_needs():
     assert agreed_count(Acc(), 3) == 7
     Acc.num_processes = 1
     assert agreed_count(Acc(), 3) == 3
+
+
+def test_free_memory_counts_what_torchs_cache_holds_unused(monkeypatch):
+    """After caching, the text encoders and VAE leave the GPU; their memory stays in torch's cache, free to this
+    process though the driver counts it as taken: offload: auto and the start-up check count it as free."""
+    gb = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gb, 24 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gb)
+    assert free_device_bytes(torch.device("cuda")) == 11 * gb

@@ -351,6 +351,12 @@ class TrainConfig(BaseModel):
                 if getattr(self, key) in ("int8", "nf4"):
                     raise ValueError(f"network_type = dora with {key} = {getattr(self, key)}: DoRA reads the "
                                      f"frozen weight every step; use {key}: fp8 (or auto)")
+        if self.network_type in ("loha", "lokr"):
+            for key in ("base_weight_dtype",) + (("text_encoder_weight_dtype",) if self.train_text_encoder else ()):
+                if getattr(self, key) == "nf4":
+                    raise ValueError(f"network_type = {self.network_type} with {key} = nf4: {self.network_type} "
+                                     "shapes its weight change like the frozen weight, which bitsandbytes keeps "
+                                     f"packed in 4 bits; use {key}: int8 or fp8, or network_type: lora")
         if self.save_format == "diffusers" and self.network_type in ("loha", "lokr", "dora"):
             raise ValueError(f"save_format = diffusers with network_type: {self.network_type}: diffusers reads "
                              "plain LoRA only; use save_format: kohya (A1111 and ComfyUI load LoHa/LoKr/DoRA)")

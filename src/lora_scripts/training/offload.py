@@ -143,12 +143,6 @@ class BlockOffloader:
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
 
-    def ignored_names(self, root: nn.Module) -> list[str]:
-        """Qualified names of the swapped parameters, which DistributedDataParallel must neither check for a
-        device nor broadcast (they are frozen and identical on every process)."""
-        swapped = {id(p) for layout in self.layouts for p, _ in layout}
-        return [n for n, p in root.named_parameters() if id(p) in swapped]
-
     # --- hooks -----------------------------------------------------------------------------------------------
     def _forward_starts(self, module, args) -> None:
         self.in_forward = True
@@ -316,6 +310,13 @@ def agreed_count(acc, count: int) -> int:
     if acc.num_processes == 1:
         return count
     return int(acc.gather(torch.tensor([count], device=acc.device)).max())
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """What this process can still allocate on a CUDA device: the driver's free memory and what torch's caching
+    allocator holds unused (the text encoders' and VAE's memory once they leave for the CPU after caching, which
+    mem_get_info alone counts as taken: offload: auto would swap ~9.5 GB more of Flux.1 than it needs)."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _error_string(cudart, err) -> str:

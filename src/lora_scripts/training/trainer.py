@@ -33,7 +33,8 @@ from .block_lr import block_groups, block_lr_problems
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
-from .offload import BlockOffloader, agreed_count, blocks_needed, choose_offloaded, parse_offload, unit_bytes
+from .offload import (BlockOffloader, agreed_count, blocks_needed, choose_offloaded, free_device_bytes, parse_offload,
+                      unit_bytes)
 from .weight_storage import storage_problems, store_planned
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class Trainer:
         from .memory import too_big
 
         try:
-            advice = too_big(self.config, torch.cuda.mem_get_info(acc.device)[0])
+            advice = too_big(self.config, free_device_bytes(acc.device))
         except Exception as exc:  # the estimate is advice: it never stops a run
             log.info("no memory estimate before loading: %s", exc)
             return
@@ -200,7 +201,7 @@ class Trainer:
 
         step = estimate_memory(self.config)
         resident = sum(p.numel() * p.element_size() for p in model.denoiser.parameters())
-        need = resident + step.lora + step.activations + step.transient - 0.9 * torch.cuda.mem_get_info(acc.device)[0]
+        need = resident + step.lora + step.activations + step.transient - 0.9 * free_device_bytes(acc.device)
         count = blocks_needed([unit_bytes(u) for u in units], need)
         if count is None:
             log.warning("offload: auto: even with every block swapped the step is estimated not to fit; swapping all")
@@ -222,8 +223,8 @@ class Trainer:
         # denoiser joins the GPU after the caches are filled (setup_loader), as sd-scripts does: encoding with
         # the VAE and the text encoders is then the only thing there (SDXL: 1.7 GB instead of 6.5 GB of weights).
         model.denoiser.to(self.weight_dtype)
-        for encoder in model.text_encoders.values():
-            encoder.to(device, self.weight_dtype)
+        for encoder in model.text_encoders.values():  # to the device once stored (below)
+            encoder.to(self.weight_dtype)
         # An fp16 VAE overflows to NaN on bright images (a known SD1.5 failure); keep it fp32 unless bf16.
         model.vae.to(device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
         model.vae.requires_grad_(False)
@@ -267,6 +268,10 @@ class Trainer:
             model.denoiser.to(memory_format=torch.channels_last)
             model.vae.to(memory_format=torch.channels_last)
         stored = store_planned(cfg, family, model.modules, self.weight_dtype)
+        for encoder in model.text_encoders.values():
+            # Stored first: with text_encoder_weight_dtype they reach the GPU in fp8/int8/nf4, never at full size
+            # (Flux.1's T5-XXL: 4.8 GB, not 9.5 GB, while the caches fill).
+            encoder.to(device)
         if family.denoiser in stored and not cfg.gradient_checkpointing and self.accelerator.is_main_process:
             log.warning("base_weight_dtype: %s without gradient_checkpointing saves little at the peak: each layer's "
                         "%s copy is kept for the backward pass; set gradient_checkpointing: true",
@@ -300,7 +305,13 @@ class Trainer:
         placement = [True] * (len(names) + 2)
         if self.offloader is not None:  # the swap placed the denoiser: prepare must not move its swapped weights
             placement[0] = False
-            DDP._set_params_and_buffers_to_ignore_for_model(model.denoiser, self.offloader.ignored_names(model.denoiser))
+        for name in names:
+            # Frozen weights are read from the same file by every process: DistributedDataParallel is to neither
+            # broadcast nor check them. It cannot broadcast int8 (torchao) tensors, nor fp8 ones over gloo, and
+            # swapped weights are in host memory.
+            module = model.modules[name]
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                module, [n for n, p in module.named_parameters() if not p.requires_grad])
         out = self.accelerator.prepare(*[model.modules[n] for n in names], optimizer, scheduler,
                                        device_placement=placement)
         # The networks the step runs: prepared (DDP-wrapped) where they train, the model's own where frozen.

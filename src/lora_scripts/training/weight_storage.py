@@ -8,7 +8,8 @@ bitsandbytes and peft maintain; CUDA, and CPU in recent bitsandbytes). int8 and 
 Each frozen Linear/Conv/Embedding keeps its weight in the storage dtype, and its forward computes with a copy in
 the compute dtype. LoRA layers, norms, position/patch embeddings and a model's own precision-critical layers
 (diffusers' default skip patterns, its _skip_layerwise_casting_patterns and _keep_in_fp32_modules; or, where a
-family names them, its own: Family.unstored_layers) are left in the compute dtype. The copy lives only while autograd needs it for the backward pass: with gradient
+family names them, its own: Family.unstored_layers), and the layer whose parameter gives the model its `dtype`,
+are left in the compute dtype. The copy lives only while autograd needs it for the backward pass: with gradient
 checkpointing one block at a time, without it every layer's until the backward pass (little saved at the peak).
 
 Written here rather than taken from diffusers' layerwise casting, which is for inference: it swaps each
@@ -115,12 +116,25 @@ def _frozen_leaves(module: nn.Module, classes: tuple[type, ...],
     if keep is None:
         keep = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
     skip = tuple(keep) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + ("lora_",)
+    first = _dtype_parameter(module)
     for name, leaf in module.named_modules():
         plain = name.replace(".base_layer", "")  # a layer peft wrapped for LoRA: matched by its own name
         if type(leaf) not in classes or any(re.search(p, plain) for p in skip):
             continue
+        if first is not None and any(p is first for p in leaf.parameters(recurse=False)):
+            continue
         if not any(p.requires_grad for p in leaf.parameters(recurse=False)):
             yield name, leaf
+
+
+def _dtype_parameter(module: nn.Module) -> nn.Parameter | None:
+    """The parameter a diffusers/transformers model reports as its `dtype` (the first floating-point one), which
+    pipelines cast prompt embeddings and latents to: its layer stays in the compute dtype (a CLIP or T5 text
+    encoder's token embedding; a UNet's conv_in). Stored in fp8, the previews' pipelines would build fp8 prompt
+    embeddings ("Unexpected floating ScalarType" under autocast). None for a plain nn.Module (no such property)."""
+    if not isinstance(getattr(type(module), "dtype", None), property):
+        return None
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
 
 
 def store_frozen(module: nn.Module, kind: str, compute: torch.dtype, keep: tuple[str, ...] | None = None) -> int:
@@ -129,6 +143,7 @@ def store_frozen(module: nn.Module, kind: str, compute: torch.dtype, keep: tuple
     converted."""
     if kind in ("int8", "nf4"):
         leaves = dict(_frozen_leaves(module, (nn.Linear,), keep))
+        count = len(leaves)
         if any(p.is_meta for p in module.parameters()):
             for leaf in leaves.values():  # check's estimate, on the meta device where nothing quantises
                 _stand_in(leaf, kind, compute)
@@ -136,7 +151,7 @@ def store_frozen(module: nn.Module, kind: str, compute: torch.dtype, keep: tuple
             _quantize_int8(module, leaves)
         else:
             _quantize_nf4(module, leaves, compute)
-        return len(leaves)
+        return count
     storage = STORAGE[kind]
     if storage == compute:
         return 0
@@ -161,7 +176,8 @@ def _quantize_nf4(module: nn.Module, leaves: dict[str, nn.Module], compute: torc
     where it sits: inside a peft LoRA wrapper that is the wrapper's base layer."""
     import bitsandbytes as bnb
 
-    for name, leaf in leaves.items():
+    while leaves:  # each replaced layer let go at once: its full-precision weight is freed layer by layer
+        name, leaf = leaves.popitem()
         parent, _, child = name.rpartition(".")
         q = bnb.nn.Linear4bit(leaf.in_features, leaf.out_features, bias=leaf.bias is not None, compute_dtype=compute,
                               quant_type="nf4", device="meta")
