@@ -28,7 +28,7 @@ def test_cached_training_equals_uncached(tmp_path, dataset, tiny_ckpt):
 
 
 def _setup(tmp_path, tiny_ckpt, **kw):
-    return Trainer(load_config(seed_config(tmp_path, tiny_ckpt, cache_latents_to_disk=True, **dict(RUN, **kw)))).setup()
+    return Trainer(load_config(seed_config(tmp_path, tiny_ckpt, **{**RUN, "cache_latents_to_disk": True, **kw}))).setup()
 
 
 def test_disk_cache_hits_and_an_edited_image_is_encoded_again(tmp_path, dataset, tiny_ckpt):
@@ -99,3 +99,25 @@ def test_text_disk_cache_hits_and_is_keyed_by_tokens_and_encoders(tmp_path, data
     with torch.no_grad():
         dict(next(iter(encoders.values())).named_parameters())[name][0] += 0.01
     assert encoders_identity(encoders) != before
+
+
+def test_only_a_disk_cache_makes_the_other_processes_wait_for_the_main_one(tmp_path, dataset, tiny_ckpt, monkeypatch):
+    """Under several processes a disk cache is written by the main process and then read by the others; a cache in
+    memory is filled by every process at once (in turn, the others would wait as long again for nothing)."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    entered = []
+
+    @contextlib.contextmanager
+    def main_first(self):
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(Accelerator, "main_process_first", main_first)
+    trainer = _setup(tmp_path, tiny_ckpt)  # latents on disk, text embeddings in memory
+    assert trainer.latent_cache is not None and trainer.text_cache is not None and len(entered) == 1
+    entered.clear()
+    _setup(tmp_path, tiny_ckpt, cache_latents_to_disk=False)
+    assert entered == []

@@ -99,6 +99,31 @@ def test_batches_never_mix_buckets_and_are_reproducible(tmp_path, tiny_ckpt):
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["pixel_values"].min() >= -1
 
 
+@pytest.mark.parametrize("processes", [2, 3, 4, 8])
+def test_under_several_processes_each_gets_whole_one_bucket_batches_and_as_many_as_the_others(processes):
+    """accelerate shards the batch sampler across processes (prepare's BatchSamplerShard). A bucket's
+    last batch is smaller; it must still reach one process whole: no batch mixing buckets (Collate would fail on
+    that process alone), no image left out of an epoch, and the same number of batches everywhere (a process
+    with one more would wait in a gradient all-reduce the others never join)."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    rng = random.Random(processes)
+    for trial in range(60):
+        items = [SimpleNamespace(bucket=(32 * rng.randint(1, 3), 32)) for _ in range(rng.randint(processes, 40))]
+        sampler = BucketBatchSampler(items, rng.choice([1, 2, 3, 4]), seed=trial)
+        sampler.set_epoch(trial % 3)
+        loader = DataLoader(range(len(items)), batch_sampler=sampler, collate_fn=list)
+        shards = [prepare_data_loader(loader, num_processes=processes, process_index=r, put_on_device=False).batch_sampler
+                  for r in range(processes)]
+        got = [list(shard) for shard in shards]
+        assert {len(g) for g in got} == {len(shards[0])}, (trial, [len(g) for g in got], len(shards[0]))
+        assert all(len({items[i].bucket for i, _ in batch}) == 1 for g in got for batch in g), trial
+        assert {i for g in got for batch in g for i, _ in batch} == set(range(len(items))), trial
+
+
 def test_caption_shuffle_keeps_tokens_and_dropout(tmp_path, dataset, tiny_ckpt):
     cfg = _cfg(tmp_path, tiny_ckpt, shuffle_caption=True, keep_tokens=1)
     outs = {process_caption("sks, a, b, c, d", cfg, random.Random(i)) for i in range(20)}

@@ -112,3 +112,18 @@ def test_second_ctrl_c_stops_at_once():
         assert loop.stop_requested
         with pytest.raises(KeyboardInterrupt):
             handler._handle(2, None)
+
+
+def test_sigterm_asks_for_a_checkpoint_like_a_first_ctrl_c():
+    """Schedulers, `docker stop` and `kill` end a process with SIGTERM and a grace period: the run saves, and the
+    handlers before it are back once it ends."""
+    import os
+    import signal
+
+    from lora_scripts.training.loop import _CtrlC
+
+    loop, before = _Loop(), signal.getsignal(signal.SIGTERM)
+    with _CtrlC(loop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert loop.stop_requested
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -83,3 +83,14 @@ def test_resume_under_two_processes_is_bit_identical(tmp_path, dataset, tiny_ckp
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     steps = [int(line.split(",")[0]) for line in (tmp_path / "output" / "resumed" / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [4, 5, 6]  # written once (by the main process), starting after the checkpoint
+
+
+def test_processes_wait_for_one_another_longer_than_nccls_default(tmp_path, dataset, tiny_ckpt):
+    """NCCL gives up on a collective after 10 minutes by default, ending a healthy run in which the main process
+    works alone that long (filling a large disk cache, drawing previews) while the others wait for it."""
+    from datetime import timedelta
+
+    from lora_scripts.config import load_config
+    from lora_scripts.training.trainer import Trainer
+
+    assert Trainer(load_config(seed_config(tmp_path, tiny_ckpt))).accelerator.init_handler.timeout >= timedelta(hours=1)

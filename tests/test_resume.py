@@ -107,3 +107,17 @@ def test_save_last_n_bounds_disk_use(tmp_path, dataset, tiny_ckpt):
     cfg = load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=8, save_steps=2, save_last_n=2))
     train(cfg)
     assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["step-4", "step-6"]
+
+
+def test_a_resume_that_sees_fewer_gpus_than_the_save_restores_what_it_can(monkeypatch):
+    """A checkpoint holds a CUDA RNG state per GPU its process saw; resumed on a machine (or under
+    CUDA_VISIBLE_DEVICES) with fewer, torch.cuda.set_rng_state_all would fail on the first missing device."""
+    from lora_scripts.training.checkpoints import restore_rng, rng_states
+
+    states = {**rng_states(), "cuda": [torch.zeros(4, dtype=torch.uint8) + i for i in range(4)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    restore_rng(states)
+    assert restored == [(0, 0), (1, 1)]

@@ -246,3 +246,21 @@ def test_compare_reads_a_run_made_before_the_resolved_config_mark(tmp_path, data
     path = result.output_dir / "config.yaml"
     path.write_text(path.read_text().replace(RESOLVED_MARK + "\n", ""))  # as older versions wrote it
     assert read_run(result.output_dir).config["lora_rank"] == 4
+
+
+def test_every_trained_network_accumulates_without_syncing(tmp_path, dataset, tiny_ckpt, monkeypatch):
+    """Under several processes, gradient accumulation skips DDP's all-reduce until the boundary in every network
+    that trains: the text encoder's too, not only the denoiser's (correct either way, but N times the traffic)."""
+    from accelerate import Accelerator
+
+    seen, accumulate = [], Accelerator.accumulate
+
+    def recording(self, *models):
+        seen.append(len(models))
+        return accumulate(self, *models)
+
+    monkeypatch.setattr(Accelerator, "accumulate", recording)
+    config = load_config(seed_config(tmp_path, tiny_ckpt, max_train_steps=1, gradient_accumulation_steps=2,
+                                     train_text_encoder=True, **SMALL))
+    fit(Trainer(config).setup())
+    assert seen and set(seen) == {2}, seen

@@ -75,10 +75,16 @@ class LoraDataset(Dataset):
 
 
 class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Shuffled batches that never mix buckets. Call set_epoch() before iterating each epoch."""
+    """Shuffled batches that never mix buckets. Call set_epoch() before iterating each epoch.
+
+    Deliberately without a `batch_size` attribute: accelerate's BatchSamplerShard (multi-GPU) reads it and then
+    takes every batch but the epoch's last to be full. A bucket's last batch is smaller, so it would skip whole
+    rounds of batches that end in one, and top up the last round with images of other buckets (a batch Collate
+    cannot stack, on one process only), leaving processes with different batch counts. Without it, accelerate
+    deals whole batches in turn and pads the last round with whole batches from the epoch's start."""
 
     def __init__(self, items: list[Item], batch_size: int, seed: int, drop_last: bool = False):
-        self.batch_size = batch_size
+        self.size = batch_size
         self.seed = seed
         self.epoch = 0
         self.drop_last = drop_last
@@ -95,9 +101,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         for bucket in sorted(self.by_bucket):
             idx = self.by_bucket[bucket][:]
             rng.shuffle(idx)
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                if len(chunk) == self.batch_size or not self.drop_last:
+            for start in range(0, len(idx), self.size):
+                chunk = idx[start : start + self.size]
+                if len(chunk) == self.size or not self.drop_last:
                     out.append(chunk)
         rng.shuffle(out)
         return out

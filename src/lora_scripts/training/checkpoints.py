@@ -42,7 +42,10 @@ def restore_rng(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # One state per GPU the saving process saw; a resume may see fewer (another machine, CUDA_VISIBLE_DEVICES),
+        # where set_rng_state_all would fail. Nothing a step draws depends on them (Trainer.step_rng reseeds).
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:

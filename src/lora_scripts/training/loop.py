@@ -93,26 +93,33 @@ class _Loop:
 
 
 class _CtrlC:
-    """First Ctrl-C: finish the step, save a checkpoint, exit cleanly. Second: stop at once."""
+    """First Ctrl-C: finish the step, save a checkpoint, exit cleanly. Second: stop at once.
+
+    SIGTERM is taken as a first Ctrl-C: it is how job schedulers, `docker stop` and `kill` ask a process to end,
+    with a grace period before they kill it (`accelerate launch` forwards the terminal's Ctrl-C as SIGINT and
+    waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s, before SIGKILL)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, loop: _Loop):
         self.loop = loop
-        self.previous = None
+        self.previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.loop.stop_requested:
             raise KeyboardInterrupt
         self.loop.stop_requested = True
-        log.warning("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to stop at once)")
+        said = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: saving a checkpoint after this step (press Ctrl-C again to stop at once)", said)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
         return False
 
 

@@ -3,14 +3,16 @@ module that talks to accelerate. The loop around it, and the library API ``train
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,6 +40,10 @@ from .offload import (BlockOffloader, agreed_count, blocks_needed, choose_offloa
 from .weight_storage import storage_problems, store_planned
 
 log = logging.getLogger(__name__)
+# How long a process waits for the others at a collective. NCCL's default of 10 minutes ends a healthy run where
+# one process works alone: the main process filling the disk caches of a large dataset, or drawing previews and
+# validation images, while the others wait for it.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 COMPILE_OPTIONS: dict = {}  # torch.compile arguments (tests pick a backend that needs no C compiler)
 
 
@@ -51,6 +57,13 @@ def _forget_mixed_precision_of_an_earlier_run(mixed_precision: str) -> None:
     current = state.get("_mixed_precision", mixed_precision)
     if state and getattr(current, "value", current) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _main_first(acc: Accelerator, to_disk: bool):
+    """A cache kept on disk is written by the main process while the others wait, then read by them; one kept in
+    memory is filled by every process at once on its own device (in turn, the others would wait twice as long
+    for nothing)."""
+    return acc.main_process_first() if to_disk else contextlib.nullcontext()
 
 
 def _uses_accelerator() -> bool:
@@ -68,6 +81,7 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             cpu=not _uses_accelerator(),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
         )
         refuse_sharding(self.accelerator.distributed_type)
         self.weight_dtype = DTYPES[config.mixed_precision]
@@ -141,14 +155,14 @@ class Trainer:
         if use:
             self.latent_cache = LatentCache(vae_identity(model.vae), disk if cfg.cache_latents_to_disk else None)
             flips = (False, True) if cfg.flip_aug else (False,)
-            with acc.main_process_first():  # the main process writes the disk cache; the others then read it
+            with _main_first(acc, cfg.cache_latents_to_disk):
                 self.latent_cache.fill(self.items, flips, model.vae, acc.device, acc.is_main_process)
         elif cfg.cache_latents:
             log.info("latent cache off: %s", why)
         use, why = text_cache_plan(cfg)
         if use:
             self.text_cache = TextCache(disk if cfg.cache_text_encoder_outputs_to_disk else None)
-            with acc.main_process_first():
+            with _main_first(acc, cfg.cache_text_encoder_outputs_to_disk):
                 self.text_cache.fill([i.sample.caption for i in self.items], model, acc.device, acc.is_main_process)
         # Previews and validation still need both models; otherwise they leave the GPU.
         vae_off, text_off = offload_plan(cfg)  # each true only where its cache was filled above
@@ -379,7 +393,8 @@ class Trainer:
         accumulation 4: 4, then 2); its gradient is then scaled back up so it is a mean over the batches it has."""
         acc = self.accelerator
         n = self.config.gradient_accumulation_steps
-        with acc.accumulate(self.trained[self.model.family.denoiser]):
+        # Every network that trains (DDP-wrapped): between accumulation boundaries none of them all-reduces.
+        with acc.accumulate(*(self.trained[name] for name in self.lora_configs)):
             loss = self.compute_loss(batch, self.step_rng(step, micro))
             acc.backward(loss * (n / window) if window and window != n else loss)
             if acc.sync_gradients:
