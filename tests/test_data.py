@@ -116,8 +116,8 @@ def test_under_several_processes_each_gets_whole_one_bucket_batches_and_as_many_
         sampler = BucketBatchSampler(items, rng.choice([1, 2, 3, 4]), seed=trial)
         sampler.set_epoch(trial % 3)
         loader = DataLoader(range(len(items)), batch_sampler=sampler, collate_fn=list)
-        shards = [prepare_data_loader(loader, num_processes=processes, process_index=r, put_on_device=False).batch_sampler
-                  for r in range(processes)]
+        shards = [prepare_data_loader(loader, num_processes=processes, process_index=r,
+                                      put_on_device=False).batch_sampler for r in range(processes)]
         got = [list(shard) for shard in shards]
         assert {len(g) for g in got} == {len(shards[0])}, (trial, [len(g) for g in got], len(shards[0]))
         assert all(len({items[i].bucket for i, _ in batch}) == 1 for g in got for batch in g), trial

@@ -15,7 +15,7 @@ from lora_scripts.families import FAMILIES, LoadSettings
 from lora_scripts.families.tiny import build_tiny
 from lora_scripts.training import offload
 from lora_scripts.training.offload import (
-    WINDOW, BlockOffloader, HostBuffer, agreed_count, blocks_needed, choose_offloaded, free_device_bytes, saved_bytes)
+    WINDOW, BlockOffloader, HostBuffer, blocks_needed, choose_offloaded, free_device_bytes, saved_bytes)
 
 
 def _batch(family, configs, seed=1):
@@ -189,10 +189,11 @@ def test_the_cuda_path_copies_on_a_side_stream_and_each_block_waits_for_its_copy
     assert kinds.count("wait") >= len(offloader.units) and ("synchronize",) in cuda.log
 
 
-def test_host_memory_is_page_locked_in_place_and_released(monkeypatch):
+def test_host_memory_is_page_locked_in_place_and_released(monkeypatch, caplog):
     """One page-aligned buffer, registered with CUDA once and unregistered on close (or when collected): CUDA
     forbids freeing registered memory, and the next run's registration of the same pages would fail. A refused
-    registration stops the run with a message naming the setting, not at some later kernel."""
+    registration leaves the swap on pageable memory, says so, and clears CUDA's pending error, which torch
+    would otherwise raise at some later kernel launch."""
     calls = []
 
     class Cudart:
@@ -240,9 +241,13 @@ def test_host_memory_is_page_locked_in_place_and_released(monkeypatch):
     assert calls[-1] == ("unregister", offloader.host.tensor.data_ptr())
     assert not any(u._forward_pre_hooks for u in den) and not den._forward_hooks
 
+    cleared = []
+    monkeypatch.setattr(offload, "_clear_cuda_error", cleared.append)
     cudart.code = 2
-    with pytest.raises(Exception, match=r"offload: CUDA could not page-lock .*out of memory.*offload: blocks:N"):
-        HostBuffer(100).register(torch.device("cuda"))
+    refused = HostBuffer(100)
+    refused.register(torch.device("cuda"))
+    assert refused.registered is None and cleared == [torch.device("cuda")]
+    assert "could not be page-locked (CUDA error 2: out of memory): the swap runs from pageable memory" in caplog.text
 
 
 def _status(key: str) -> int:
@@ -250,9 +255,12 @@ def _status(key: str) -> int:
 
 
 def test_host_ram_holds_the_swapped_weights_once_while_they_are_copied():
-    """Each block's original weights are freed as soon as that block is copied to the swap's buffer: at the
-    start of a Flux.1 run with most blocks swapped, host RAM would otherwise hold them twice (~11 GB more)."""
-    block = 48 * 2**20  # above glibc's largest mmap threshold: a freed block goes back to the system at once
+    """Each block's original weights go back to the system as soon as that block is copied to the swap's buffer: at
+    the start of a Flux.1 run with most blocks swapped, host RAM would otherwise hold them twice (~11 GB more).
+    Blocks of 16 MB, after a larger allocation was freed: glibc then keeps blocks of that size on its heap, where
+    a free returns nothing to the system until the heap is trimmed (model loading frees large tensors too)."""
+    block = 16 * 2**20
+    torch.empty(30 * 2**20, dtype=torch.uint8).fill_(1)  # freed: raises glibc's mmap threshold (to at most 32 MB)
     den = torch.nn.Sequential(*[torch.nn.Linear(block // 4 // 1024, 1024, bias=False) for _ in range(6)])
     den.requires_grad_(False)
     for layer in den:  # commit the pages (nn.Linear initialises them anyway)
@@ -266,21 +274,6 @@ def test_host_ram_holds_the_swapped_weights_once_while_they_are_copied():
     assert grew < 2.5 * block, (grew / block, "blocks")  # one block's copy in flight (was all six)
     assert all(torch.equal(layer.weight, torch.ones_like(layer.weight)) for layer in den)
     offloader.close()
-
-
-def test_every_process_swaps_as_many_blocks_as_the_tightest_one_needs():
-    """offload: auto sizes the swap to each GPU's free memory; processes swapping different blocks would hand
-    DistributedDataParallel different parameter lists to broadcast."""
-
-    class Acc:
-        num_processes, device = 2, torch.device("cpu")
-
-        def gather(self, t):
-            return torch.cat([t, torch.tensor([7])])
-
-    assert agreed_count(Acc(), 3) == 7
-    Acc.num_processes = 1
-    assert agreed_count(Acc(), 3) == 3
 
 
 def test_free_memory_counts_what_torchs_cache_holds_unused(monkeypatch):

@@ -75,16 +75,14 @@ class LoraDataset(Dataset):
 
 
 class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Shuffled batches that never mix buckets. Call set_epoch() before iterating each epoch.
-
-    Deliberately without a `batch_size` attribute: accelerate's BatchSamplerShard (multi-GPU) reads it and then
-    takes every batch but the epoch's last to be full. A bucket's last batch is smaller, so it would skip whole
-    rounds of batches that end in one, and top up the last round with images of other buckets (a batch Collate
-    cannot stack, on one process only), leaving processes with different batch counts. Without it, accelerate
-    deals whole batches in turn and pads the last round with whole batches from the epoch's start."""
+    """Shuffled batches that never mix buckets. Call set_epoch() before iterating each epoch."""
 
     def __init__(self, items: list[Item], batch_size: int, seed: int, drop_last: bool = False):
-        self.size = batch_size
+        # Not `batch_size`: accelerate's BatchSamplerShard (several processes) reads that and then takes every
+        # batch but the epoch's last as full. A bucket's last batch is smaller: whole rounds ending in one were
+        # skipped, the last round topped up with other buckets' images (a batch Collate cannot stack), and the
+        # processes left with different batch counts. Without it accelerate deals whole batches in turn.
+        self.per_batch = batch_size
         self.seed = seed
         self.epoch = 0
         self.drop_last = drop_last
@@ -101,9 +99,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         for bucket in sorted(self.by_bucket):
             idx = self.by_bucket[bucket][:]
             rng.shuffle(idx)
-            for start in range(0, len(idx), self.size):
-                chunk = idx[start : start + self.size]
-                if len(chunk) == self.size or not self.drop_last:
+            for start in range(0, len(idx), self.per_batch):
+                chunk = idx[start : start + self.per_batch]
+                if len(chunk) == self.per_batch or not self.drop_last:
                     out.append(chunk)
         rng.shuffle(out)
         return out

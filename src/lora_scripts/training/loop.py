@@ -92,7 +92,7 @@ class _Loop:
         self.on_progress(Progress(self.step, total, self.epoch, epochs, self.last_loss, lr, rate, eta, saved))
 
 
-class _CtrlC:
+class _StopSignals:
     """First Ctrl-C: finish the step, save a checkpoint, exit cleanly. Second: stop at once.
 
     SIGTERM is taken as a first Ctrl-C: it is how job schedulers, `docker stop` and `kill` ask a process to end,
@@ -114,12 +114,16 @@ class _CtrlC:
         if self.loop.stop_requested:
             raise KeyboardInterrupt
         self.loop.stop_requested = True
-        said = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        log.warning("%s: saving a checkpoint after this step (press Ctrl-C again to stop at once)", said)
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to stop at once)")
+        else:
+            log.warning("%s: saving a checkpoint after this step (a second signal stops at once)",
+                        signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for s, previous in self.previous.items():
-            signal.signal(s, previous)
+            if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(s, previous)
         return False
 
 
@@ -134,7 +138,7 @@ def fit(trainer: Trainer, resume: Path | None = None, on_progress: ProgressCallb
     loop.session_start = (loop.step, time.time())  # it/s and ETA count training, not the hashing above
     bar = tqdm(total=trainer.max_steps, initial=loop.step, disable=not acc.is_main_process, unit="step",
                dynamic_ncols=True)
-    with _CtrlC(loop):
+    with _StopSignals(loop):
         while loop.step < trainer.max_steps:
             _run_epoch(trainer, loop, facts, metrics, bar, started)
             if loop.stop_requested:
@@ -400,9 +404,11 @@ def train(config: TrainConfig, resume: Path | bool | None = None, overwrite: boo
         acc.wait_for_everyone()
         return fit(trainer, checkpoint, on_progress)
     finally:
-        trainer.close()
-        if lock:
-            lock.release()
+        try:
+            trainer.close()
+        finally:  # the lock goes even if a second Ctrl-C lands while the swap's memory is released
+            if lock:
+                lock.release()
 
 
 def _lock_output_dir(config: TrainConfig, acc) -> OutputLock | None:

@@ -35,7 +35,7 @@ from .block_lr import block_groups, block_lr_problems
 from .previews import PreviewSampler, plan_samples
 from .validation import Validator, split_samples
 from .optimizers import build_optimizer, is_schedule_free, optimizer_problems, weights_in_use
-from .offload import (BlockOffloader, agreed_count, blocks_needed, choose_offloaded, free_device_bytes, parse_offload,
+from .offload import (BlockOffloader, blocks_needed, choose_offloaded, free_device_bytes, parse_offload,
                       unit_bytes)
 from .weight_storage import storage_problems, store_planned
 
@@ -216,11 +216,15 @@ class Trainer:
         step = estimate_memory(self.config)
         resident = sum(p.numel() * p.element_size() for p in model.denoiser.parameters())
         need = resident + step.lora + step.activations + step.transient - 0.9 * free_device_bytes(acc.device)
+        # Each process sizes its own swap (its GPU's free memory); DDP leaves the frozen weights alone, so the
+        # processes need not agree.
         count = blocks_needed([unit_bytes(u) for u in units], need)
         if count is None:
-            log.warning("offload: auto: even with every block swapped the step is estimated not to fit; swapping all")
+            if acc.is_main_process:
+                log.warning("offload: auto: even with every block swapped the step is estimated not to fit; "
+                            "swapping all")
             count = len(units)
-        return agreed_count(acc, count)
+        return count
 
     def setup_model(self) -> Model:
         cfg = self.config

@@ -134,7 +134,9 @@ def _dtype_parameter(module: nn.Module) -> nn.Parameter | None:
     embeddings ("Unexpected floating ScalarType" under autocast). None for a plain nn.Module (no such property)."""
     if not isinstance(getattr(type(module), "dtype", None), property):
         return None
-    return next((p for p in module.parameters() if p.is_floating_point()), None)
+    fp32 = getattr(module, "_keep_in_fp32_modules", None) or ()  # diffusers' get_parameter_dtype skips these
+    return next((p for n, p in module.named_parameters() if p.is_floating_point() and not any(m in n for m in fp32)),
+                None)
 
 
 def store_frozen(module: nn.Module, kind: str, compute: torch.dtype, keep: tuple[str, ...] | None = None) -> int:
@@ -173,7 +175,8 @@ def _quantize_int8(module: nn.Module, leaves: dict[str, nn.Module]) -> None:
 
 def _quantize_nf4(module: nn.Module, leaves: dict[str, nn.Module], compute: torch.dtype) -> None:
     """Each Linear replaced by bitsandbytes' Linear4bit holding its weights (quantised when placed on a device),
-    where it sits: inside a peft LoRA wrapper that is the wrapper's base layer."""
+    where it sits: inside a peft LoRA wrapper that is the wrapper's base layer. Consumes `leaves`: the dict would
+    otherwise keep every replaced layer's full-precision weight until the last one is quantised."""
     import bitsandbytes as bnb
 
     while leaves:  # each replaced layer let go at once: its full-precision weight is freed layer by layer
