@@ -259,6 +259,24 @@ def test_check_vram_proposes_the_settings_that_fit(tmp_path):
     assert "; with mixed_precision: bf16" in too_big(cfg, estimate_memory(cfg).total - 1)
 
 
+def test_a_multi_gpu_run_checks_the_estimate_against_its_smallest_gpu():
+    """Trainer.check_fits gathers every process's free memory: each GPU must hold the step, the main process
+    warns for the smallest."""
+    import torch
+
+    from lora_scripts.training.trainer import smallest_across
+
+    class Acc:
+        num_processes, device = 2, torch.device("cpu")
+
+        def gather(self, t):
+            return torch.cat([t, torch.tensor([3 * 2**30])])
+
+    assert smallest_across(Acc(), 20 * 2**30) == 3 * 2**30
+    Acc.num_processes = 1
+    assert smallest_across(Acc(), 20 * 2**30) == 20 * 2**30
+
+
 def test_the_recipe_stores_text_encoders_smaller_only_where_that_lowers_the_peak(tmp_path):
     """With the caches the text encoders leave the GPU before the steps: text_encoder_weight_dtype is dropped from a
     fitting recipe when the estimate fits without it, kept when previews keep the encoders resident (SD1.5)."""

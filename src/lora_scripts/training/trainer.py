@@ -66,6 +66,13 @@ def _main_first(acc: Accelerator, to_disk: bool):
     return acc.main_process_first() if to_disk else contextlib.nullcontext()
 
 
+def smallest_across(acc: Accelerator, value: int) -> int:
+    """The smallest of `value` over the processes (each process calls it)."""
+    if acc.num_processes == 1:
+        return value
+    return int(acc.gather(torch.tensor([value], device=acc.device)).min())
+
+
 def _uses_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
     return bool(accel and accel.is_available())
@@ -115,14 +122,18 @@ class Trainer:
                 log.warning("offload: could not release the block swap's host memory: %s", exc)
 
     def check_fits(self) -> None:
-        """On a GPU, the memory estimate against its free memory, before minutes of loading (a few seconds)."""
+        """On a GPU, the memory estimate against its free memory, before minutes of loading (a few seconds); under
+        several processes against the smallest free memory of their GPUs (each must hold the step)."""
         acc = self.accelerator
-        if acc.device.type != "cuda" or not acc.is_main_process:
+        if acc.device.type != "cuda":
+            return
+        free = smallest_across(acc, free_device_bytes(acc.device))  # a collective: every process takes part
+        if not acc.is_main_process:
             return
         from .memory import too_big
 
         try:
-            advice = too_big(self.config, free_device_bytes(acc.device))
+            advice = too_big(self.config, free)
         except Exception as exc:  # the estimate is advice: it never stops a run
             log.info("no memory estimate before loading: %s", exc)
             return
