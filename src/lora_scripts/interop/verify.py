@@ -152,7 +152,9 @@ def _adapter_delta(module: torch.nn.Module, adapter: str, shape: torch.Size) -> 
     when the loader gave the layer none of it."""
     if adapter not in getattr(module, "lora_A", {}):
         return None
-    a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+    # On the CPU, where the file's expected change is: the loader puts the adapter beside its layer (on the GPU
+    # for the self-test at the end of a GPU run).
+    a, b = module.lora_A[adapter].weight.float().cpu(), module.lora_B[adapter].weight.float().cpu()
     return (b.flatten(1) @ a.flatten(1)).reshape(shape) * module.scaling[adapter]
 
 
