@@ -238,3 +238,23 @@ def test_prompts_from_a_file(loras, tiny_ckpt, tmp_path):
     assert main(args) == 0
     written = sorted((tmp_path / "gen").glob("*.png"))
     assert [parse_parameters(read_parameters(p))["prompt"] for p in written] == ["a lab, <lora:style_a:0.8>", "an arm"]
+
+
+def test_previews_decode_in_the_vaes_own_dtype_outside_autocast():
+    """Under fp16 mixed precision the trainer keeps the VAE in fp32 (fp16 overflows to NaN on bright images, SDXL's
+    always), but previews run the pipeline under autocast with fp16 latents: the decode must still run in fp32."""
+    from lora_scripts.families import FAMILIES
+    from lora_scripts.families.tiny import build_tiny
+    from lora_scripts.training.previews import decode_in_own_dtype
+
+    modules, _ = build_tiny(0, "sd15")
+    vae = modules[FAMILIES["sd15"].autoencoder].float().eval()
+    seen = []
+    vae.decoder.conv_out.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    z = torch.randn(1, vae.config.latent_channels, 4, 4, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        vae.decode(z)  # what the pipeline did: the convolutions in bf16
+        with decode_in_own_dtype(vae):
+            out = vae.decode(z).sample
+    assert seen == [torch.bfloat16, torch.float32] and out.dtype == torch.float32
+    assert "decode" not in vae.__dict__  # the class's method again

@@ -127,7 +127,7 @@ class PreviewSampler:
         try:
             for i, s in enumerate(self.plans):
                 steps, cfg = self._steps_and_cfg(s)
-                with lora_strength(nets, s.strength), acc.autocast():
+                with lora_strength(nets, s.strength), acc.autocast(), decode_in_own_dtype(self.model.vae):
                     image = generate(pipe, s.text, [s.seed], steps=steps, cfg=cfg, negative=s.negative,
                                      size=(s.size, s.size))[0]
                 params = Parameters(s.prompt, s.negative, steps, self.config.sample_sampler, cfg, s.seed,
@@ -139,6 +139,25 @@ class PreviewSampler:
             for m, was in zip(nets, was_training):
                 m.train(was)
         return written
+
+
+@contextlib.contextmanager
+def decode_in_own_dtype(vae):
+    """The VAE decodes in the dtype the trainer keeps it in, outside autocast: under fp16 mixed precision it is
+    kept fp32 (an fp16 VAE overflows to NaN on bright images, SDXL's always), but the pipeline hands it fp16
+    latents under autocast, which would run its convolutions in fp16 anyway (SDXL's pipeline upcasts only an
+    fp16 VAE), and black previews would follow."""
+    decode = vae.decode
+
+    def in_own_dtype(z, *args, **kwargs):
+        with torch.autocast(z.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = in_own_dtype
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's method again
 
 
 def _chw(image) -> torch.Tensor:
