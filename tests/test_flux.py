@@ -462,3 +462,26 @@ def test_check_counts_caption_tokens_as_t5_reads_them(tmp_path, tiny_flux_files,
     (warning,) = caption_warnings(max_sequence_length=64)
     assert warning.startswith("2 captions are longer than the 63 tokens T5 reads") and \
         warning.endswith("or set max_sequence_length: 512 to read up to 511 tokens"), warning
+
+
+def test_images_are_drawn_with_the_t5_length_training_used():
+    """FluxPipeline pads prompts to 512 T5 tokens unless told; previews and `generate` pass training's length
+    (schnell 256, or the config's max_sequence_length), which every Flux pipeline we call takes."""
+    import inspect
+    from types import SimpleNamespace
+
+    from diffusers import FluxControlNetPipeline, FluxPipeline
+
+    from lora_scripts.families import FAMILIES, LoadSettings
+
+    flux = FAMILIES["flux1"]
+
+    def model(guided):
+        return SimpleNamespace(denoiser=SimpleNamespace(config=SimpleNamespace(guidance_embeds=guided)))
+
+    assert flux.pipeline_options(model(True), LoadSettings()) == {"max_sequence_length": 512}
+    assert flux.pipeline_options(model(False), LoadSettings()) == {"max_sequence_length": 256}
+    assert flux.pipeline_options(model(True), LoadSettings(max_sequence_length=128)) == {"max_sequence_length": 128}
+    assert FAMILIES["sd15"].pipeline_options(model(True), LoadSettings()) == {}
+    for pipeline in (FluxPipeline, FluxControlNetPipeline):
+        assert "max_sequence_length" in inspect.signature(pipeline.__call__).parameters

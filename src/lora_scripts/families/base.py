@@ -212,6 +212,11 @@ class Family:
         """What `predict` takes beyond the batch for a model of these configs (Flux.1-dev: its guidance)."""
         return {}
 
+    def pipeline_options(self, model: Model, settings: LoadSettings) -> dict[str, Any]:
+        """What this family's pipeline is called with so that images are drawn with the conditioning training
+        gives (Flux.1: the T5 sequence length); {} for SD."""
+        return {}
+
     def caption_limit(self, path: Path | None, settings: LoadSettings, max_token_length: int) -> CaptionLimit | None:
         """How much of a caption training reads, told without loading the model (for `check`); None where it
         cannot be told. SD families: CLIP's 75-token windows (max_token_length of them in all)."""

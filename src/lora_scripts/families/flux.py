@@ -307,6 +307,11 @@ class Flux(Family):
         _assign(model, {k: v.to(target) for k, v in converted.items()}, path)
         return model
 
+    def pipeline_options(self, model, settings: LoadSettings) -> dict[str, Any]:
+        """FluxPipeline pads prompts to 512 T5 tokens unless told: training's length instead (schnell 256, or the
+        config's max_sequence_length), so previews and images see the padding the LoRA was trained with."""
+        return {"max_sequence_length": self.t5_length(settings, model.denoiser)}
+
     def t5_length(self, settings: LoadSettings, transformer: nn.Module | None = None, guided: bool = True) -> int:
         """T5 tokens per caption: the config's max_sequence_length, else what the pipeline uses (dev 512,
         schnell 256: schnell was distilled at 256). guided: dev, where no transformer is loaded."""

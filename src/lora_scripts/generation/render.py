@@ -198,6 +198,7 @@ class Renderer:
             extra["ip_adapter_image"] = self.ip_adapter.read_image()
             info[f"ControlNet {len(self.controls)}"] = self.ip_adapter.infotext(  # the extension's numbering
                 self.pipe.image_encoder.config.projection_dim, self._ip_hash)
+        extra.update(self.model.family.pipeline_options(self.model, LoadSettings()))
         images = generate(pipe, text, seeds, steps=s.steps, cfg=s.cfg, negative=s.negative, size=(size[1], size[0]),
                           **extra)
         hashes = {r.name: self._lora_hash(r.name) for r in refs}

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..generation.pipelines import generate, sampler
 from ..generation.pnginfo import Parameters, save_png
 from ..generation.prompts import parse_prompt
-from ..families import Model
+from ..families import LoadSettings, Model
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,14 @@ class PreviewSampler:
         for m in nets:
             m.eval()
         written = []
+        options = self.model.family.pipeline_options(self.model, LoadSettings(
+            max_sequence_length=self.config.max_sequence_length))
         try:
             for i, s in enumerate(self.plans):
                 steps, cfg = self._steps_and_cfg(s)
                 with lora_strength(nets, s.strength), acc.autocast(), decode_in_own_dtype(self.model.vae):
                     image = generate(pipe, s.text, [s.seed], steps=steps, cfg=cfg, negative=s.negative,
-                                     size=(s.size, s.size))[0]
+                                     size=(s.size, s.size), **options)[0]
                 params = Parameters(s.prompt, s.negative, steps, self.config.sample_sampler, cfg, s.seed,
                                     (s.size, s.size), Path(self.config.base_model).stem)
                 written.append(save_png(image, self.folder / f"step-{step:06d}-{i:02d}.png", params))
