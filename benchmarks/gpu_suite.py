@@ -16,6 +16,7 @@ failed is recorded with the end of its traceback):
   fp16_scaler           50 steps of SD1.5 512 under fp16 with the GradScaler: its scale, skipped steps, losses
   bf16_vs_fp32          the learned update of 30 steps in bf16 against fp32 from the same seed (cosine >= 0.99)
   compile               torch.compile (inductor): first-step (compile) time and steady s/step against eager
+  selftest_fp16         train() with its end-of-run self-test and an fp16 preview (not black), on the GPU
 Writes OUT/gpu_suite.json and OUT/gpu_suite.md and prints the table last.
 
 On the device machine the image has torch, transformers, peft and accelerate but not diffusers or pydantic:
@@ -51,6 +52,8 @@ ROWS = {
     "fp16_scaler": (30, "SD1.5 512 fp16 + GradScaler, 50 steps"),
     "bf16_vs_fp32": (30, "SD1.5 256: learned update bf16 vs fp32 (cosine)"),
     "compile": (90, "SD1.5 512 b1 bf16: torch.compile first step and steady speed-up"),
+    # last: rows run in order and are written as they end, so a suite over the device's limit loses only this one
+    "selftest_fp16": (30, "SD1.5 256 fp16, 3 steps: the end-of-run self-test on the GPU, and an fp16 preview"),
 }
 MEMORY = {  # row -> (model, overrides of the config)
     "memory_sd15": ("sd15", dict(resolution=512)),
@@ -332,8 +335,29 @@ def row_compile(name: str, inputs: dict, tiny: bool) -> dict:
     return out
 
 
+def row_selftest_fp16(name: str, inputs: dict, tiny: bool) -> dict:
+    """train() as users run it, on the GPU: the self-test compares the loaded adapter with the file (found broken
+    by review: device mismatch), and the preview is drawn under fp16 autocast with the VAE kept fp32 (NaN gives a
+    black image: its mean brightness says)."""
+    from PIL import Image, ImageStat
+
+    from lora_scripts.training.loop import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config("sd15", inputs, tiny, Path(tmp), resolution=256, mixed_precision="no" if tiny else "fp16",
+                      max_train_steps=3, verify_after_training=True, sample_prompts=["a photo of a lab"],
+                      sample_every_n_steps=3)
+        result = train(cfg)
+        preview = next((result.output_dir / "samples").glob("*.png"))
+        with Image.open(preview) as im:
+            brightness = ImageStat.Stat(im.convert("L")).mean[0]
+    return {"verified": bool(result.verified and "0 unmatched keys" in result.verified),
+            "preview_brightness": brightness, "preview_black": brightness < 1.0}
+
+
 ROW_FUNCTIONS = {"step_sd15": row_step, "step_sd15_b8": row_step, "step_sdxl": row_step, "memory": row_memory,
-                 "fp16_scaler": row_fp16_scaler, "bf16_vs_fp32": row_bf16_vs_fp32, "compile": row_compile}
+                 "fp16_scaler": row_fp16_scaler, "bf16_vs_fp32": row_bf16_vs_fp32, "compile": row_compile,
+                 "selftest_fp16": row_selftest_fp16}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ from conftest import REPO
 
 def test_the_gpu_suite_dry_run_fills_every_row(tmp_path):
     # one row of each kind (the other memory and step rows are the same code with other settings)
-    rows = ["step_sd15", "memory_flux_swap", "fp16_scaler", "bf16_vs_fp32", "compile"]
+    rows = ["step_sd15", "memory_flux_swap", "fp16_scaler", "bf16_vs_fp32", "compile", "selftest_fp16"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(tmp_path),
                            "--rows", *rows], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -22,6 +22,7 @@ def test_the_gpu_suite_dry_run_fills_every_row(tmp_path):
     assert by["memory_flux_swap"]["config"]["offload"] == "blocks:4"
     assert by["fp16_scaler"]["finite_losses"] == by["fp16_scaler"]["steps"] == 3
     assert by["bf16_vs_fp32"]["cosine"] > 0.999  # fp32 twice here: the same run
+    assert by["selftest_fp16"]["verified"] and not by["selftest_fp16"]["preview_black"]
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and "FAILED" not in table
 
